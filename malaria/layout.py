@@ -1,0 +1,88 @@
+"""The bucket layout, declared once. Every other module builds keys through these functions.
+
+```
+incoming/...                         raw labelled uploads (class from a folder name or labels/)
+labels/<name>.csv                    optional labels for incoming/ objects (key,label[,slide])
+dataset/<class>/<slide>/<file>       validated, de-duplicated, sorted: the training set
+quarantine/<reason>/<file>           rejected input, plus <file>.json with the reason
+scans/<slide>/<file>                 new unlabelled cells to score
+predictions/<slide>.csv              one row per cell; predictions/summary.csv per slide
+models/<version>/...                 model file, metrics.json, plots, data manifest
+models/champion.json                 which version serves
+manifests/<run>.csv                  what each run read and what became of it (audit trail)
+state/ingest/<run>-<chunk>.csv       ingest ledger: one part per committed chunk
+```
+"""
+
+from __future__ import annotations
+
+import hashlib
+import re
+import unicodedata
+
+INCOMING = "incoming/"
+LABELS = "labels/"
+DATASET = "dataset/"
+QUARANTINE = "quarantine/"
+SCANS = "scans/"
+PREDICTIONS = "predictions/"
+MODELS = "models/"
+MANIFESTS = "manifests/"
+INGEST_LEDGER = "state/ingest/"
+
+CHAMPION_KEY = f"{MODELS}champion.json"
+PREDICTION_SUMMARY_KEY = f"{PREDICTIONS}summary.csv"
+
+_UNSAFE = re.compile(r"[^A-Za-z0-9._-]+")
+
+
+def safe_file_name(name: str, *, max_length: int = 150) -> str:
+    """A file name that is safe in any store and shell: ASCII letters, digits, ``._-``.
+
+    Accents are folded (é -> e), anything else becomes ``_``. The original key is always
+    kept in the manifest, so nothing is lost by renaming.
+    """
+    folded = unicodedata.normalize("NFKD", name).encode("ascii", "ignore").decode()
+    cleaned = _UNSAFE.sub("_", folded).strip("._") or "unnamed"
+    if len(cleaned) > max_length:
+        stem, dot, ext = cleaned.rpartition(".")
+        digest = hashlib.sha256(name.encode()).hexdigest()[:8]
+        keep = max_length - len(ext) - 10
+        cleaned = f"{stem[:keep]}-{digest}.{ext}" if dot else f"{cleaned[:keep]}-{digest}"
+    return cleaned
+
+
+def dataset_key(class_name: str, slide: str, file_name: str) -> str:
+    return f"{DATASET}{class_name}/{slide}/{file_name}"
+
+
+def quarantine_key(reason: str, source_key: str) -> str:
+    """Quarantined copies keep a readable name; a short hash of the source key keeps two
+    rejected files with the same name from overwriting each other."""
+    name = safe_file_name(source_key.rsplit("/", 1)[-1])
+    tag = hashlib.sha256(source_key.encode()).hexdigest()[:10]
+    return f"{QUARANTINE}{reason}/{tag}-{name}"
+
+
+def quarantine_sidecar_key(reason: str, source_key: str) -> str:
+    return quarantine_key(reason, source_key) + ".json"
+
+
+def manifest_key(run_id: str) -> str:
+    return f"{MANIFESTS}{run_id}.csv"
+
+
+def ingest_ledger_key(run_id: str, chunk_index: int) -> str:
+    return f"{INGEST_LEDGER}{run_id}-{chunk_index:06d}.csv"
+
+
+def scan_key(slide: str, file_name: str) -> str:
+    return f"{SCANS}{slide}/{file_name}"
+
+
+def prediction_key(slide: str) -> str:
+    return f"{PREDICTIONS}{slide}.csv"
+
+
+def model_prefix(version: str) -> str:
+    return f"{MODELS}{version}/"
