@@ -1,0 +1,55 @@
+"""Shared fixtures: a moto S3 server for fast unit tests; real servers live in
+tests/integration_support.py and are started once per pytest run."""
+
+from __future__ import annotations
+
+import os
+import uuid
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+
+from malaria.storage import LocalStore, S3Store, reset_clients
+
+# Tests never talk to a real AWS account, and Prefect never phones home.
+os.environ.setdefault("AWS_ACCESS_KEY_ID", "testing-access-key")
+os.environ.setdefault("AWS_SECRET_ACCESS_KEY", "testing-secret-key")
+os.environ.setdefault("AWS_DEFAULT_REGION", "us-east-1")
+os.environ.setdefault("PREFECT_SERVER_ANALYTICS_ENABLED", "false")
+os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
+
+
+@pytest.fixture(scope="session")
+def moto_endpoint() -> Iterator[str]:
+    from moto.server import ThreadedMotoServer
+
+    server = ThreadedMotoServer(ip_address="127.0.0.1", port=0, verbose=False)
+    server.start()
+    host, port = server.get_host_and_port()
+    yield f"http://{host}:{port}"
+    server.stop()
+
+
+@pytest.fixture
+def s3_store(moto_endpoint: str) -> S3Store:
+    """A fresh, empty bucket on the moto server."""
+    reset_clients()
+    store = S3Store(f"test-{uuid.uuid4().hex[:12]}", endpoint_url=moto_endpoint)
+    store.ensure_bucket()
+    return store
+
+
+@pytest.fixture
+def local_store(tmp_path: Path) -> LocalStore:
+    return LocalStore(tmp_path / "bucket")
+
+
+@pytest.fixture(params=["s3", "local"])
+def any_store(request: pytest.FixtureRequest, moto_endpoint: str, tmp_path: Path) -> S3Store | LocalStore:
+    if request.param == "s3":
+        reset_clients()
+        store = S3Store(f"test-{uuid.uuid4().hex[:12]}", endpoint_url=moto_endpoint)
+        store.ensure_bucket()
+        return store
+    return LocalStore(tmp_path / "bucket")
