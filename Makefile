@@ -1,0 +1,42 @@
+# Two commands do everything: `make demo` (the main job on the local stack) and `make test`.
+# Each creates .venv and installs what is missing. EXTRAS=gpu installs tensorflow[and-cuda].
+PYTHON ?= python3
+VENV ?= .venv
+EXTRAS ?= cpu
+BIN := $(VENV)/bin
+STAMP := $(VENV)/.installed-$(EXTRAS)
+
+.PHONY: demo test lint down up status bench clean install
+
+$(STAMP): pyproject.toml
+	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
+	$(BIN)/python -m pip install --quiet --upgrade pip
+	$(BIN)/python -m pip install --quiet -e '.[$(EXTRAS),dev]'
+	touch $(STAMP)
+
+install: $(STAMP)
+
+demo: $(STAMP)
+	$(BIN)/malaria demo
+
+test: $(STAMP)
+	$(BIN)/ruff check .
+	$(BIN)/python -m pytest
+
+lint: $(STAMP)
+	$(BIN)/ruff check .
+
+up: $(STAMP)
+	$(BIN)/malaria stack up
+
+down: $(STAMP)
+	$(BIN)/malaria stack down
+
+status: $(STAMP)
+	$(BIN)/malaria stack status
+
+bench: $(STAMP)
+	$(BIN)/python -m benchmarks.ingest --n 3000 --json benchmarks/results/ingest.json
+
+clean: down
+	rm -rf .malaria

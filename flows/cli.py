@@ -1,0 +1,201 @@
+"""``malaria``: one command for everything a user does by hand.
+
+It lives in flows/ because it is wiring: it starts servers from malaria.stack and runs the
+flows. Prefect is imported only inside the commands that need it, after the local stack's
+settings are in the environment.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import sys
+import tempfile
+from collections.abc import Sequence
+from pathlib import Path
+
+from malaria import config
+
+
+def _stack_config(args: argparse.Namespace):  # type: ignore[no-untyped-def]
+    from malaria.stack import StackConfig
+
+    cfg = StackConfig.from_env()
+    overrides = {name: getattr(args, name) for name in ("state_dir", "s3_port", "prefect_port")
+                 if getattr(args, name, None) is not None}
+    if overrides:
+        from dataclasses import replace
+
+        cfg = replace(cfg, **overrides)
+    return cfg
+
+
+def _use_local_stack_if_configured() -> None:
+    """Point clients at the local stack unless the environment already names a target."""
+    from malaria.stack import StackConfig, load_stack_env
+
+    load_stack_env(StackConfig.from_env())
+
+
+def _print_status(status) -> None:  # type: ignore[no-untyped-def]
+    for service in (status.s3, status.prefect):
+        state = "healthy" if service.healthy else ("running" if service.alive else "stopped")
+        print(f"{service.name:8s} {state:8s} pid={service.pid or '-':<8} {service.url}")
+    print(f"S3 endpoint:   {status.s3_endpoint}  (bucket s3://{status.bucket})")
+    print(f"Prefect API:   {status.prefect_api_url}")
+    print(f"Prefect UI:    {status.ui_url}")
+
+
+def cmd_stack(args: argparse.Namespace) -> int:
+    from malaria.stack import stack_down, stack_status, stack_up
+
+    cfg = _stack_config(args)
+    if args.action == "up":
+        _print_status(stack_up(cfg))
+    elif args.action == "down":
+        stack_down(cfg)
+        print("stack stopped")
+    else:
+        status = stack_status(cfg)
+        _print_status(status)
+        return 0 if status.s3.healthy and status.prefect.healthy else 3
+    return 0
+
+
+def cmd_data(args: argparse.Namespace) -> int:
+    from malaria import datasets
+
+    if args.action == "download":
+        url = args.url or os.environ.get("MALARIA_NIH_URL") or datasets.NIH_CELL_IMAGES_URL
+        result = datasets.download_nih_dataset(Path(args.to), url=url, sha256=args.sha256)
+        print(f"{result.path}: {dict(result.counts)} ({result.skipped} skipped)")
+    elif args.action == "upload":
+        _use_local_stack_if_configured()
+        to = args.to or config.data_url()
+        result = datasets.upload_tree(Path(args.source), to, concurrency=args.concurrency)
+        print(f"uploaded {result.uploaded} files ({result.bytes / 1e6:.1f} MB) to {to} "
+              f"in {result.seconds:.1f} s; skipped {result.skipped}")
+    elif args.action == "synthetic":
+        from malaria.synthetic import write_labelled_tree
+
+        paths = write_labelled_tree(Path(args.to), args.n, slides=args.slides, seed=args.seed)
+        print(f"wrote {len(paths)} synthetic cells under {args.to}")
+    return 0
+
+
+def cmd_ingest(args: argparse.Namespace) -> int:
+    _use_local_stack_if_configured()
+    from flows.ingest import ingest_flow
+
+    result = ingest_flow(data_url=args.data_url, chunk_size=args.chunk_size,
+                         concurrency=args.concurrency)
+    print(json.dumps(result, indent=2, default=str))
+    return 0 if result["balanced"] else 1
+
+
+def cmd_demo(args: argparse.Namespace) -> int:
+    """Start the stack, upload a synthetic labelled set with bad files, ingest it."""
+    from malaria import datasets
+    from malaria.stack import stack_up
+    from malaria.storage import open_store
+    from malaria.synthetic import bad_inputs, write_labelled_tree
+
+    cfg = _stack_config(args)
+    print("starting the local stack (SeaweedFS S3 + Prefect server)...", flush=True)
+    status = stack_up(cfg)
+    _use_local_stack_if_configured()
+    data_url = config.data_url()
+    with tempfile.TemporaryDirectory() as folder:
+        source = Path(args.data) if args.data else Path(folder)
+        if not args.data:
+            write_labelled_tree(source, args.n, slides=args.slides, seed=args.seed)
+        uploaded = datasets.upload_tree(source, data_url, progress=False)
+    store = open_store(data_url)
+    bad = [] if args.data else bad_inputs()
+    for item in bad:
+        store.put_bytes(f"incoming/demo-bad/{item.key}", item.data)
+    print(f"uploaded {uploaded.uploaded} cells and {len(bad)} bad files to "
+          f"{data_url}/incoming/", flush=True)
+
+    from flows.ingest import ingest_flow
+
+    result = ingest_flow(data_url=data_url)
+    print()
+    print(f"Prefect UI:  {status.ui_url}  (flow runs, logs, artifacts)")
+    print(f"Bucket:      {data_url} at {status.s3_endpoint}")
+    print(f"Ingest:      accepted {result.get('accepted', 0)}, duplicates "
+          f"{result.get('duplicate', 0)}, quarantined {result.get('quarantined', 0)}, "
+          f"already ingested {result.get('already_ingested', 0)} of {result['listed']} listed")
+    print(f"Quarantine:  {result['reasons']}")
+    print(f"Manifest:    {data_url}/{result['manifest']}")
+    print("The stack keeps running for browsing; `make down` stops it.")
+    return 0 if result["balanced"] else 1
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="malaria", description=__doc__.splitlines()[0])
+    sub = parser.add_subparsers(dest="command", required=True)
+
+    def stack_options(p: argparse.ArgumentParser) -> None:
+        p.add_argument("--state-dir", type=Path, help="state folder (default .malaria)")
+        p.add_argument("--s3-port", type=int)
+        p.add_argument("--prefect-port", type=int)
+
+    stack = sub.add_parser("stack", help="local SeaweedFS S3 + Prefect server")
+    stack.add_argument("action", choices=["up", "down", "status"])
+    stack_options(stack)
+    stack.set_defaults(func=cmd_stack)
+
+    data = sub.add_parser("data", help="get images onto disk and into the bucket")
+    data_sub = data.add_subparsers(dest="action", required=True)
+    download = data_sub.add_parser("download", help="fetch and unpack NIH cell_images.zip")
+    download.add_argument("--to", required=True)
+    download.add_argument("--url", help="archive URL (default: NIH, or $MALARIA_NIH_URL)")
+    download.add_argument("--sha256", help="expected SHA-256 of the archive")
+    upload = data_sub.add_parser("upload", help="put a class-folder tree into incoming/")
+    upload.add_argument("source")
+    upload.add_argument("--to", help="s3://bucket[/prefix] or file:///dir "
+                        "(default $MALARIA_DATA_URL or the local stack)")
+    upload.add_argument("--concurrency", type=int, default=16)
+    synthetic = data_sub.add_parser("synthetic", help="write synthetic labelled cells")
+    synthetic.add_argument("--to", required=True)
+    synthetic.add_argument("--n", type=int, default=400)
+    synthetic.add_argument("--slides", type=int, default=8)
+    synthetic.add_argument("--seed", type=int, default=0)
+    data.set_defaults(func=cmd_data)
+
+    ingest = sub.add_parser("ingest", help="run the ingest flow once")
+    ingest.add_argument("--data-url")
+    ingest.add_argument("--chunk-size", type=int, default=500)
+    ingest.add_argument("--concurrency", type=int, default=16)
+    ingest.set_defaults(func=cmd_ingest)
+
+    demo = sub.add_parser("demo", help="the whole story on the local stack")
+    demo.add_argument("--n", type=int, default=400, help="synthetic labelled cells")
+    demo.add_argument("--slides", type=int, default=8)
+    demo.add_argument("--seed", type=int, default=0)
+    demo.add_argument("--data", default=os.environ.get("DATA") or None,
+                      help="a class-folder tree of real images instead of synthetic ones")
+    stack_options(demo)
+    demo.set_defaults(func=cmd_demo)
+    return parser
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
+    os.environ.setdefault("PREFECT_SERVER_ANALYTICS_ENABLED", "false")
+    args = build_parser().parse_args(argv)
+    try:
+        return int(args.func(args) or 0)
+    except KeyboardInterrupt:
+        return 130
+    except Exception as error:  # a clear message, never a secret-bearing traceback dump
+        print(f"malaria: error: {config.redact(str(error))}", file=sys.stderr)
+        if os.environ.get("MALARIA_DEBUG"):
+            raise
+        return 1
+
+
+if __name__ == "__main__":
+    sys.exit(main())
