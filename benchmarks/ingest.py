@@ -28,7 +28,7 @@ from PIL import Image
 from benchmarks.latency_proxy import LatencyProxy
 from malaria import layout
 from malaria.ingest import ingest
-from malaria.stack import StackConfig, free_port, load_stack_env, stack_down, stack_up
+from malaria.stack import StackConfig, load_stack_env, stack_down, stack_up
 from malaria.storage import S3Store, reset_clients
 from malaria.synthetic import generate_cells
 
@@ -68,7 +68,7 @@ def project_ingest(store: S3Store, concurrency: int, chunk_size: int) -> tuple[f
 
 def run(n: int, concurrency: int, chunk_size: int, latency_ms: float) -> dict[str, Any]:
     state = Path(tempfile.mkdtemp(prefix="malaria-bench-"))
-    cfg = StackConfig(state_dir=state, s3_port=free_port(), prefect_port=free_port())
+    cfg = StackConfig.with_free_ports(state)
     print(f"starting SeaweedFS in {state} ...", flush=True)
     status = stack_up(cfg, services=("s3",))
     for name in ("AWS_ENDPOINT_URL", "AWS_ACCESS_KEY_ID", "AWS_SECRET_ACCESS_KEY"):

@@ -53,3 +53,43 @@ def any_store(request: pytest.FixtureRequest, moto_endpoint: str, tmp_path: Path
         store.ensure_bucket()
         return store
     return LocalStore(tmp_path / "bucket")
+
+
+# ------------------------------------------------------------ real servers, once per run
+
+
+@pytest.fixture(scope="session")
+def seaweedfs(tmp_path_factory: pytest.TempPathFactory) -> Iterator[dict[str, str]]:
+    """A real SeaweedFS S3 server on loopback for the whole test session; yields the env a
+    client needs (endpoint and the stack's generated credentials)."""
+    from malaria.stack import StackConfig, stack_down, stack_env, stack_up
+
+    cfg = StackConfig.with_free_ports(tmp_path_factory.mktemp("stack"))
+    stack_up(cfg, services=("s3",))
+    try:
+        yield stack_env(cfg)
+    finally:
+        stack_down(cfg)
+
+
+@pytest.fixture(scope="session")
+def prefect_harness() -> Iterator[None]:
+    """One throwaway Prefect server (SQLite) shared by every flow test of the run."""
+    from prefect.testing.utilities import prefect_test_harness
+
+    with prefect_test_harness(server_startup_timeout=120):
+        yield
+
+
+@pytest.fixture
+def seaweed_bucket(seaweedfs: dict[str, str], monkeypatch: pytest.MonkeyPatch) -> S3Store:
+    """A fresh bucket on the session's SeaweedFS, with the client environment pointing at it."""
+    for name in ("AWS_ENDPOINT_URL", "AWS_ACCESS_KEY_ID", "AWS_SECRET_ACCESS_KEY",
+                 "AWS_DEFAULT_REGION"):
+        monkeypatch.setenv(name, seaweedfs[name])
+    reset_clients()
+    store = S3Store(f"it-{uuid.uuid4().hex[:12]}")
+    store.ensure_bucket()
+    monkeypatch.setenv("MALARIA_DATA_URL", store.url)
+    yield store  # type: ignore[misc]
+    reset_clients()

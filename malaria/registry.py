@@ -1,0 +1,495 @@
+"""The model registry in the bucket, and the gate that decides which model serves.
+
+```
+models/<version>/<model file>     e.g. model.keras
+models/<version>/<plot>.png       learning curves, ROC, confusion matrix, worst mistakes
+models/<version>/metrics.json     the version's record; written LAST: a version exists once
+                                  this object exists, so a crash mid-upload leaves no half
+                                  version that could be listed or promoted
+models/<version>/gate.json        the promotion decision taken for it (optional)
+models/champion.json              the serving version, with the history of every change
+```
+
+``champion.json`` holds ``version``, ``at``, ``reason``, ``decision`` of the current
+champion and ``history``: every promotion and rollback in order, append-only. Rollback
+replays that history as a stack (a promotion pushes, a rollback pops), so rolling back twice
+goes two champions back rather than bouncing between the last two.
+
+All writes are whole objects (see :mod:`malaria.storage`). ``champion.json`` is a
+read-modify-write: run promotions from one flow at a time (a Prefect concurrency limit),
+since not every S3-compatible server offers conditional writes.
+
+No TensorFlow import here: the registry runs in flows and CLI commands that never load a
+model, and package versions come from installed metadata instead.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import math
+import os
+import platform
+import re
+import secrets
+import subprocess
+import tempfile
+from collections.abc import Iterable, Mapping
+from dataclasses import asdict, dataclass
+from datetime import UTC, datetime
+from importlib import metadata
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from malaria.layout import CHAMPION_KEY, MODELS, model_prefix
+from malaria.storage import ObjectNotFound, Store, get_json, put_json
+
+METRICS_FILE = "metrics.json"
+GATE_FILE = "gate.json"
+
+_VERSION = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,127}$")
+_FILE_NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,127}$")
+_RESERVED = {METRICS_FILE, GATE_FILE}
+
+
+class RegistryError(RuntimeError):
+    """A registry operation that cannot proceed; the message says why."""
+
+
+class UnknownVersion(RegistryError, KeyError):
+    """No registered version (no metrics.json) under that name."""
+
+    def __str__(self) -> str:  # KeyError would print the repr of the message
+        return str(self.args[0]) if self.args else "unknown version"
+
+
+# ----------------------------------------------------------------------------- provenance
+
+
+def new_version(now: datetime | None = None) -> str:
+    """A version name that sorts by creation time: ``20261127T061500Z-ab12cd``.
+
+    The random suffix keeps two runs started in the same second apart.
+    """
+    moment = now or datetime.now(UTC)
+    if moment.tzinfo is None:
+        moment = moment.replace(tzinfo=UTC)  # a naive time is taken as UTC
+    return f"{moment.astimezone(UTC):%Y%m%dT%H%M%SZ}-{secrets.token_hex(3)}"
+
+
+def _distribution_version(*names: str) -> str | None:
+    for name in names:
+        try:
+            return metadata.version(name)
+        except metadata.PackageNotFoundError:
+            continue
+    return None
+
+
+def package_versions() -> dict[str, str | None]:
+    """Versions of what shapes a model, read from installed metadata (TF is never imported)."""
+    return {
+        # The module is ``tensorflow`` whichever of these distributions installed it.
+        "tensorflow": _distribution_version(
+            "tensorflow", "tensorflow-cpu", "tensorflow-macos", "tensorflow-intel", "tf-nightly"
+        ),
+        "keras": _distribution_version("keras"),
+        "numpy": np.__version__,
+        "python": platform.python_version(),
+    }
+
+
+def code_revision() -> str | None:
+    """``MALARIA_CODE_REVISION`` when set, else ``git rev-parse HEAD`` of this source tree.
+
+    The variable wins because a deployment sets it on purpose (an image has no .git). A tree
+    with uncommitted changes to tracked files gets a ``+dirty`` suffix: such a model cannot be
+    rebuilt from the revision alone.
+    """
+    explicit = os.environ.get("MALARIA_CODE_REVISION", "").strip()
+    if explicit:
+        return explicit
+    source = Path(__file__).resolve().parent
+    try:
+        head = subprocess.run(
+            ["git", "-C", str(source), "rev-parse", "HEAD"],
+            capture_output=True, text=True, timeout=10, check=True,
+        ).stdout.strip()
+        dirty = subprocess.run(
+            ["git", "-C", str(source), "diff", "--quiet", "HEAD", "--"],
+            capture_output=True, timeout=10,
+        ).returncode == 1
+    except (OSError, subprocess.SubprocessError):
+        return None
+    return f"{head}+dirty" if head and dirty else head or None
+
+
+def hash_manifest(entries: Iterable[str | Iterable[str]]) -> str:
+    """SHA-256 of a data manifest: one line per entry (e.g. key, content hash, label, slide).
+
+    Lines are sorted first, so the hash names the set of data, not the order it was listed.
+    """
+    lines = sorted(e if isinstance(e, str) else "\t".join(map(str, e)) for e in entries)
+    digest = hashlib.sha256()
+    for line in lines:
+        digest.update(line.encode())
+        digest.update(b"\n")
+    return digest.hexdigest()
+
+
+def _sha256_file(path: Path) -> str:
+    digest = hashlib.sha256()
+    with path.open("rb") as handle:
+        for block in iter(lambda: handle.read(1 << 20), b""):
+            digest.update(block)
+    return digest.hexdigest()
+
+
+def _now() -> str:
+    return datetime.now(UTC).isoformat(timespec="seconds")
+
+
+def _check_version(version: str) -> str:
+    # A version becomes a folder name in every store: no slashes, nothing a shell would mangle.
+    if not isinstance(version, str) or not _VERSION.match(version):
+        raise RegistryError(f"invalid version name {version!r} (letters, digits, '._-')")
+    return version
+
+
+# ------------------------------------------------------------------------------------- gate
+
+
+@dataclass(frozen=True)
+class GateDecision:
+    promote: bool
+    reason: str
+    candidate: dict[str, Any]
+    champion: dict[str, Any] | None
+    tolerance: float = 0.005
+    min_auc: float = 0.90
+    min_accuracy: float = 0.85
+
+    def to_dict(self) -> dict[str, Any]:
+        return asdict(self)
+
+
+def _metric(metrics: Mapping[str, Any], name: str) -> float | None:
+    """AUC is ``roc_auc`` in an EvaluationReport dict and ``auc`` in the benchmark JSON."""
+    keys = ("roc_auc", "auc") if name == "auc" else (name,)
+    for key in keys:
+        value = metrics.get(key)
+        if value is not None:
+            number = float(value)
+            return None if math.isnan(number) else number
+    return None
+
+
+def decide_promotion(
+    candidate: Mapping[str, Any],
+    champion: Mapping[str, Any] | None,
+    *,
+    tolerance: float = 0.005,
+    min_auc: float = 0.90,
+    min_accuracy: float = 0.85,
+) -> GateDecision:
+    """Should the candidate serve? Both metric dicts must come from the SAME evaluation slides.
+
+    The caller re-scores the champion beside the candidate: comparing against the champion's
+    own registration-time figures would compare different test sets. Promote when the
+    candidate's AUC and accuracy are each at least the floor, and, if there is a champion, at
+    least the champion's value minus ``tolerance`` (retraining noise should not freeze the
+    registry, while a real regression is refused). Missing or undefined metrics refuse.
+    """
+    floors = {"auc": min_auc, "accuracy": min_accuracy}
+    labels = {"auc": "AUC", "accuracy": "accuracy"}
+    problems: list[str] = []
+    passes: list[str] = []
+    for name, floor in floors.items():
+        value = _metric(candidate, name)
+        label = labels[name]
+        if value is None:
+            problems.append(f"the candidate has no {label}")
+            continue
+        if value < floor:
+            problems.append(f"candidate {label} {value:.4f} is below the floor {floor:.4f}")
+        if champion is None:
+            if value >= floor:
+                passes.append(f"{label} {value:.4f} >= floor {floor:.4f}")
+            continue
+        reference = _metric(champion, name)
+        if reference is None:
+            problems.append(f"the champion has no {label} on these slides to compare with")
+            continue
+        bar = reference - tolerance
+        # A hair of slack so that "equal within tolerance" survives float rounding.
+        if value < bar - 1e-12:
+            problems.append(
+                f"candidate {label} {value:.4f} is worse than the champion's {reference:.4f} "
+                f"minus tolerance {tolerance:g} ({bar:.4f})"
+            )
+        elif value >= floor:
+            passes.append(
+                f"{label} {value:.4f} vs champion {reference:.4f} (bar {bar:.4f}, "
+                f"floor {floor:.4f})"
+            )
+
+    if problems:
+        reason = "Not promoted: " + "; ".join(problems) + "."
+    elif champion is None:
+        reason = "Promoted as the first model (no champion yet): " + ", ".join(passes) + "."
+    else:
+        reason = "Promoted: " + ", ".join(passes) + "."
+    return GateDecision(
+        promote=not problems,
+        reason=reason,
+        candidate=dict(candidate),
+        champion=dict(champion) if champion is not None else None,
+        tolerance=tolerance,
+        min_auc=min_auc,
+        min_accuracy=min_accuracy,
+    )
+
+
+# --------------------------------------------------------------------------------- registry
+
+
+class ModelRegistry:
+    """Versions under ``models/<version>/`` and the serving pointer ``models/champion.json``."""
+
+    def __init__(self, store: Store) -> None:
+        self.store = store
+
+    # -- keys
+
+    @staticmethod
+    def metrics_key(version: str) -> str:
+        return f"{model_prefix(_check_version(version))}{METRICS_FILE}"
+
+    @staticmethod
+    def file_key(version: str, name: str) -> str:
+        return f"{model_prefix(_check_version(version))}{name}"
+
+    # -- writing
+
+    def register(
+        self,
+        version: str,
+        model_path: Path,
+        metrics: Mapping[str, Any],
+        plots: Mapping[str, bytes],
+    ) -> str:
+        """Upload the model file and plots, then ``metrics.json`` last; return its key.
+
+        ``metrics`` is the caller's record: test metrics, threshold, architecture, input
+        size, slide lists (train/val/test), the data manifest hash, and so on. The registry
+        adds ``version``, ``model`` (file, bytes, sha256), ``plots`` (their file names) and,
+        unless the caller gave them, ``created_at``, ``packages`` and ``code_revision``.
+        Plot names get ``.png`` when they lack it. A registered version is never overwritten:
+        a model's record must not change under the decisions taken on it.
+        """
+        _check_version(version)
+        model_path = Path(model_path)
+        if not model_path.is_file():
+            raise RegistryError(f"model file {model_path} does not exist or is not a file")
+        if self.store.exists(self.metrics_key(version)):
+            raise RegistryError(f"version {version} is already registered")
+
+        plot_files: dict[str, bytes] = {}
+        for name, data in plots.items():
+            file_name = name if name.lower().endswith(".png") else f"{name}.png"
+            if not _FILE_NAME.match(file_name) or file_name in _RESERVED:
+                raise RegistryError(f"invalid plot name {name!r}")
+            plot_files[file_name] = data
+        model_name = model_path.name
+        if not _FILE_NAME.match(model_name) or model_name in _RESERVED or model_name in plot_files:
+            raise RegistryError(f"invalid or clashing model file name {model_name!r}")
+
+        self.store.put_file(self.file_key(version, model_name), model_path)
+        for file_name, data in sorted(plot_files.items()):
+            self.store.put_bytes(self.file_key(version, file_name), data,
+                                 content_type="image/png")
+
+        record: dict[str, Any] = dict(metrics)
+        record.setdefault("created_at", _now())
+        record.setdefault("packages", package_versions())
+        record.setdefault("code_revision", code_revision())
+        record["version"] = version
+        record["model"] = {
+            "file": model_name,
+            "bytes": model_path.stat().st_size,
+            "sha256": _sha256_file(model_path),
+        }
+        record["plots"] = sorted(plot_files)
+        key = self.metrics_key(version)
+        put_json(self.store, key, record)  # the pointer: the version exists from here on
+        return key
+
+    def record_decision(self, version: str, decision: GateDecision | Mapping[str, Any]) -> None:
+        """Keep the gate's verdict beside the version, promoted or not (``gate.json``)."""
+        self._require(version)
+        payload = decision.to_dict() if isinstance(decision, GateDecision) else dict(decision)
+        payload.setdefault("at", _now())
+        put_json(self.store, self.file_key(version, GATE_FILE), payload)
+
+    def promote(
+        self,
+        version: str,
+        *,
+        reason: str,
+        decision: GateDecision | Mapping[str, Any] | None = None,
+    ) -> dict[str, Any]:
+        """Make ``version`` the champion; return the new ``champion.json``.
+
+        Promoting the version that already serves changes nothing (re-running a flow must not
+        add history). An unregistered version is refused with :class:`UnknownVersion`.
+        """
+        self._require(version)
+        current = self.champion()
+        if current is not None and current.get("version") == version:
+            return current
+        decision_dict = (
+            decision.to_dict() if isinstance(decision, GateDecision)
+            else dict(decision) if decision is not None else None
+        )
+        event: dict[str, Any] = {
+            "action": "promote",
+            "version": version,
+            "at": _now(),
+            "reason": reason,
+            "previous": current.get("version") if current else None,
+        }
+        if decision_dict is not None:
+            event["decision"] = decision_dict
+        return self._write_champion(current, event)
+
+    def rollback(self, *, reason: str | None = None) -> str:
+        """Serve the champion before the current one again; return its version.
+
+        Raises :class:`RegistryError` when there is no earlier champion to return to.
+        """
+        current = self.champion()
+        if current is None:
+            raise RegistryError("no champion yet, nothing to roll back")
+        stack = _serving_stack(current.get("history", []))
+        if len(stack) < 2:
+            raise RegistryError(
+                f"no previous champion to roll back to (only {current.get('version')} served)"
+            )
+        leaving, target = stack[-1], stack[-2]
+        self._require(target)
+        event = {
+            "action": "rollback",
+            "version": target,
+            "at": _now(),
+            "reason": reason or f"rollback from {leaving}",
+            "previous": leaving,
+        }
+        self._write_champion(current, event)
+        return target
+
+    def _write_champion(self, current: dict[str, Any] | None,
+                        event: dict[str, Any]) -> dict[str, Any]:
+        history = [*(current.get("history", []) if current else []), event]
+        payload = {
+            "version": event["version"],
+            "at": event["at"],
+            "reason": event["reason"],
+            "decision": event.get("decision"),
+            "history": history,
+        }
+        put_json(self.store, CHAMPION_KEY, payload)  # one whole object, after all else
+        return payload
+
+    # -- reading
+
+    def _require(self, version: str) -> None:
+        if not self.store.exists(self.metrics_key(version)):
+            raise UnknownVersion(
+                f"model version {version!r} is not registered (no {self.metrics_key(version)})"
+            )
+
+    def get(self, version: str) -> dict[str, Any]:
+        """The version's ``metrics.json``; :class:`UnknownVersion` when it is not registered."""
+        try:
+            record: dict[str, Any] = get_json(self.store, self.metrics_key(version))
+        except ObjectNotFound as error:
+            raise UnknownVersion(f"model version {version!r} is not registered") from error
+        return record
+
+    def get_decision(self, version: str) -> dict[str, Any] | None:
+        try:
+            decision: dict[str, Any] = get_json(self.store, self.file_key(version, GATE_FILE))
+        except ObjectNotFound:
+            return None
+        return decision
+
+    def versions(self) -> list[str]:
+        """Registered versions (those with a metrics.json), oldest first."""
+        found = []
+        for info in self.store.list(MODELS):
+            parts = info.key[len(MODELS):].split("/")
+            if len(parts) == 2 and parts[1] == METRICS_FILE:
+                found.append(parts[0])
+        return sorted(found)
+
+    def list_versions(self) -> list[dict[str, Any]]:
+        """Every registered version's ``metrics.json``, oldest first, each with ``champion``
+        set to whether it serves now."""
+        serving = (self.champion() or {}).get("version")
+        records = []
+        for version in self.versions():
+            record = self.get(version)
+            record["champion"] = version == serving
+            records.append(record)
+        return records
+
+    def champion(self) -> dict[str, Any] | None:
+        """``champion.json`` (``version``, ``at``, ``reason``, ``decision``, ``history``)."""
+        try:
+            payload: dict[str, Any] = get_json(self.store, CHAMPION_KEY)
+        except ObjectNotFound:
+            return None
+        return payload
+
+    def champion_version(self) -> str | None:
+        current = self.champion()
+        return str(current["version"]) if current else None
+
+    def download_model(self, version: str, dest: Path) -> Path:
+        """Fetch the model file to ``dest`` (a file path, or an existing folder to put it in).
+
+        The download lands in a temporary file, is checked against the recorded SHA-256, and
+        is then renamed into place, so a reader never loads a partial or corrupted model.
+        """
+        record = self.get(version)
+        model = record["model"]
+        dest = Path(dest)
+        target = dest / model["file"] if dest.is_dir() else dest
+        target.parent.mkdir(parents=True, exist_ok=True)
+        fd, tmp_name = tempfile.mkstemp(prefix=".tmp-", dir=target.parent)
+        os.close(fd)
+        tmp = Path(tmp_name)
+        try:
+            self.store.download_file(self.file_key(version, model["file"]), tmp)
+            digest = _sha256_file(tmp)
+            if digest != model["sha256"]:
+                raise RegistryError(
+                    f"model of {version} is corrupted: sha256 {digest} != {model['sha256']}"
+                )
+            os.replace(tmp, target)
+        finally:
+            tmp.unlink(missing_ok=True)
+        return target
+
+
+def _serving_stack(history: Iterable[Mapping[str, Any]]) -> list[str]:
+    """Replay promotions (push) and rollbacks (pop) into the stack of serving versions."""
+    stack: list[str] = []
+    for event in history:
+        if event.get("action") == "rollback":
+            if stack:
+                stack.pop()
+        else:
+            stack.append(str(event["version"]))
+    return stack
