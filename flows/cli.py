@@ -8,6 +8,7 @@ settings are in the environment.
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import os
 import sys
@@ -33,9 +34,11 @@ def _stack_config(args: argparse.Namespace):  # type: ignore[no-untyped-def]
 
 def _use_local_stack_if_configured() -> None:
     """Point clients at the local stack unless the environment already names a target."""
-    from malaria.stack import StackConfig, load_stack_env
+    from malaria.stack import StackConfig, StackError, load_stack_env
 
-    load_stack_env(StackConfig.from_env())
+    # No local stack: the environment (or an explicit URL) names the target.
+    with contextlib.suppress(StackError):
+        load_stack_env(StackConfig.from_env())
 
 
 def _print_status(status) -> None:  # type: ignore[no-untyped-def]

@@ -1,0 +1,29 @@
+"""The `malaria` command, on a local-folder bucket (no servers but the Prefect harness)."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+
+from flows.cli import main
+
+
+def test_synthetic_upload_ingest(tmp_path: Path, monkeypatch: pytest.MonkeyPatch,
+                                 prefect_harness: None, capsys: pytest.CaptureFixture[str]) -> None:
+    monkeypatch.setenv("MALARIA_STATE_DIR", str(tmp_path / "no-stack"))
+    cells, bucket = tmp_path / "cells", tmp_path / "bucket"
+    assert main(["data", "synthetic", "--to", str(cells), "--n", "24", "--slides", "3"]) == 0
+    assert len(list(cells.glob("*/*.png"))) == 24
+    assert main(["data", "upload", str(cells), "--to", bucket.as_uri()]) == 0
+    assert len(list((bucket / "incoming").glob("*/*.png"))) == 24
+    assert main(["ingest", "--data-url", bucket.as_uri()]) == 0
+    out = capsys.readouterr().out
+    assert '"accepted": 24' in out and '"balanced": true' in out
+    assert len(list((bucket / "dataset").glob("*/*/*.png"))) == 24
+
+
+def test_errors_are_one_clear_line(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    assert main(["data", "upload", str(tmp_path / "missing"), "--to", tmp_path.as_uri()]) == 1
+    err = capsys.readouterr().err
+    assert err.startswith("malaria: error:") and "Traceback" not in err
