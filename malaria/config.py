@@ -19,3 +19,9 @@ def redact(text: str) -> str:
         if secret and len(secret) >= 8:
             text = text.replace(secret, "***")
     return text
+
+
+def cache_dir(explicit: str | None = None) -> str:
+    """Local folder for decoded-image caches (safe to delete; rebuilt on demand)."""
+    return explicit or os.environ.get("MALARIA_CACHE_DIR") or os.path.join(
+        os.environ.get("MALARIA_STATE_DIR", ".malaria"), "cache")

@@ -11,6 +11,7 @@ models/<version>/...                 model file, metrics.json, plots, data manif
 models/champion.json                 which version serves
 manifests/<run>.csv                  what each run read and what became of it (audit trail)
 state/ingest/<run>-<chunk>.csv       ingest ledger: one part per committed chunk
+checkpoints/<run key>/...            training checkpoints, so a killed training resumes
 ```
 """
 
@@ -29,6 +30,7 @@ PREDICTIONS = "predictions/"
 MODELS = "models/"
 MANIFESTS = "manifests/"
 INGEST_LEDGER = "state/ingest/"
+CHECKPOINTS = "checkpoints/"
 
 CHAMPION_KEY = f"{MODELS}champion.json"
 PREDICTION_SUMMARY_KEY = f"{PREDICTIONS}summary.csv"

@@ -1,0 +1,42 @@
+"""Train flow: load data -> train -> evaluate by slide -> register -> promotion gate."""
+
+from __future__ import annotations
+
+from typing import Any
+
+from prefect import flow
+from prefect.utilities.annotations import quote
+
+from malaria.config import cache_dir as resolve_cache_dir
+from malaria.config import data_url as resolve_data_url
+from malaria.retraining import RetrainConfig
+from tasks.training import (
+    evaluate_on_test_slides,
+    gate_candidate,
+    load_training_data,
+    publish_training_report,
+    register_candidate,
+    train_candidate,
+)
+
+
+@flow(name="train", description="Train the CNN on dataset/, evaluate it on held-out slides, "
+      "register it and promote it only if it is at least as good as the champion.")
+def train_flow(data_url: str | None = None, arch: str = "cellnet", input_size: int | None = None,
+               epochs: int = 30, max_minutes: float | None = None, seed: int = 0,
+               batch_size: int = 64, tta: bool = True, cache_dir: str | None = None,
+               min_auc: float = 0.90, min_accuracy: float = 0.85, tolerance: float = 0.005,
+               ) -> dict[str, Any]:
+    data_url = resolve_data_url(data_url)
+    cache = resolve_cache_dir(cache_dir)
+    config = RetrainConfig(arch=arch, input_size=input_size, epochs=epochs,
+                           max_minutes=max_minutes, seed=seed, batch_size=batch_size, tta=tta,
+                           min_auc=min_auc, min_accuracy=min_accuracy, tolerance=tolerance)
+    data = load_training_data(data_url, config, cache)
+    trained = train_candidate(data_url, config, quote(data))
+    evaluation = evaluate_on_test_slides(quote(trained), quote(data), config)
+    version = register_candidate(data_url, quote(trained), quote(data), quote(evaluation), config)
+    decision = gate_candidate(data_url, version, quote(evaluation), quote(data), config, cache)
+    publish_training_report(data_url, version, quote(evaluation), decision, quote(data))
+    return {"version": version, "promoted": decision.promote, "reason": decision.reason,
+            "threshold": evaluation.threshold, "metrics": evaluation.test.to_dict()}

@@ -1,0 +1,144 @@
+"""Prefect tasks around malaria.retraining: logging, checkpoints to the bucket, artifacts."""
+
+from __future__ import annotations
+
+import tempfile
+from pathlib import Path
+from typing import Any
+
+from prefect import get_run_logger, task
+from prefect.artifacts import create_markdown_artifact, create_table_artifact
+from prefect.cache_policies import NO_CACHE
+
+from malaria import layout
+from malaria.data import ImageCache, records_from_store, store_reader
+from malaria.models import default_input_size
+from malaria.registry import GateDecision, ModelRegistry, new_version
+from malaria.retraining import (
+    MODEL_FILE,
+    CandidateEvaluation,
+    PreparedData,
+    RetrainConfig,
+    checkpoint_prefix,
+    download_folder,
+    evaluate_candidate,
+    gate,
+    metrics_document,
+    metrics_table,
+    prepare_data,
+    upload_folder,
+)
+from malaria.storage import open_store
+
+
+@task(name="load-training-data", retries=2, retry_delay_seconds=10, cache_policy=NO_CACHE)
+def load_training_data(data_url: str, config: RetrainConfig, cache_dir: str) -> PreparedData:
+    store = open_store(data_url)
+    records = records_from_store(store)
+    size = config.input_size or default_input_size(config.arch)
+    cache = ImageCache(Path(cache_dir))
+    data = prepare_data(records, store_reader(store), cache, size, seed=config.seed,
+                        val_fraction=config.val_fraction, test_fraction=config.test_fraction)
+    get_run_logger().info("%s; decoded %d new, reused %d cached", data.describe(),
+                          cache.stats.decoded, cache.stats.reused)
+    return data
+
+
+@task(name="train-candidate", cache_policy=NO_CACHE)
+def train_candidate(data_url: str, config: RetrainConfig, data: PreparedData) -> dict[str, Any]:
+    """Train with a checkpoint every epoch mirrored to the bucket; a re-run of the same data
+    and settings resumes from the last checkpoint there."""
+    from malaria.training import train
+
+    logger = get_run_logger()
+    store = open_store(data_url)
+    prefix = checkpoint_prefix(config, data.manifest_sha256)
+    folder = Path(tempfile.mkdtemp(prefix="malaria-ckpt-"))
+    restored = download_folder(store, prefix, folder)
+    if restored:
+        logger.info("resuming from %d checkpoint files under %s", restored, prefix)
+
+    def on_epoch(epoch: int, metrics: dict[str, Any]) -> None:
+        upload_folder(store, folder, prefix)
+        shown = ", ".join(f"{k} {v:.4f}" for k, v in metrics.items()
+                          if isinstance(v, float) and k != "epoch")
+        logger.info("epoch %d: %s", epoch, shown)
+
+    result = train(config.train_config(), data.train, data.val, checkpoint_dir=folder,
+                   on_epoch=on_epoch)
+    logger.info("trained %d epochs (best %d, stopped by %s) in %.0f s at %.0f img/s, %s",
+                result.epochs_run, result.best_epoch, result.stopped, result.seconds,
+                result.images_per_s, result.precision_policy)
+    return {"model": result.model, "history": result.history, "checkpoint_prefix": prefix,
+            "summary": {"epochs_run": result.epochs_run, "best_epoch": result.best_epoch,
+                        "stopped": result.stopped, "seconds": round(result.seconds, 1),
+                        "images_per_s": round(result.images_per_s, 1),
+                        "precision_policy": result.precision_policy,
+                        "resumed_from_epoch": result.resumed_from_epoch}}
+
+
+@task(name="evaluate-candidate", cache_policy=NO_CACHE)
+def evaluate_on_test_slides(trained: dict[str, Any], data: PreparedData,
+                            config: RetrainConfig) -> CandidateEvaluation:
+    evaluation = evaluate_candidate(trained["model"], data, trained["history"],
+                                    threshold_rule=config.threshold_rule, tta=config.tta)
+    t = evaluation.test
+    get_run_logger().info(
+        "test slides: accuracy %.4f, AUC %.4f, sensitivity %.4f, specificity %.4f "
+        "(threshold %.3f from validation slides)", t.accuracy, t.roc_auc, t.sensitivity,
+        t.specificity, evaluation.threshold)
+    return evaluation
+
+
+@task(name="register-candidate", retries=2, retry_delay_seconds=5, cache_policy=NO_CACHE)
+def register_candidate(data_url: str, trained: dict[str, Any], data: PreparedData,
+                       evaluation: CandidateEvaluation, config: RetrainConfig) -> str:
+    from malaria.training import save_for_serving
+
+    registry = ModelRegistry(open_store(data_url))
+    version = new_version()
+    with tempfile.TemporaryDirectory() as folder:
+        path = Path(folder) / MODEL_FILE
+        save_for_serving(trained["model"], path)
+        registry.register(version, path,
+                          metrics_document(config, data, evaluation, trained["summary"]),
+                          evaluation.plots)
+    get_run_logger().info("registered model version %s", version)
+    return version
+
+
+@task(name="promotion-gate", retries=1, cache_policy=NO_CACHE)
+def gate_candidate(data_url: str, version: str, evaluation: CandidateEvaluation,
+                   data: PreparedData, config: RetrainConfig, cache_dir: str) -> GateDecision:
+    store = open_store(data_url)
+    decision = gate(ModelRegistry(store), version, evaluation.test, data.test_records,
+                    store_reader(store), ImageCache(Path(cache_dir)), config)
+    get_run_logger().info("gate: %s", decision.reason)
+    return decision
+
+
+@task(name="publish-training-report", cache_policy=NO_CACHE)
+def publish_training_report(data_url: str, version: str, evaluation: CandidateEvaluation,
+                            decision: GateDecision, data: PreparedData) -> None:
+    store = open_store(data_url)
+    prefix = layout.model_prefix(version)
+    plots = "\n".join(f"- {name}: `{store.uri(prefix + name + '.png')}`"
+                      for name in evaluation.plots)
+    verdict = "PROMOTED" if decision.promote else "not promoted"
+    create_markdown_artifact(
+        key="training-report",
+        description=f"Model {version}: test-slide metrics and gate decision",
+        markdown=(
+            f"# Model {version}\n\n{data.describe()}\n\n"
+            f"Decision threshold {evaluation.threshold:.3f}, chosen on the validation slides.\n\n"
+            f"## Held-out test slides\n\n{metrics_table(evaluation.test)}\n\n"
+            f"## Gate: {verdict}\n\n{decision.reason}\n\n## Plots\n\n{plots}\n"),
+    )
+    create_table_artifact(
+        key="per-slide-accuracy",
+        description=f"Model {version}: accuracy per held-out test slide",
+        table=[{"slide": s.slide, "cells": s.cells, "accuracy": round(s.accuracy, 4),
+                "parasitized_true": round(s.parasitized_true, 4),
+                "parasitized_predicted": round(s.parasitized_pred, 4)}
+               for s in evaluation.test.per_slide],
+    )
