@@ -240,3 +240,114 @@ def metrics_table(report: EvaluationReport) -> str:
     lines += ["", "| | predicted Uninfected | predicted Parasitized |", "|---|---|---|",
               f"| true Uninfected | {c.tn} | {c.fp} |", f"| true Parasitized | {c.fn} | {c.tp} |"]
     return "\n".join(lines)
+
+
+# ------------------------------------------------------------- local commands, no bucket
+
+
+def model_card_path(model_path: Path) -> Path:
+    """The JSON beside a model file: threshold, architecture, input size, metrics."""
+    return model_path.with_name(model_path.name + ".json")
+
+
+def train_local(data_dir: Path, out: Path, config: RetrainConfig, *, cache_dir: Path,
+                on_epoch: Callable[[int, dict[str, Any]], None] | None = None,
+                ) -> dict[str, Any]:
+    """``malaria train``: a folder with class subfolders in, a model file and its card out."""
+    from malaria.data import folder_reader, records_from_folder
+    from malaria.models import default_input_size
+    from malaria.training import save_for_serving, train
+
+    records = records_from_folder(data_dir)
+    size = config.input_size or default_input_size(config.arch)
+    data = prepare_data(records, folder_reader(data_dir), ImageCache(cache_dir), size,
+                        seed=config.seed, val_fraction=config.val_fraction,
+                        test_fraction=config.test_fraction)
+    checkpoints = out.with_name(f".{out.name}.checkpoints") / checkpoint_prefix(
+        config, data.manifest_sha256).rstrip("/").rsplit("/", 1)[-1]
+    result = train(config.train_config(), data.train, data.val, checkpoint_dir=checkpoints,
+                   on_epoch=on_epoch)
+    evaluation = evaluate_candidate(result.model, data, result.history,
+                                    threshold_rule=config.threshold_rule, tta=config.tta)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    model_bytes = save_for_serving(result.model, out)
+    card = metrics_document(config, data, evaluation, {
+        "epochs_run": result.epochs_run, "best_epoch": result.best_epoch,
+        "seconds": round(result.seconds, 1), "images_per_s": round(result.images_per_s, 1),
+        "stopped": result.stopped})
+    card["model_bytes"] = model_bytes
+    model_card_path(out).write_text(json.dumps(card, indent=2, default=str))
+    for name, png in evaluation.plots.items():
+        out.with_name(f"{out.stem}.{name}.png").write_bytes(png)
+    return card
+
+
+def load_model_card(model_path: Path) -> dict[str, Any]:
+    path = model_card_path(model_path)
+    return json.loads(path.read_text()) if path.exists() else {}
+
+
+def load_serving_model(model_path: Path) -> tuple[Any, int, float]:
+    """(model, input size, threshold); the threshold comes from the model's card, 0.5 without."""
+    import keras
+
+    model = keras.models.load_model(model_path, compile=False)
+    size = int(model.inputs[0].shape[1])
+    threshold = float(load_model_card(model_path).get("threshold", 0.5))
+    return model, size, threshold
+
+
+def evaluate_local(model_path: Path, data_dir: Path, *, cache_dir: Path,
+                   tta: bool = False) -> EvaluationReport:
+    """``malaria evaluate``: every cell of a class-folder tree, slide from the file name."""
+    from malaria.data import folder_reader, records_from_folder
+    from malaria.training import predict_probabilities
+
+    model, size, threshold = load_serving_model(model_path)
+    records = records_from_folder(data_dir)
+    if not records:
+        raise ValueError(f"no labelled images under {data_dir} (expected class subfolders)")
+    arrays = load_arrays(records, ImageCache(cache_dir), size, folder_reader(data_dir))
+    prob = predict_probabilities(model, arrays.images, tta=tta)
+    return evaluate(arrays.labels, prob, threshold, slides=list(arrays.slides))
+
+
+@dataclass(frozen=True)
+class Prediction:
+    path: str
+    probability: float | None
+    label: str
+    error: str = ""
+
+
+def predict_files(model_path: Path, paths: Sequence[Path]) -> list[Prediction]:
+    """``malaria predict``: one line per image, like the source article's last step; an
+    unreadable file gets an error instead of a probability."""
+    from malaria.data import decode_to_array
+    from malaria.images import validate_image
+    from malaria.labels import PARASITIZED, UNINFECTED
+    from malaria.training import predict_probabilities
+
+    model, size, threshold = load_serving_model(model_path)
+    results: list[Prediction | None] = []
+    arrays: list[np.ndarray] = []
+    for path in paths:
+        try:
+            data = Path(path).read_bytes()
+        except OSError as error:
+            results.append(Prediction(str(path), None, "", f"unreadable: {error.strerror}"))
+            continue
+        checked = validate_image(data)
+        if not checked.accepted:
+            results.append(Prediction(str(path), None, "", f"{checked.reason}: {checked.detail}"))
+            continue
+        arrays.append(decode_to_array(data, size))
+        results.append(None)
+    probs = iter(predict_probabilities(model, np.stack(arrays)) if arrays else [])
+    out: list[Prediction] = []
+    for path, result in zip(paths, results, strict=True):
+        if result is None:
+            p = float(next(probs))
+            result = Prediction(str(path), p, PARASITIZED if p >= threshold else UNINFECTED)
+        out.append(result)
+    return out

@@ -1,0 +1,81 @@
+"""`malaria train`, `evaluate`, `predict` and `models` on generated images."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+
+from flows.cli import main
+from malaria.synthetic import bad_inputs, write_labelled_tree
+
+
+@pytest.fixture(scope="module")
+def trained(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, Path]:
+    root = tmp_path_factory.mktemp("cmd")
+    data = root / "cells"
+    write_labelled_tree(data, 240, slides=6, seed=13)
+    model = root / "model.keras"
+    assert main(["train", "--data", str(data), "--out", str(model), "--arch", "cellnet-tiny",
+                 "--input-size", "32", "--epochs", "3", "--batch-size", "32", "--no-tta"]) == 0
+    return data, model
+
+
+def test_train_writes_model_card_and_plots(trained: tuple[Path, Path]) -> None:
+    _, model = trained
+    card = json.loads(model.with_name("model.keras.json").read_text())
+    assert card["architecture"] == "cellnet-tiny" and card["input_size"] == 32
+    assert 0 < card["threshold"] < 1
+    assert not set(card["slides"]["test"]) & set(card["slides"]["train"])
+    assert model.with_name("model.roc.png").read_bytes().startswith(b"\x89PNG")
+
+
+def test_evaluate_prints_and_writes_metrics(trained: tuple[Path, Path], tmp_path: Path,
+                                            capsys: pytest.CaptureFixture[str]) -> None:
+    data, model = trained
+    out = tmp_path / "metrics.json"
+    assert main(["evaluate", "--model", str(model), "--data", str(data), "--json", str(out)]) == 0
+    metrics = json.loads(out.read_text())
+    assert metrics["n"] == 240
+    for key in ("accuracy", "roc_auc", "sensitivity", "specificity", "mcc", "ece"):
+        assert 0 <= metrics[key] <= 1
+    assert "| accuracy |" in capsys.readouterr().out
+
+
+def test_predict_one_line_per_image(trained: tuple[Path, Path], tmp_path: Path,
+                                    capsys: pytest.CaptureFixture[str]) -> None:
+    data, model = trained
+    images = sorted(data.glob("*/*.png"))[:3]
+    bad = tmp_path / "bad.png"
+    bad.write_bytes(next(b for b in bad_inputs() if b.expected_reason == "not_an_image").data)
+    assert main(["predict", *map(str, images), str(bad), "--model", str(model)]) == 1
+    lines = capsys.readouterr().out.strip().splitlines()
+    assert len(lines) == 4
+    for line, image in zip(lines[:3], images, strict=True):
+        path, probability, label = line.split("\t")
+        assert path == str(image) and 0 <= float(probability) <= 1
+        assert label in ("Parasitized", "Uninfected")
+    assert lines[3].split("\t")[1] == "error" and "not_an_image" in lines[3]
+
+
+def test_models_commands_on_a_local_bucket(trained: tuple[Path, Path], tmp_path: Path,
+                                           capsys: pytest.CaptureFixture[str]) -> None:
+    from malaria.registry import ModelRegistry
+    from malaria.storage import LocalStore
+
+    _, model = trained
+    bucket = LocalStore(tmp_path / "bucket")
+    registry = ModelRegistry(bucket)
+    card = json.loads(model.with_name("model.keras.json").read_text())
+    for version in ("20260101T000000Z-aaaaaa", "20260102T000000Z-bbbbbb"):
+        registry.register(version, model, card, {})
+    url = ["--data-url", bucket.url]
+    assert main(["models", "promote", "20260101T000000Z-aaaaaa", *url]) == 0
+    assert main(["models", "promote", "20260102T000000Z-bbbbbb", *url]) == 0
+    assert main(["models", "list", *url]) == 0
+    listing = capsys.readouterr().out
+    assert "* 20260102T000000Z-bbbbbb" in listing
+    assert main(["models", "rollback", *url]) == 0
+    assert registry.champion_version() == "20260101T000000Z-aaaaaa"
+    assert main(["models", "promote", "nope", *url]) == 1
