@@ -19,6 +19,11 @@ os.environ.setdefault("AWS_DEFAULT_REGION", "us-east-1")
 os.environ.setdefault("PREFECT_SERVER_ANALYTICS_ENABLED", "false")
 os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
 
+# Importing prefect configures its console log handler on the sys.stderr of that moment.
+# Do it here, under pytest's session-long capture, and not first inside a test that uses
+# capsys, whose stream is closed after the test (later log lines would hit a closed file).
+import prefect  # noqa: F401
+
 
 @pytest.fixture(scope="session")
 def moto_endpoint() -> Iterator[str]:

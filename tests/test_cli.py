@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import contextlib
+import io
 from pathlib import Path
 
 import pytest
@@ -10,15 +12,18 @@ from flows.cli import main
 
 
 def test_synthetic_upload_ingest(tmp_path: Path, monkeypatch: pytest.MonkeyPatch,
-                                 prefect_harness: None, capsys: pytest.CaptureFixture[str]) -> None:
+                                 prefect_harness: None) -> None:
     monkeypatch.setenv("MALARIA_STATE_DIR", str(tmp_path / "no-stack"))
     cells, bucket = tmp_path / "cells", tmp_path / "bucket"
     assert main(["data", "synthetic", "--to", str(cells), "--n", "24", "--slides", "3"]) == 0
     assert len(list(cells.glob("*/*.png"))) == 24
     assert main(["data", "upload", str(cells), "--to", bucket.as_uri()]) == 0
     assert len(list((bucket / "incoming").glob("*/*.png"))) == 24
-    assert main(["ingest", "--data-url", bucket.as_uri()]) == 0
-    out = capsys.readouterr().out
+    # Not capsys: a flow run inside capsys leaves log handlers on a stream closed afterwards.
+    stdout = io.StringIO()
+    with contextlib.redirect_stdout(stdout):
+        assert main(["ingest", "--data-url", bucket.as_uri()]) == 0
+    out = stdout.getvalue()
     assert '"accepted": 24' in out and '"balanced": true' in out
     assert len(list((bucket / "dataset").glob("*/*/*.png"))) == 24
 

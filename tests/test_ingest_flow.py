@@ -4,6 +4,7 @@ plus the bad-input corpus."""
 from __future__ import annotations
 
 import io
+import json
 from concurrent.futures import ThreadPoolExecutor
 
 import pandas as pd
@@ -70,6 +71,6 @@ def test_ingest_flow_on_seaweedfs(seaweed_bucket: S3Store, prefect_harness: None
         artifacts = client.read_artifacts(
             artifact_filter=ArtifactFilter(key=ArtifactFilterKey(any_=["ingest-counts"])))
     assert len(artifacts) >= 2
-    rows = artifacts[0].data
-    table = rows if isinstance(rows, list) else __import__("json").loads(rows)
-    assert any(r["outcome"] == "listed" and r["count"] == len(uploads) for r in table)
+    tables = [a.data if isinstance(a.data, list) else json.loads(a.data) for a in artifacts]
+    assert any(r["outcome"] == "listed" and r["count"] == len(uploads)
+               for table in tables for r in table)
