@@ -243,6 +243,8 @@ def _process_name(service: str) -> str:
         return "seaweedfs"
     if service == "prefect":
         return "prefect"
+    if service.startswith("worker-") and service[7:].replace("-", "").isalnum():
+        return service
     raise StackError(f"unknown service {service!r}; expected one of {SERVICES}")
 
 
@@ -899,6 +901,7 @@ def stack_up(cfg: StackConfig, *, services: Sequence[str] = SERVICES,
 def stack_down(cfg: StackConfig, *, timeout: float = 15) -> None:
     """Stop both servers: SIGTERM to each process group, then SIGKILL after ``timeout``.
     Data, credentials and logs stay in the state folder."""
+    stop_workers(cfg, timeout=timeout)
     with _locked(cfg):
         pgids = {name: pid for name in SERVICES if (pid := _read_pid(cfg, name)) is not None}
         try:
@@ -932,3 +935,58 @@ def stack_status(cfg: StackConfig) -> StackStatus:
         bucket=cfg.bucket,
     )
 
+
+
+# ---------------------------------------------------------------------------------- workers
+#
+# Prefect workers are processes of the stack too: `malaria deploy` starts one per work pool,
+# `malaria stack down` stops them first. A worker ignores a single SIGTERM (it finishes its
+# loop), so it gets SIGINT twice, then SIGKILL after a timeout.
+
+
+def _worker_service(pool: str) -> str:
+    return f"worker-{pool}"
+
+
+def worker_pids(cfg: StackConfig) -> dict[str, int]:
+    """Running workers started from this state folder, by pool."""
+    run_dir = cfg.state_dir / "run"
+    pids: dict[str, int] = {}
+    for path in sorted(run_dir.glob("worker-*.pid")) if run_dir.is_dir() else []:
+        pool = path.stem.removeprefix("worker-")
+        pid = _read_pid(cfg, _worker_service(pool))
+        if pid is not None:
+            pids[pool] = pid
+    return pids
+
+
+def start_worker(cfg: StackConfig, pool: str, *, cwd: Path, limit: int = 1) -> int:
+    """Start `prefect worker start --pool <pool>` detached (idempotent); returns its pid."""
+    service = _worker_service(pool)
+    with _locked(cfg):
+        pid = _read_pid(cfg, service)
+        if pid is not None:
+            return pid
+        env = {k: v for k, v in os.environ.items() if not k.startswith("PREFECT_")}
+        env.update(stack_env(cfg))
+        env["PREFECT_SERVER_ANALYTICS_ENABLED"] = "false"
+        env.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
+        argv = [sys.executable, "-m", "prefect", "worker", "start", "--pool", pool,
+                "--type", "process", "--limit", str(limit), "--name", f"{pool}-local"]
+        return _spawn(cfg, service, argv, env, cwd=cwd)
+
+
+def stop_workers(cfg: StackConfig, *, timeout: float = 20) -> None:
+    pids = worker_pids(cfg)
+    for _ in range(2):  # the second SIGINT makes it stop without waiting for its loop
+        for pid in pids.values():
+            with contextlib.suppress(ProcessLookupError, PermissionError):
+                os.killpg(pid, signal.SIGINT)
+        time.sleep(0.5)
+    try:
+        _stop_groups({f"worker-{p}": pid for p, pid in pids.items()
+                      if _group_alive(pid)}, timeout)
+    finally:
+        for pool, pid in pids.items():
+            if not _pid_alive(pid):
+                cfg.pid_file(_worker_service(pool)).unlink(missing_ok=True)

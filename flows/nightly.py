@@ -1,0 +1,36 @@
+"""Nightly retraining: ingest -> train -> evaluate -> gate -> report, as one parent flow whose
+steps show as subflows in the UI. A promoted model serves the next scoring run."""
+
+from __future__ import annotations
+
+from typing import Any
+
+from prefect import flow, get_run_logger
+from prefect.runtime import flow_run
+
+from flows.ingest import ingest_flow
+from flows.train import train_flow
+from malaria import layout
+from malaria.config import data_url as resolve_data_url
+from malaria.storage import open_store
+from tasks.reports import publish_cell_gifs, publish_nightly_report
+
+
+@flow(name="nightly", description="Ingest new labelled cells, retrain, evaluate by slide, "
+      "promote only a model at least as good as the champion, and report.")
+def nightly_flow(data_url: str | None = None, arch: str = "cellnet",
+                 input_size: int | None = None, epochs: int = 30,
+                 max_minutes: float | None = 45.0, seed: int = 0, tta: bool = True,
+                 gif_cells: int = 100) -> dict[str, Any]:
+    data_url = resolve_data_url(data_url)
+    ingested = ingest_flow(data_url=data_url)
+    has_data = next(iter(open_store(data_url).list(layout.DATASET)), None) is not None
+    trained = None
+    if has_data:
+        trained = train_flow(data_url=data_url, arch=arch, input_size=input_size, epochs=epochs,
+                             max_minutes=max_minutes, seed=seed, tta=tta)
+    else:
+        get_run_logger().warning("dataset/ is empty: nothing to train on tonight")
+    gifs = publish_cell_gifs(data_url, f"nightly-{flow_run.get_id() or 'local'}", gif_cells)
+    publish_nightly_report(ingested, trained, gifs)
+    return {"ingest": ingested, "training": trained, "gifs": gifs}
