@@ -12,6 +12,7 @@ models/champion.json                 which version serves
 manifests/<run>.csv                  what each run read and what became of it (audit trail)
 state/ingest/<run>-<chunk>.csv       ingest ledger: one part per committed chunk
 checkpoints/<run key>/...            training checkpoints, so a killed training resumes
+reports/<run>/...                    pictures for people (GIFs of cells per class)
 ```
 """
 
@@ -31,6 +32,7 @@ MODELS = "models/"
 MANIFESTS = "manifests/"
 INGEST_LEDGER = "state/ingest/"
 CHECKPOINTS = "checkpoints/"
+REPORTS = "reports/"
 
 CHAMPION_KEY = f"{MODELS}champion.json"
 PREDICTION_SUMMARY_KEY = f"{PREDICTIONS}summary.csv"
@@ -88,3 +90,32 @@ def prediction_key(slide: str) -> str:
 
 def model_prefix(version: str) -> str:
     return f"{MODELS}{version}/"
+
+
+# Scoring bookkeeping (see malaria.scoring): leases, per-shard partial results, and a marker
+# per scored slide whose NAME says which cells (fingerprint) and model version it covers, so
+# finding due slides needs listings only. ``state`` lets a one-off run keep the same layout
+# under another folder.
+SCORING_STATE = "state/scoring/"
+
+
+def scoring_marker_prefix(slide: str, state: str = SCORING_STATE) -> str:
+    return f"{state}done/{slide}/"
+
+
+def scoring_marker_key(slide: str, fingerprint: str, version: str,
+                       state: str = SCORING_STATE) -> str:
+    return f"{scoring_marker_prefix(slide, state)}{fingerprint}@{version}.json"
+
+
+def scoring_parts_prefix(slide: str, state: str = SCORING_STATE) -> str:
+    return f"{state}parts/{slide}/"
+
+
+def scoring_part_key(slide: str, fingerprint: str, version: str, start: int, end: int,
+                     state: str = SCORING_STATE) -> str:
+    return f"{scoring_parts_prefix(slide, state)}{fingerprint}@{version}/{start:07d}-{end:07d}.csv"
+
+
+def scoring_lease_key(slide: str, state: str = SCORING_STATE) -> str:
+    return f"{state}leases/{slide}.json"
