@@ -6,7 +6,7 @@ EXTRAS ?= cpu
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed-$(EXTRAS)
 
-.PHONY: demo test lint down up status bench clean install
+.PHONY: demo test lint down up status bench clean install deploy
 
 $(STAMP): pyproject.toml
 	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
@@ -15,6 +15,10 @@ $(STAMP): pyproject.toml
 	touch $(STAMP)
 
 install: $(STAMP)
+
+deploy: $(STAMP)
+	$(BIN)/malaria stack up
+	$(BIN)/malaria deploy
 
 demo: $(STAMP)
 	$(BIN)/malaria demo

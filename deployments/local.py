@@ -96,3 +96,46 @@ def deploy_local(cfg: StackConfig, *, start_workers: bool = True) -> dict[str, o
         if start_workers else {}
     return {"pools": list(POOLS), "timezone": timezone, "deployments": deployments,
             "automation": automation, "workers": workers}
+
+
+# --------------------------------------------------------------------------------- the demo
+
+
+def upload_demo_data(data_url: str, *, labelled: int, slides: int, seed: int,
+                     real_data: Path | None, scan_slides: dict[int, float],
+                     cells_per_scan: int) -> dict[str, int]:
+    """Synthetic (or real) labelled cells plus the bad-input corpus into incoming/, and
+    synthetic new scans into scans/<slide>/."""
+    import tempfile
+
+    from malaria import datasets, layout
+    from malaria.storage import open_store
+    from malaria.synthetic import bad_inputs, generate_scan_cells, write_labelled_tree
+
+    store = open_store(data_url)
+    with tempfile.TemporaryDirectory() as folder:
+        source = real_data or Path(folder)
+        if real_data is None:
+            write_labelled_tree(source, labelled, slides=slides, seed=seed)
+        uploaded = datasets.upload_tree(source, data_url, progress=False)
+    bad = [] if real_data else bad_inputs()
+    for item in bad:
+        store.put_bytes(f"{layout.INCOMING}demo-bad/{item.key}", item.data)
+    scans = 0
+    for slide, fraction in scan_slides.items():
+        for cell in generate_scan_cells(cells_per_scan, slide_id=slide, seed=seed,
+                                        parasitized_fraction=fraction):
+            store.put_bytes(layout.scan_key(str(slide), cell.file_name), cell.data)
+            scans += 1
+    return {"labelled": uploaded.uploaded, "bad": len(bad), "scan_cells": scans,
+            "scan_slides": len(scan_slides)}
+
+
+def run_and_wait(name: str, parameters: dict[str, object] | None = None,
+                 timeout: float = 900) -> tuple[str, str, str]:
+    """Trigger a deployment through the server (a worker picks it up) and wait for it."""
+    from prefect.deployments import run_deployment
+
+    run = run_deployment(name, parameters=parameters or {}, timeout=timeout)
+    state = run.state.type.value if run.state else "UNKNOWN"
+    return run.name, state, (run.state.message or "") if run.state else ""

@@ -12,7 +12,6 @@ import contextlib
 import json
 import os
 import sys
-import tempfile
 from collections.abc import Sequence
 from pathlib import Path
 
@@ -97,62 +96,87 @@ def cmd_ingest(args: argparse.Namespace) -> int:
     return 0 if result["balanced"] else 1
 
 
-def cmd_demo(args: argparse.Namespace) -> int:
-    """Start the stack, upload a synthetic labelled set with bad files, ingest it, train."""
-    from malaria import datasets
-    from malaria.stack import stack_up
-    from malaria.storage import open_store
-    from malaria.synthetic import bad_inputs, write_labelled_tree
+def cmd_deploy(args: argparse.Namespace) -> int:
+    """Work pools, deployments, the failure automation and a worker per pool."""
+    from malaria.stack import stack_status
 
+    _use_local_stack_if_configured()
+    from deployments.local import deploy_local
+
+    cfg = _stack_config(args)
+    result = deploy_local(cfg, start_workers=not args.no_workers)
+    print(f"work pools:  {', '.join(result['pools'])}")  # type: ignore[arg-type]
+    print(f"deployments: {', '.join(result['deployments'])}")  # type: ignore[arg-type]
+    print(f"nightly time zone (variable malaria_timezone): {result['timezone']}")
+    print(f"failure automation: {result['automation']}")
+    for pool, pid in result["workers"].items():  # type: ignore[attr-defined]
+        print(f"worker for {pool}: pid {pid} (log {cfg.log_file(f'worker-{pool}')})")
+    print(f"UI: {stack_status(cfg).ui_url}/deployments")
+    return 0
+
+
+def cmd_demo(args: argparse.Namespace) -> int:
+    """The whole story on one machine, through the Prefect server and its workers."""
+    import time
+
+    from malaria.registry import ModelRegistry
+    from malaria.stack import stack_up
+    from malaria.storage import get_csv, open_store
+
+    started = time.monotonic()
     cfg = _stack_config(args)
     print("starting the local stack (SeaweedFS S3 + Prefect server)...", flush=True)
     status = stack_up(cfg)
     _use_local_stack_if_configured()
     data_url = config.data_url()
-    with tempfile.TemporaryDirectory() as folder:
-        source = Path(args.data) if args.data else Path(folder)
-        if not args.data:
-            write_labelled_tree(source, args.n, slides=args.slides, seed=args.seed)
-        uploaded = datasets.upload_tree(source, data_url, progress=False)
-    store = open_store(data_url)
-    bad = [] if args.data else bad_inputs()
-    for item in bad:
-        store.put_bytes(f"incoming/demo-bad/{item.key}", item.data)
-    print(f"uploaded {uploaded.uploaded} cells and {len(bad)} bad files to "
-          f"{data_url}/incoming/", flush=True)
 
-    from flows.ingest import ingest_flow
+    from deployments.local import deploy_local, run_and_wait, upload_demo_data
 
-    result = ingest_flow(data_url=data_url)
-    print()
-    print(f"Prefect UI:  {status.ui_url}  (flow runs, logs, artifacts)")
-    print(f"Bucket:      {data_url} at {status.s3_endpoint}")
-    print(f"Ingest:      accepted {result.get('accepted', 0)}, duplicates "
-          f"{result.get('duplicate', 0)}, quarantined {result.get('quarantined', 0)}, "
-          f"already ingested {result.get('already_ingested', 0)} of {result['listed']} listed")
-    print(f"Quarantine:  {result['reasons']}")
-    print(f"Manifest:    {data_url}/{result['manifest']}", flush=True)
-    if not result["balanced"]:
-        return 1
-    if args.skip_training:
-        return 0
+    uploaded = upload_demo_data(
+        data_url, labelled=args.n, slides=args.slides, seed=args.seed,
+        real_data=Path(args.data) if args.data else None,
+        scan_slides={301: 0.02, 302: 0.10, 303: 0.30}, cells_per_scan=args.scan_cells)
+    print(f"uploaded {uploaded['labelled']} labelled cells and {uploaded['bad']} bad files to "
+          f"incoming/, {uploaded['scan_cells']} new scan cells on {uploaded['scan_slides']} "
+          f"slides to scans/", flush=True)
+    deployed = deploy_local(cfg)
+    print(f"deployed {', '.join(deployed['deployments'])}; workers for "  # type: ignore[arg-type]
+          f"{', '.join(deployed['pools'])}", flush=True)  # type: ignore[arg-type]
 
-    from flows.train import train_flow
-
-    print("\ntraining the default model on dataset/ (evaluated on held-out slides)...",
+    print("running nightly-retrain through the server (ingest -> train -> gate -> report)...",
           flush=True)
-    trained = train_flow(data_url=data_url, epochs=args.epochs, max_minutes=args.minutes)
-    m = trained["metrics"]
+    nightly = run_and_wait("nightly/nightly-retrain",
+                           {"epochs": args.epochs, "max_minutes": args.minutes})
+    print(f"  {nightly[0]}: {nightly[1]} {nightly[2]}", flush=True)
+    print("running bulk-scoring through the server...", flush=True)
+    scoring = run_and_wait("score/bulk-scoring")
+    print(f"  {scoring[0]}: {scoring[1]} {scoring[2]}", flush=True)
+
+    store = open_store(data_url)
+    registry = ModelRegistry(store)
+    champion = registry.champion_version()
     print()
-    print(f"Model:       {trained['version']} "
-          f"({'promoted to champion' if trained['promoted'] else 'not promoted'})")
-    print(f"Gate:        {trained['reason']}")
-    print(f"Test slides: accuracy {m['accuracy']:.4f}, AUC {m['roc_auc']:.4f}, sensitivity "
-          f"{m['sensitivity']:.4f}, specificity {m['specificity']:.4f} "
-          f"(threshold {trained['threshold']:.3f})")
-    print(f"Report:      {status.ui_url}/artifacts (training-report, per-slide-accuracy)")
-    print("The stack keeps running for browsing; `make down` stops it.")
-    return 0
+    print(f"Prefect UI:   {status.ui_url}  (runs, subflows, logs, artifacts, deployments)")
+    print(f"Bucket:       {data_url} at {status.s3_endpoint}")
+    if champion:
+        m = registry.get(champion)["metrics"]
+        print(f"Champion:     {champion}: accuracy {m['accuracy']:.4f}, AUC {m['roc_auc']:.4f}, "
+              f"sensitivity {m['sensitivity']:.4f}, specificity {m['specificity']:.4f} "
+              "on held-out slides")
+    latest = registry.versions()[-1] if registry.versions() else None
+    decision = registry.get_decision(latest) if latest else None
+    if decision:
+        print(f"Gate ({latest}): {decision.get('reason')}")
+    csvs = sorted(i.key for i in store.list("predictions/"))
+    print(f"Predictions:  {', '.join(store.uri(k) for k in csvs) or 'none'}")
+    if any(k.endswith("summary.csv") for k in csvs):
+        summary = get_csv(store, "predictions/summary.csv")
+        for row in summary.to_dict("records"):
+            print(f"  slide {row['slide']}: {row['cells_scored']} cells, parasitemia "
+                  f"{float(row['parasitemia_pct']):.1f}%")
+    print(f"Took {time.monotonic() - started:.0f} s. The stack and workers keep running for "
+          "browsing; `make down` stops them.")
+    return 0 if nightly[1] == "COMPLETED" and scoring[1] == "COMPLETED" else 1
 
 
 def _retrain_config(args: argparse.Namespace):  # type: ignore[no-untyped-def]
@@ -328,6 +352,11 @@ def build_parser() -> argparse.ArgumentParser:
     models.add_argument("--data-url")
     models.set_defaults(func=cmd_models)
 
+    deploy = sub.add_parser("deploy", help="work pools, deployments, automation, workers")
+    deploy.add_argument("--no-workers", action="store_true")
+    stack_options(deploy)
+    deploy.set_defaults(func=cmd_deploy)
+
     demo = sub.add_parser("demo", help="the whole story on the local stack")
     demo.add_argument("--n", type=int, default=400, help="synthetic labelled cells")
     demo.add_argument("--slides", type=int, default=8)
@@ -335,8 +364,8 @@ def build_parser() -> argparse.ArgumentParser:
     demo.add_argument("--data", default=os.environ.get("DATA") or None,
                       help="a class-folder tree of real images instead of synthetic ones")
     demo.add_argument("--epochs", type=int, default=12)
-    demo.add_argument("--minutes", type=float, default=4.0, help="training time budget")
-    demo.add_argument("--skip-training", action="store_true")
+    demo.add_argument("--minutes", type=float, default=3.0, help="training time budget")
+    demo.add_argument("--scan-cells", type=int, default=150, help="cells per new scan")
     stack_options(demo)
     demo.set_defaults(func=cmd_demo)
     return parser
