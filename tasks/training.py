@@ -7,7 +7,12 @@ from pathlib import Path
 from typing import Any
 
 from prefect import get_run_logger, task
-from prefect.artifacts import create_markdown_artifact, create_table_artifact
+from prefect.artifacts import (
+    create_markdown_artifact,
+    create_progress_artifact,
+    create_table_artifact,
+    update_progress_artifact,
+)
 from prefect.cache_policies import NO_CACHE
 
 from malaria import layout
@@ -58,14 +63,20 @@ def train_candidate(data_url: str, config: RetrainConfig, data: PreparedData) ->
     if restored:
         logger.info("resuming from %d checkpoint files under %s", restored, prefix)
 
+    progress = create_progress_artifact(0.0, key="training-progress",
+                                        description=f"Epochs of {config.arch} (of at most "
+                                        f"{config.epochs}; early stopping may end sooner)")
+
     def on_epoch(epoch: int, metrics: dict[str, Any]) -> None:
         upload_folder(store, folder, prefix)
+        update_progress_artifact(progress, min(100.0, 100.0 * epoch / max(1, config.epochs)))
         shown = ", ".join(f"{k} {v:.4f}" for k, v in metrics.items()
                           if isinstance(v, float) and k != "epoch")
         logger.info("epoch %d: %s", epoch, shown)
 
     result = train(config.train_config(), data.train, data.val, checkpoint_dir=folder,
                    on_epoch=on_epoch)
+    update_progress_artifact(progress, 100.0)
     logger.info("trained %d epochs (best %d, stopped by %s) in %.0f s at %.0f img/s, %s",
                 result.epochs_run, result.best_epoch, result.stopped, result.seconds,
                 result.images_per_s, result.precision_policy)
