@@ -21,7 +21,7 @@ from tasks.reports import publish_cell_gifs, publish_nightly_report
 def nightly_flow(data_url: str | None = None, arch: str = "cellnet",
                  input_size: int | None = None, epochs: int = 30,
                  max_minutes: float | None = 45.0, seed: int = 0, tta: bool = True,
-                 gif_cells: int = 100, min_auc: float = 0.90,
+                 batch_size: int = 64, gif_cells: int = 100, min_auc: float = 0.90,
                  min_accuracy: float = 0.85) -> dict[str, Any]:
     data_url = resolve_data_url(data_url)
     ingested = ingest_flow(data_url=data_url)
@@ -29,7 +29,8 @@ def nightly_flow(data_url: str | None = None, arch: str = "cellnet",
     trained = None
     if has_data:
         trained = train_flow(data_url=data_url, arch=arch, input_size=input_size, epochs=epochs,
-                             max_minutes=max_minutes, seed=seed, tta=tta, min_auc=min_auc,
+                             max_minutes=max_minutes, seed=seed, tta=tta,
+                             batch_size=batch_size, min_auc=min_auc,
                              min_accuracy=min_accuracy)
     else:
         get_run_logger().warning("dataset/ is empty: nothing to train on tonight")

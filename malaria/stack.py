@@ -967,7 +967,9 @@ def start_worker(cfg: StackConfig, pool: str, *, cwd: Path, limit: int = 1) -> i
         pid = _read_pid(cfg, service)
         if pid is not None:
             return pid
-        env = {k: v for k, v in os.environ.items() if not k.startswith("PREFECT_")}
+        # Prefect settings come from the stack, except worker tuning (e.g. its poll interval).
+        env = {k: v for k, v in os.environ.items()
+               if not k.startswith("PREFECT_") or k.startswith("PREFECT_WORKER_")}
         env.update(stack_env(cfg))
         env["PREFECT_SERVER_ANALYTICS_ENABLED"] = "false"
         env.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
