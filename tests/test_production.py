@@ -117,6 +117,25 @@ def production(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Production]
         stack_down(cfg)
 
 
+def test_a_failed_run_raises_an_alert(production: Production) -> None:
+    """The automation turns a failed pipeline run into a failure-alert run, which records
+    the failure in the bucket (and would POST it to $MALARIA_ALERT_WEBHOOK_URL)."""
+    import time
+
+    failed = _run_deployment(production.env, "ingest/ingest",
+                             {"data_url": "s3://no-such-bucket-for-this-test"})
+    assert failed["state"] == "FAILED" and "NoSuchBucket" in failed["message"]
+    deadline = time.monotonic() + 180
+    alerts: list[str] = []
+    while time.monotonic() < deadline and not alerts:
+        alerts = [i.key for i in production.store.list("alerts/")]
+        time.sleep(2)
+    assert alerts, "no alert recorded within 3 minutes"
+    alert = json.loads(production.store.get_bytes(alerts[0]))
+    assert alert["flow_run_name"] == failed["name"] and alert["deployment"] == "ingest"
+    assert alert["state"] == "FAILED"
+
+
 def _flow_runs(api: str) -> list[dict[str, Any]]:
     response = httpx.post(f"{api}/flow_runs/filter", json={"limit": 200}, timeout=30)
     response.raise_for_status()
@@ -175,8 +194,10 @@ def chromium() -> str:
     """Debian's chromium, installed by the test setup when missing (Playwright's own browser
     download cannot work without the network)."""
     if not Path(CHROMIUM).exists() and shutil.which("apt-get") and os.geteuid() == 0:
-        subprocess.run(["apt-get", "install", "-y", "--no-install-recommends", "chromium"],
-                       capture_output=True, timeout=900, check=False)
+        install = ["apt-get", "install", "-y", "--no-install-recommends", "chromium"]
+        if subprocess.run(install, capture_output=True, timeout=900).returncode != 0:
+            subprocess.run(["apt-get", "update"], capture_output=True, timeout=600)
+            subprocess.run(install, capture_output=True, timeout=900)
     if not Path(CHROMIUM).exists():
         pytest.skip("chromium is not installed and could not be installed with apt-get")
     return CHROMIUM
