@@ -172,8 +172,9 @@ def cmd_demo(args: argparse.Namespace) -> int:
     if any(k.endswith("summary.csv") for k in csvs):
         summary = get_csv(store, "predictions/summary.csv")
         for row in summary.to_dict("records"):
-            print(f"  slide {row['slide']}: {row['cells_scored']} cells, parasitemia "
-                  f"{float(row['parasitemia_pct']):.1f}%")
+            parasitemia = row["parasitemia_pct"]
+            shown = f"{float(parasitemia):.1f}%" if parasitemia not in ("", None) else "n/a"
+            print(f"  slide {row['slide']}: {row['cells_scored']} cells, parasitemia {shown}")
     print(f"Took {time.monotonic() - started:.0f} s. The stack and workers keep running for "
           "browsing; `make down` stops them.")
     return 0 if nightly[1] == "COMPLETED" and scoring[1] == "COMPLETED" else 1
@@ -351,6 +352,10 @@ def build_parser() -> argparse.ArgumentParser:
     models.add_argument("--reason", default="operator decision")
     models.add_argument("--data-url")
     models.set_defaults(func=cmd_models)
+
+    from flows.score import add_score_command
+
+    add_score_command(sub)
 
     deploy = sub.add_parser("deploy", help="work pools, deployments, automation, workers")
     deploy.add_argument("--no-workers", action="store_true")

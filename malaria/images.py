@@ -109,10 +109,12 @@ def validate_image(data: bytes, limits: ImageLimits = DEFAULT_LIMITS) -> Validat
         except (OSError, ValueError, SyntaxError) as error:
             return _reject("corrupt_image", f"header: {error}")
         with image:
-            return _validate_open_image(image, limits)
+            return validate_open_image(image, limits)
 
 
-def _validate_open_image(image: Image.Image, limits: ImageLimits) -> ValidatedImage:
+def validate_open_image(image: Image.Image, limits: ImageLimits) -> ValidatedImage:
+    """Validate an image already opened (header read, nothing decoded yet); callers that
+    go on to use the pixels (scoring) decode once for both."""
     fmt = image.format or "unknown"
     width, height = image.size
     fields: dict[str, object] = {"format": fmt, "width": width, "height": height,

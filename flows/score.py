@@ -1,0 +1,242 @@
+"""Score flow: every due slide under scans/ is scored by the serving model into
+predictions/<slide>.csv, with a per-slide summary in predictions/summary.csv.
+
+Which slides are due, how a killed run resumes, and why a lease in the bucket keeps two runs
+off the same slide: see malaria.scoring. The task runner is a parameter: threads in this
+process by default, or Dask (a running cluster's address, or a local cluster of n worker
+processes) through prefect-dask. Shards run as a subflow so that its runner can be chosen
+per run, from a deployment's parameters too.
+"""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import time
+from typing import Any
+from uuid import UUID
+
+from prefect import flow, get_run_logger
+from prefect.artifacts import create_progress_artifact, update_progress_artifact
+from prefect.futures import PrefectFuture, as_completed
+from prefect.task_runners import TaskRunner, ThreadPoolTaskRunner
+
+from malaria.config import data_url as resolve_data_url
+from malaria.scoring import (
+    DEFAULT_BATCH_SIZE,
+    DEFAULT_CONCURRENCY,
+    DEFAULT_LEASE_TTL,
+    DEFAULT_PARALLEL_SHARDS,
+    DEFAULT_SHARD_SIZE,
+    ModelRef,
+    ScoringPaths,
+    ShardResult,
+    SlideLeases,
+    SlidePlan,
+    SlideSummary,
+    score,
+)
+from tasks.scoring import (
+    finalize_slide_task,
+    find_due,
+    plan_slides,
+    publish_scoring_report,
+    resolve_scoring_model,
+    score_shard_task,
+)
+
+RUNNERS = ("threads", "dask")
+SLIDES_PER_GROUP = 64
+
+
+def build_task_runner(runner: str = "threads", *, dask_address: str | None = None,
+                      dask_workers: int = 2,
+                      parallel_shards: int = DEFAULT_PARALLEL_SHARDS) -> TaskRunner[Any]:
+    """``threads``: shards in this process, ``parallel_shards`` at a time (two overlap one
+    shard's fetching with the other's inference). ``dask``: a running cluster at
+    ``dask_address``, or a local cluster of ``dask_workers`` processes with one thread each
+    (each process loads the model once and runs one shard at a time)."""
+    if runner == "threads":
+        return ThreadPoolTaskRunner(max_workers=max(1, parallel_shards))
+    if runner == "dask":
+        from prefect_dask import DaskTaskRunner
+
+        if dask_address:
+            return DaskTaskRunner(address=dask_address)
+        return DaskTaskRunner(cluster_kwargs={
+            "n_workers": dask_workers, "threads_per_worker": 1, "processes": True,
+            "dashboard_address": None, "host": "127.0.0.1"})
+    raise ValueError(f"unknown task runner {runner!r}; one of {RUNNERS}")
+
+
+@flow(name="score-slides", description="Score the shards of leased slides and write each "
+      "slide's CSV when its last shard is in (runs on the chosen task runner).")
+def score_slides_flow(paths: ScoringPaths, ref: ModelRef, slides: list[str], shard_size: int,
+                      batch_size: int, concurrency: int, total_cells: int,
+                      progress_id: UUID | None = None,
+                      slides_per_group: int = SLIDES_PER_GROUP) -> dict[str, Any]:
+    logger = get_run_logger()
+    started = time.perf_counter()
+    done = scored = shards_scored = resumed = 0
+    failed: list[str] = []
+    summaries: list[SlideSummary] = []
+    total = max(total_cells, 1)
+    # Slides go in groups, so the plans (a few hundred bytes per cell) held here stay
+    # bounded however many cells are due.
+    for start in range(0, len(slides), slides_per_group):
+        group = slides[start:start + slides_per_group]
+        plans = {p.slide: p for p in plan_slides(paths, ref.version, group, shard_size)}
+        done += sum(len(s.cells) for p in plans.values() for s in p.shards if s.index in p.done)
+        resumed += sum(len(p.done) for p in plans.values())
+        left = {slide: len(plan.pending) for slide, plan in plans.items()}
+
+        def finalize(slide: str, plans: dict[str, SlidePlan] = plans
+                     ) -> PrefectFuture[SlideSummary]:
+            return finalize_slide_task.submit(paths, ref, plans[slide], slide)
+
+        finals = [finalize(slide) for slide, n in left.items() if n == 0]
+        # Shards go unquoted: prefect's quote() does not survive pickling to Dask workers
+        # (it comes back wrapping a 1-tuple), and walking a shard's small dataclasses
+        # costs milliseconds.
+        shard_of = {score_shard_task.submit(paths, ref, shard, shard.name, batch_size,
+                                            concurrency): shard
+                    for plan in plans.values() for shard in plan.pending}
+        for future in as_completed(list(shard_of)):
+            shard = shard_of[future]
+            try:
+                result: ShardResult = future.result()
+            except Exception as error:  # the slide stays due; its other shards are kept
+                failed.append(shard.name)
+                logger.error("shard %s failed: %s", shard.name, error)
+                continue
+            done += result.cells
+            if result.resumed:
+                resumed += 1
+            else:
+                scored += result.cells
+                shards_scored += 1
+            elapsed = time.perf_counter() - started
+            logger.info("%d of %d cells done, %.0f cells/s over this run", done, total,
+                        scored / elapsed if elapsed > 0 else 0.0)
+            if progress_id is not None:
+                update_progress_artifact(progress_id, min(100.0, 100.0 * done / total))
+            left[shard.slide] -= 1
+            if left[shard.slide] == 0:
+                finals.append(finalize(shard.slide))
+        for future in finals:
+            try:
+                summaries.append(future.result())
+            except Exception as error:
+                failed.append(f"finalize: {error}")
+                logger.error("finalizing a slide failed: %s", error)
+    return {"summaries": summaries, "cells": scored, "seconds": time.perf_counter() - started,
+            "shards_scored": shards_scored, "shards_resumed": resumed, "failed": failed}
+
+
+@flow(name="score", description="Score every due slide under scans/ with the serving model: "
+      "predictions/<slide>.csv per slide and predictions/summary.csv, exactly once.")
+def score_flow(data_url: str | None = None, model_path: str | None = None,
+               threshold: float | None = None, tta: int | None = None,
+               runner: str = "threads",
+               dask_address: str | None = None, dask_workers: int = 2,
+               shard_size: int = DEFAULT_SHARD_SIZE, batch_size: int = DEFAULT_BATCH_SIZE,
+               concurrency: int = DEFAULT_CONCURRENCY,
+               parallel_shards: int = DEFAULT_PARALLEL_SHARDS,
+               lease_ttl_s: float = DEFAULT_LEASE_TTL) -> dict[str, Any]:
+    data_url = resolve_data_url(data_url)
+    paths = ScoringPaths.bucket(data_url)
+    logger = get_run_logger()
+    task_runner = build_task_runner(runner, dask_address=dask_address,
+                                    dask_workers=dask_workers, parallel_shards=parallel_shards)
+    logger.info("score run on %s, task runner %s", data_url, runner)
+
+    ref = resolve_scoring_model(paths, model_path, threshold, tta)
+    due, up_to_date = find_due(paths, ref.version)
+    outcome: dict[str, Any] = {"summaries": [], "cells": 0, "seconds": 0.0,
+                               "shards_scored": 0, "shards_resumed": 0, "failed": []}
+    busy: list[str] = []
+    started = time.perf_counter()
+    if due:
+        progress_id = create_progress_artifact(
+            0.0, key="score-progress", description=f"Cells of due slides scored by {ref.version}")
+        # The leases live in this process for the whole run (a heartbeat renews them).
+        with SlideLeases(paths, ttl=lease_ttl_s) as leases:
+            granted = leases.acquire(d.slide for d in due)
+            held = set(granted)
+            busy = [d.slide for d in due if d.slide not in held]
+            if busy:
+                logger.info("%d due slides are being scored by another run: %s", len(busy),
+                            ", ".join(busy[:20]))
+            if granted:
+                outcome = score_slides_flow.with_options(task_runner=task_runner)(
+                    paths, ref, granted, shard_size, batch_size, concurrency,
+                    sum(d.cells for d in due if d.slide in held), progress_id)
+        update_progress_artifact(progress_id, 100.0)
+    seconds = time.perf_counter() - started
+    summaries: list[SlideSummary] = outcome["summaries"]
+    rate = outcome["cells"] / outcome["seconds"] if outcome["seconds"] else 0.0
+    line = (f"{len(summaries)} slides scored ({outcome['cells']} cells at {rate:.0f} cells/s; "
+            f"{outcome['shards_scored']} shards, {outcome['shards_resumed']} resumed from an "
+            f"earlier run), {up_to_date} up to date, {len(busy)} busy in another run")
+    summary_written = publish_scoring_report(paths, ref.version, summaries, line)
+    if outcome["failed"]:
+        raise RuntimeError(f"{len(outcome['failed'])} shards or slides failed (they stay due "
+                           f"for the next run): {outcome['failed'][:10]}")
+    return {"model_version": ref.version, "slides_scored": [s.slide for s in summaries],
+            "slides_due": [d.slide for d in due], "slides_busy": busy, "up_to_date": up_to_date,
+            "cells": outcome["cells"], "cells_per_s": round(rate, 1),
+            "shards_scored": outcome["shards_scored"],
+            "shards_resumed": outcome["shards_resumed"], "seconds": round(seconds, 2),
+            "summary_written": summary_written,
+            "summary": [s.to_dict() for s in summaries]}
+
+
+# ------------------------------------------------------------------ the `malaria score` command
+
+
+def cmd_score(args: argparse.Namespace) -> int:
+    """Score once, in this process, without Prefect (same library code as the flow)."""
+    if any(str(u).startswith("s3://") for u in (args.scans, args.out, args.registry or "")):
+        from malaria.stack import StackConfig, StackError, load_stack_env
+
+        with contextlib.suppress(StackError):  # no local stack: the environment says where
+            load_stack_env(StackConfig.from_env())
+
+    def progress(result: ShardResult) -> None:
+        state = "resumed" if result.resumed else f"{result.cells_per_s:.0f} cells/s"
+        print(f"  shard {result.name}: {result.cells} cells ({state})", flush=True)
+
+    report = score(args.scans, args.out, model_path=args.model, registry_url=args.registry,
+                   threshold=args.threshold, tta=args.tta, shard_size=args.shard_size,
+                   batch_size=args.batch_size, concurrency=args.concurrency,
+                   on_shard=progress)
+    print(report.line())
+    for summary in report.slides:
+        print(f"  slide {summary.slide}: {summary.cells_scored} cells, parasitemia "
+              f"{summary.parasitemia_pct}%, {summary.unreadable} unreadable")
+    print(f"CSVs in {args.out} (summary.csv: one row per slide)")
+    return 0
+
+
+def add_score_command(subparsers: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
+    """Register ``malaria score --scans URL_OR_DIR --out URL_OR_DIR [--model FILE]``."""
+    parser = subparsers.add_parser(
+        "score", help="score slide scans once: a CSV per slide and summary.csv",
+        description="Score every due slide under --scans (<slide>/<file>) into --out "
+        "(<slide>.csv, summary.csv). Re-running scores only new or changed slides.")
+    parser.add_argument("--scans", required=True,
+                        help="s3://bucket/prefix or a folder holding <slide>/<cell image>")
+    parser.add_argument("--out", required=True, help="s3://bucket/prefix or a folder")
+    parser.add_argument("--model", help="a .keras model file (default: the registry's "
+                        "champion)")
+    parser.add_argument("--registry", help="where models/ live when --model is not given "
+                        "(default $MALARIA_DATA_URL or the local stack)")
+    parser.add_argument("--threshold", type=float,
+                        help="decision threshold (default: the champion's, or 0.5)")
+    parser.add_argument("--tta", type=int, help="views averaged per cell, 1-8 (default: as "
+                        "the model was evaluated)")
+    parser.add_argument("--shard-size", type=int, default=DEFAULT_SHARD_SIZE)
+    parser.add_argument("--batch-size", type=int, default=DEFAULT_BATCH_SIZE)
+    parser.add_argument("--concurrency", type=int, default=DEFAULT_CONCURRENCY,
+                        help="concurrent object fetches per shard")
+    parser.set_defaults(func=cmd_score)

@@ -1,0 +1,112 @@
+"""Prefect tasks around malaria.scoring: retries, logs and artifacts, nothing more."""
+
+from __future__ import annotations
+
+from prefect import get_run_logger, task
+from prefect.artifacts import create_markdown_artifact, create_table_artifact
+from prefect.cache_policies import NO_CACHE
+
+from malaria.config import redact
+from malaria.scoring import (
+    DueSlide,
+    ModelRef,
+    ScoringPaths,
+    Shard,
+    ShardResult,
+    SlidePlan,
+    SlideSummary,
+    finalize_slide,
+    find_due_slides,
+    plan_slide,
+    rebuild_summary,
+    resolve_model,
+    score_shard,
+)
+
+
+@task(name="resolve-scoring-model", retries=2, retry_delay_seconds=5, cache_policy=NO_CACHE)
+def resolve_scoring_model(paths: ScoringPaths, model_path: str | None,
+                          threshold: float | None, tta: int | None) -> ModelRef:
+    ref = resolve_model(paths, model_path, threshold, tta)
+    get_run_logger().info("scoring with model %s (%s), threshold %g, %d view(s) per cell",
+                          ref.version, ref.source, ref.threshold, ref.tta)
+    return ref
+
+
+@task(name="find-due-slides", retries=2, retry_delay_seconds=5, cache_policy=NO_CACHE)
+def find_due(paths: ScoringPaths, version: str) -> tuple[list[DueSlide], int]:
+    due, up_to_date = find_due_slides(paths, version)
+    logger = get_run_logger()
+    logger.info("%d slides due (%d cells), %d up to date", len(due),
+                sum(d.cells for d in due), up_to_date)
+    for item in due[:50]:
+        logger.info("due: slide %s (%d cells): %s", item.slide, item.cells, item.reason)
+    return due, up_to_date
+
+
+@task(name="plan-slides", retries=2, retry_delay_seconds=5, cache_policy=NO_CACHE)
+def plan_slides(paths: ScoringPaths, version: str, slides: list[str],
+                shard_size: int) -> list[SlidePlan]:
+    plans = [p for s in slides if (p := plan_slide(paths, version, s, shard_size)) is not None]
+    resumed = sum(len(p.done) for p in plans)
+    get_run_logger().info(
+        "%d slides in %d shards (%d already written by an earlier run); %d slides were "
+        "finished by another run meanwhile", len(plans), sum(len(p.shards) for p in plans),
+        resumed, len(slides) - len(plans))
+    return plans
+
+
+# A shard is idempotent (its part is one whole object under a key fixed by its cells and
+# the model), so a retry after a network error or a lost worker is safe.
+@task(name="score-shard", retries=2, retry_delay_seconds=[5, 30], cache_policy=NO_CACHE,
+      task_run_name="score-shard-{label}")
+def score_shard_task(paths: ScoringPaths, ref: ModelRef, shard: Shard, label: str,
+                     batch_size: int, concurrency: int) -> ShardResult:
+    result = score_shard(paths, ref, shard, batch_size=batch_size, concurrency=concurrency)
+    logger = get_run_logger()
+    if result.resumed:
+        logger.info("shard %s: part already written by an earlier run, %d cells", label,
+                    result.cells)
+    else:
+        logger.info("shard %s: %d cells in %.1f s (%.0f cells/s), %d unreadable", label,
+                    result.cells, result.seconds, result.cells_per_s, result.unreadable)
+    return result
+
+
+@task(name="finalize-slide", retries=2, retry_delay_seconds=5, cache_policy=NO_CACHE,
+      task_run_name="finalize-slide-{label}")
+def finalize_slide_task(paths: ScoringPaths, ref: ModelRef, plan: SlidePlan,
+                        label: str) -> SlideSummary:
+    summary = finalize_slide(paths, ref, plan)
+    get_run_logger().info(
+        "slide %s: %d cells scored, %d unreadable, parasitemia %s%% -> %s", label,
+        summary.cells_scored, summary.unreadable, summary.parasitemia_pct,
+        paths.out_store().uri(paths.prediction_key(summary.slide)))
+    return summary
+
+
+@task(name="publish-scoring-report", retries=2, retry_delay_seconds=5, cache_policy=NO_CACHE)
+def publish_scoring_report(paths: ScoringPaths, version: str, summaries: list[SlideSummary],
+                           line: str) -> bool:
+    written, _ = rebuild_summary(paths)
+    logger = get_run_logger()
+    store = paths.out_store()
+    if written:
+        logger.info("rebuilt %s", store.uri(paths.summary_key))
+    if summaries:
+        create_table_artifact(
+            key="score-parasitemia",
+            table=[{"slide": s.slide, "cells_scored": s.cells_scored,
+                    "parasitized": s.parasitized, "parasitemia_pct": s.parasitemia_pct,
+                    "unreadable": s.unreadable, "mean_probability": s.mean_probability,
+                    "model_version": s.model_version} for s in summaries],
+            description=f"Per-slide parasitemia of the slides scored in this run ({version})")
+    create_markdown_artifact(
+        key="score-summary",
+        markdown=(f"# Scoring with model `{version}`\n\n- {line}\n"
+                  f"- per-slide CSVs: `{paths.out_url.rstrip('/')}/{paths.predictions_prefix}`\n"
+                  f"- summary: `{store.uri(paths.summary_key)}`"
+                  f"{' (rebuilt)' if written else ''}\n"),
+        description="Scoring run summary")
+    logger.info(redact(line))
+    return written
