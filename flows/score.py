@@ -178,7 +178,7 @@ def score_flow(data_url: str | None = None, model_path: str | None = None,
     line = (f"{len(summaries)} slides scored ({outcome['cells']} cells at {rate:.0f} cells/s; "
             f"{outcome['shards_scored']} shards, {outcome['shards_resumed']} resumed from an "
             f"earlier run), {up_to_date} up to date, {len(busy)} busy in another run")
-    summary_written = publish_scoring_report(paths, ref.version, summaries, line)
+    summary_written = publish_scoring_report(paths, ref, summaries, line)
     if outcome["failed"]:
         raise RuntimeError(f"{len(outcome['failed'])} shards or slides failed (they stay due "
                            f"for the next run): {outcome['failed'][:10]}")

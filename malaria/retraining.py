@@ -28,6 +28,7 @@ from malaria.data import (
     load_arrays,
     split_by_slide,
 )
+from malaria.drift import reference_distribution
 from malaria.evaluation import (
     EvaluationReport,
     ThresholdRule,
@@ -146,6 +147,7 @@ class CandidateEvaluation:
     test: EvaluationReport
     test_probabilities: np.ndarray
     plots: dict[str, bytes]
+    validation_distribution: dict[str, Any] = field(default_factory=dict)
 
 
 def evaluate_candidate(model: Any, data: PreparedData, history: list[dict[str, Any]], *,
@@ -168,7 +170,8 @@ def evaluate_candidate(model: Any, data: PreparedData, history: list[dict[str, A
             data.test.images, data.test.labels, test_prob, threshold, names=names),
     }
     return CandidateEvaluation(threshold, validation, test, test_prob,
-                               {k: v for k, v in plots.items() if v})
+                               {k: v for k, v in plots.items() if v},
+                               reference_distribution(val_prob, threshold))
 
 
 def metrics_document(config: RetrainConfig, data: PreparedData, evaluation: CandidateEvaluation,
@@ -178,6 +181,8 @@ def metrics_document(config: RetrainConfig, data: PreparedData, evaluation: Cand
         "validation_metrics": evaluation.validation.to_dict(),
         "threshold": evaluation.threshold,
         "threshold_rule": config.threshold_rule,
+        # The reference for drift notes when this model scores new slides.
+        "validation_distribution": evaluation.validation_distribution,
         "tta": config.tta,
         "architecture": config.arch,
         "input_size": data.input_size,

@@ -2,11 +2,15 @@
 
 from __future__ import annotations
 
+import contextlib
+
 from prefect import get_run_logger, task
 from prefect.artifacts import create_markdown_artifact, create_table_artifact
 from prefect.cache_policies import NO_CACHE
 
 from malaria.config import redact
+from malaria.drift import DriftReport, drift_of_predictions
+from malaria.registry import ModelRegistry
 from malaria.scoring import (
     DueSlide,
     ModelRef,
@@ -22,6 +26,7 @@ from malaria.scoring import (
     resolve_model,
     score_shard,
 )
+from malaria.storage import open_store
 
 
 @task(name="resolve-scoring-model", retries=2, retry_delay_seconds=5, cache_policy=NO_CACHE)
@@ -86,10 +91,26 @@ def finalize_slide_task(paths: ScoringPaths, ref: ModelRef, plan: SlidePlan,
 
 
 @task(name="publish-scoring-report", retries=2, retry_delay_seconds=5, cache_policy=NO_CACHE)
-def publish_scoring_report(paths: ScoringPaths, version: str, summaries: list[SlideSummary],
+def drift_against_validation(paths: ScoringPaths, ref: ModelRef,
+                             summaries: list[SlideSummary]) -> DriftReport:
+    """Tonight's scores (the slides of this run) against the champion's validation slides."""
+    reference = None
+    if ref.source == "registry":
+        with contextlib.suppress(Exception):  # an older record without it: say so, go on
+            reference = ModelRegistry(open_store(ref.location)).get(ref.version).get(
+                "validation_distribution")
+    return drift_of_predictions(paths.out_store(),
+                                (paths.prediction_key(s.slide) for s in summaries), reference)
+
+
+def publish_scoring_report(paths: ScoringPaths, ref: ModelRef, summaries: list[SlideSummary],
                            line: str) -> bool:
+    version = ref.version
     written, _ = rebuild_summary(paths)
     logger = get_run_logger()
+    drift = drift_against_validation(paths, ref, summaries) if summaries else None
+    if drift is not None:
+        (logger.warning if drift.flagged else logger.info)("drift: %s", drift.message)
     store = paths.out_store()
     if written:
         logger.info("rebuilt %s", store.uri(paths.summary_key))
@@ -106,7 +127,11 @@ def publish_scoring_report(paths: ScoringPaths, version: str, summaries: list[Sl
         markdown=(f"# Scoring with model `{version}`\n\n- {line}\n"
                   f"- per-slide CSVs: `{paths.out_url.rstrip('/')}/{paths.predictions_prefix}`\n"
                   f"- summary: `{store.uri(paths.summary_key)}`"
-                  f"{' (rebuilt)' if written else ''}\n"),
+                  f"{' (rebuilt)' if written else ''}\n"
+                  + (f"\n## Drift against the champion's validation slides\n\n"
+                     f"{'**' if drift.flagged else ''}{drift.message}"
+                     f"{'**' if drift.flagged else ''} ({drift.cells} cells scored in this "
+                     "run)\n" if drift else "")),
         description="Scoring run summary")
     logger.info(redact(line))
     return written

@@ -174,6 +174,10 @@ def test_runs_through_workers_complete(production: Production) -> None:
     flows = {httpx.get(f"{production.api}/flows/{r['flow_id']}", timeout=30).json()["name"]
              for r in children}
     assert flows >= {"ingest", "train"}
+    summary = httpx.post(f"{production.api}/artifacts/filter", timeout=30, json={
+        "artifacts": {"key": {"any_": ["score-summary"]}}, "limit": 1}).json()[0]
+    assert "Drift against the champion's validation slides" in summary["data"]
+    assert "no reference" not in summary["data"]
 
 
 def test_bucket_holds_what_the_runs_wrote(production: Production) -> None:
