@@ -353,7 +353,7 @@ def build_parser() -> argparse.ArgumentParser:
     models.add_argument("--data-url")
     models.set_defaults(func=cmd_models)
 
-    from flows.score import add_score_command
+    from flows.score_command import add_score_command
 
     add_score_command(sub)
 

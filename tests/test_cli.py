@@ -32,3 +32,14 @@ def test_errors_are_one_clear_line(tmp_path: Path, capsys: pytest.CaptureFixture
     assert main(["data", "upload", str(tmp_path / "missing"), "--to", tmp_path.as_uri()]) == 1
     err = capsys.readouterr().err
     assert err.startswith("malaria: error:") and "Traceback" not in err
+
+
+def test_building_the_command_line_does_not_import_prefect() -> None:
+    # Prefect reads its settings (API URL) when imported; `malaria demo` must start the stack
+    # and load its settings first, or the flows would run on a throwaway server.
+    import subprocess
+    import sys
+
+    code = ("import sys; from flows.cli import build_parser; build_parser(); "
+            "assert 'prefect' not in sys.modules, 'prefect imported too early'")
+    subprocess.run([sys.executable, "-c", code], check=True, timeout=120)

@@ -387,7 +387,7 @@ def test_a_cell_deleted_after_listing_is_an_error_row(s3_store: S3Store,
 def test_score_command_on_folders(tmp_path: Path, tiny_model: Path) -> None:
     import argparse
 
-    from flows.score import add_score_command
+    from flows.score_command import add_score_command
 
     upload_scans(LocalStore(tmp_path / "scans"), prefix="", slides={"801": 3, "802": 2})
     parser = argparse.ArgumentParser(prog="malaria")
