@@ -158,16 +158,21 @@ def to_square(image: Image.Image, size: int) -> np.ndarray:
     return np.asarray(image, dtype=np.uint8)
 
 
+def model_input(image: Image.Image, size: int) -> np.ndarray:
+    """A decoded image as the model sees it (training, evaluation and scoring alike)."""
+    if image.mode in ("RGBA", "LA", "PA", "P"):
+        # Transparent pixels become black, the background of segmented crops.
+        rgba = image.convert("RGBA")
+        background = Image.new("RGB", rgba.size, (0, 0, 0))
+        background.paste(rgba, mask=rgba.getchannel("A"))
+        return to_square(background, size)
+    return to_square(image, size)
+
+
 def decode_to_array(data: bytes, size: int) -> np.ndarray:
     with Image.open(io.BytesIO(data)) as image:
         image.load()
-        if image.mode in ("RGBA", "LA", "PA", "P"):
-            # Transparent pixels become black, the background of segmented crops.
-            rgba = image.convert("RGBA")
-            background = Image.new("RGB", rgba.size, (0, 0, 0))
-            background.paste(rgba, mask=rgba.getchannel("A"))
-            return to_square(background, size)
-        return to_square(image, size)
+        return model_input(image, size)
 
 
 @dataclass

@@ -138,7 +138,7 @@ def hash_manifest(entries: Iterable[str | Iterable[str]]) -> str:
     return digest.hexdigest()
 
 
-def _sha256_file(path: Path) -> str:
+def sha256_file(path: Path) -> str:
     digest = hashlib.sha256()
     with path.open("rb") as handle:
         for block in iter(lambda: handle.read(1 << 20), b""):
@@ -318,7 +318,7 @@ class ModelRegistry:
         record["model"] = {
             "file": model_name,
             "bytes": model_path.stat().st_size,
-            "sha256": _sha256_file(model_path),
+            "sha256": sha256_file(model_path),
         }
         record["plots"] = sorted(plot_files)
         key = self.metrics_key(version)
@@ -472,7 +472,7 @@ class ModelRegistry:
         tmp = Path(tmp_name)
         try:
             self.store.download_file(self.file_key(version, model["file"]), tmp)
-            digest = _sha256_file(tmp)
+            digest = sha256_file(tmp)
             if digest != model["sha256"]:
                 raise RegistryError(
                     f"model of {version} is corrupted: sha256 {digest} != {model['sha256']}"

@@ -97,9 +97,10 @@ import numpy as np
 from PIL import Image, UnidentifiedImageError
 
 from malaria import layout
-from malaria.data import to_square
+from malaria.data import model_input
 from malaria.images import DEFAULT_LIMITS, ImageLimits, check_size, validate_open_image
 from malaria.labels import PARASITIZED, UNINFECTED
+from malaria.registry import ModelRegistry, sha256_file
 from malaria.storage import (
     ObjectInfo,
     ObjectNotFound,
@@ -242,14 +243,6 @@ def _views(value: Any) -> int:
     return max(1, min(8, int(value)))
 
 
-def _sha256_file(path: Path) -> str:
-    digest = hashlib.sha256()
-    with path.open("rb") as handle:
-        for block in iter(lambda: handle.read(1 << 20), b""):
-            digest.update(block)
-    return digest.hexdigest()
-
-
 def resolve_model(paths: ScoringPaths, model_path: str | Path | None = None,
                   threshold: float | None = None, tta: bool | int | None = None) -> ModelRef:
     """The serving champion of ``paths.registry_url``, or a model file.
@@ -269,14 +262,14 @@ def resolve_model(paths: ScoringPaths, model_path: str | Path | None = None,
             raise ScoringError(f"model file {path} does not exist")
         card = load_model_card(path)
         return ModelRef(
-            version=f"file-{_sha256_file(path)[:12]}",
+            version=f"file-{sha256_file(path)[:12]}",
             threshold=float(card.get("threshold", DEFAULT_THRESHOLD) if threshold is None
                             else threshold),
             source="file", location=str(path), architecture=str(card.get("architecture", "")),
             tta=_views(card.get("tta") if tta is None else tta))
     if not paths.registry_url:
         raise ScoringError("no model: give a model file or a registry URL")
-    from malaria.registry import ModelRegistry
+
 
     registry = ModelRegistry(open_store(paths.registry_url))
     version = registry.champion_version()
@@ -310,7 +303,7 @@ _MODEL_CACHE_SIZE = 2  # the champion, and the one it replaced while a run drain
 def _model_file(ref: ModelRef) -> Path:
     if ref.source == "file":
         return Path(ref.location)
-    from malaria.registry import ModelRegistry
+
 
     # Per-version folder: the download is checked against the recorded SHA-256 and renamed
     # into place, so concurrent workers on one host never load a partial file.
@@ -356,17 +349,6 @@ def clear_model_cache() -> None:
 # ------------------------------------------------------------------------------ decode
 
 
-def _model_input(image: Image.Image, size: int) -> np.ndarray:
-    # Exactly malaria.data.decode_to_array, on an image that is already decoded (a test
-    # checks they agree): transparent pixels become black, then pad to square and resize.
-    if image.mode in ("RGBA", "LA", "PA", "P"):
-        rgba = image.convert("RGBA")
-        background = Image.new("RGB", rgba.size, (0, 0, 0))
-        background.paste(rgba, mask=rgba.getchannel("A"))
-        return to_square(background, size)
-    return to_square(image, size)
-
-
 def prepare_cell(data: bytes, size: int,
                  limits: ImageLimits = DEFAULT_LIMITS) -> tuple[np.ndarray | None, str]:
     """Validate and preprocess one cell with a single decode: ``(array, "")`` or
@@ -393,7 +375,7 @@ def prepare_cell(data: bytes, size: int,
                 verdict = validate_open_image(image, limits)
                 if not verdict.accepted:
                     return None, str(verdict.reason)
-                return _model_input(image, size), ""
+                return model_input(image, size), ""
     except Exception:  # a decoder bug on hostile bytes must not stop a slide
         log.warning("unexpected decoder error", exc_info=True)
         return None, DECODE_ERROR
