@@ -269,8 +269,6 @@ def resolve_model(paths: ScoringPaths, model_path: str | Path | None = None,
             tta=_views(card.get("tta") if tta is None else tta))
     if not paths.registry_url:
         raise ScoringError("no model: give a model file or a registry URL")
-
-
     registry = ModelRegistry(open_store(paths.registry_url))
     version = registry.champion_version()
     if version is None:
