@@ -145,8 +145,10 @@ def cmd_demo(args: argparse.Namespace) -> int:
 
     print("running nightly-retrain through the server (ingest -> train -> gate -> report)...",
           flush=True)
+    # A few hundred synthetic cells: smaller batches give the short run enough steps.
     nightly = run_and_wait("nightly/nightly-retrain",
-                           {"epochs": args.epochs, "max_minutes": args.minutes})
+                           {"epochs": args.epochs, "max_minutes": args.minutes,
+                            "batch_size": 32})
     print(f"  {nightly[0]}: {nightly[1]} {nightly[2]}", flush=True)
     print("running bulk-scoring through the server...", flush=True)
     scoring = run_and_wait("score/bulk-scoring")
@@ -324,7 +326,7 @@ def build_parser() -> argparse.ArgumentParser:
         p.add_argument("--input-size", type=int)
         p.add_argument("--epochs", type=int, default=30)
         p.add_argument("--minutes", type=float, help="training time budget")
-        p.add_argument("--batch-size", type=int, default=64)
+        p.add_argument("--batch-size", type=int, default=128)
         p.add_argument("--seed", type=int, default=0)
         p.add_argument("--no-tta", action="store_true", help="no test-time augmentation")
 

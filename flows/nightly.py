@@ -21,7 +21,7 @@ from tasks.reports import publish_cell_gifs, publish_nightly_report
 def nightly_flow(data_url: str | None = None, arch: str = "cellnet",
                  input_size: int | None = None, epochs: int = 30,
                  max_minutes: float | None = 45.0, seed: int = 0, tta: bool = True,
-                 batch_size: int = 64, gif_cells: int = 100, min_auc: float = 0.90,
+                 batch_size: int = 128, gif_cells: int = 100, min_auc: float = 0.90,
                  min_accuracy: float = 0.85) -> dict[str, Any]:
     data_url = resolve_data_url(data_url)
     ingested = ingest_flow(data_url=data_url)

@@ -24,7 +24,7 @@ from tasks.training import (
       "register it and promote it only if it is at least as good as the champion.")
 def train_flow(data_url: str | None = None, arch: str = "cellnet", input_size: int | None = None,
                epochs: int = 30, max_minutes: float | None = None, seed: int = 0,
-               batch_size: int = 64, tta: bool = True, cache_dir: str | None = None,
+               batch_size: int = 128, tta: bool = True, cache_dir: str | None = None,
                min_auc: float = 0.90, min_accuracy: float = 0.85, tolerance: float = 0.005,
                ) -> dict[str, Any]:
     data_url = resolve_data_url(data_url)
