@@ -6,7 +6,7 @@ EXTRAS ?= cpu
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed-$(EXTRAS)
 
-.PHONY: demo test lint down up status bench clean install deploy
+.PHONY: demo test lint down up status bench bench-accuracy clean install deploy
 
 $(STAMP): pyproject.toml
 	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
@@ -41,6 +41,12 @@ status: $(STAMP)
 
 bench: $(STAMP)
 	$(BIN)/python -m benchmarks.ingest --n 3000 --json benchmarks/results/ingest.json
+	$(BIN)/python -m benchmarks.ingest --n 1000 --latency-ms 20 --json benchmarks/results/ingest-20ms.json
+	$(BIN)/python -m benchmarks.scoring --cells 20000 --json benchmarks/results/scoring.json
+
+BENCH_DATA ?= ../shared/data/nih-cells-128
+bench-accuracy: $(STAMP)
+	$(BIN)/python -m benchmarks.accuracy --data $(BENCH_DATA) --minutes 15 --json benchmarks/results/accuracy.json
 
 clean: down
 	rm -rf .malaria
