@@ -3,7 +3,7 @@
 ``train`` writes a checkpoint after every epoch into ``checkpoint_dir``:
 
 ``last.keras``        the model with its optimizer state (moments, step counter)
-``best.weights.h5``   the weights of the epoch with the lowest validation loss so far
+``best.weights.h5``   the weights of the best validation epoch so far (``TrainConfig.monitor``)
 ``state.json``        epochs done, best-so-far, early-stopping counter, history, seconds
                       spent, the planned number of epochs; written last, so it only ever
                       points at complete files
@@ -53,7 +53,14 @@ class TrainConfig:
     schedule: str = "cosine"  # "cosine" (warm-up, then cosine decay) or "constant"
     weight_decay: float = 1e-4  # AdamW, decoupled
     seed: int = 0
-    patience: int | None = 8  # epochs without a better validation loss; None: never stop
+    patience: int | None = 8  # epochs without a better monitored value; None: never stop
+    # What "best epoch" means, for restore-best and early stopping: "val_loss" (lowest) or
+    # "val_auc" (highest). With label smoothing the loss also rewards calibration, so the two
+    # can disagree about which epoch ranks cells best.
+    monitor: str = "val_loss"
+    # Exponential moving average of the weights (Adam's ``use_ema``); validation, the
+    # checkpoints and the returned model then use the averaged weights. None: off.
+    ema_momentum: float | None = None
     mixed_precision: str = "auto"  # "auto", "float32", "mixed_bfloat16", "mixed_float16"
     xla: bool | str = "auto"  # "auto": on GPUs only (XLA convolutions lose on CPUs)
     label_smoothing: float = 0.1  # robustness to the known label noise
@@ -291,9 +298,12 @@ class _Trainer(keras.callbacks.Callback):
         state = self.state
         state["epoch"] = epoch + 1
         state["history"].append(record)
-        val_loss = record.get("val_loss", record.get("loss", math.inf))
-        if val_loss < state["best_val_loss"] - 1e-6:
-            state.update(best_val_loss=val_loss, best_epoch=epoch + 1, wait=0)
+        score = _monitored_score(record, self.config.monitor)
+        best = state.get("best_score", -state.get("best_val_loss", math.inf))
+        if score > best + 1e-6:
+            state.update(best_score=score, best_epoch=epoch + 1, wait=0)
+            if "val_loss" in record:
+                state["best_val_loss"] = record["val_loss"]
             _save_weights(self.model, self.checkpoint_dir / BEST_WEIGHTS)
         else:
             state["wait"] += 1
@@ -314,6 +324,15 @@ class _Trainer(keras.callbacks.Callback):
             self.on_epoch(epoch + 1, record)
 
 
+def _monitored_score(record: dict[str, float], monitor: str) -> float:
+    """Higher is better: minus the loss, or the AUC (training metrics without a val set)."""
+    if monitor == "val_loss":
+        return -record.get("val_loss", record.get("loss", math.inf))
+    if monitor == "val_auc":
+        return record.get("val_auc", record.get("auc", -math.inf))
+    raise ValueError(f"monitor must be 'val_loss' or 'val_auc', got {monitor!r}")
+
+
 # ---------------------------------------------------------------------------------- train
 
 
@@ -325,8 +344,10 @@ def _as_arrays(data: Arrays) -> tuple[np.ndarray, np.ndarray]:
 
 
 def _compile(model: keras.Model, config: TrainConfig, jit: bool) -> None:
+    ema = config.ema_momentum is not None
     optimizer = keras.optimizers.AdamW(learning_rate=config.learning_rate,
-                                       weight_decay=config.weight_decay)
+                                       weight_decay=config.weight_decay, use_ema=ema,
+                                       ema_momentum=config.ema_momentum if ema else 0.99)
     model.compile(
         optimizer=optimizer,
         loss=keras.losses.BinaryCrossentropy(label_smoothing=config.label_smoothing),
@@ -336,7 +357,8 @@ def _compile(model: keras.Model, config: TrainConfig, jit: bool) -> None:
 
 
 def _fresh_state(config: TrainConfig) -> dict[str, Any]:
-    return {"epoch": 0, "best_val_loss": math.inf, "best_epoch": 0, "wait": 0, "history": [],
+    return {"epoch": 0, "best_val_loss": math.inf, "best_score": -math.inf, "best_epoch": 0,
+            "wait": 0, "history": [],
             "seconds": 0.0, "planned_epochs": config.epochs, "config": asdict(config)}
 
 
@@ -399,9 +421,14 @@ def train(config: TrainConfig, train_arrays: Arrays, val_arrays: Arrays, *,
     # Time already spent in this call (building, probing precision) counts against the budget.
     trainer = _Trainer(config, state, steps, checkpoint_dir, on_epoch, started)
 
+    callbacks: list[keras.callbacks.Callback] = [trainer]
+    if config.ema_momentum is not None:
+        # Before the trainer: the averaged weights are in the model while it validates,
+        # picks the best epoch and checkpoints; the raw ones are back for the next epoch.
+        callbacks.insert(0, keras.callbacks.SwapEMAWeights(swap_on_epoch=True))
     if state["epoch"] < min(state["planned_epochs"], config.epochs):
         model.fit(train_ds, validation_data=val_ds, epochs=config.epochs,
-                  initial_epoch=state["epoch"], callbacks=[trainer], verbose=0, shuffle=False)
+                  initial_epoch=state["epoch"], callbacks=callbacks, verbose=0, shuffle=False)
     else:
         trainer.stopped = "epochs"
 

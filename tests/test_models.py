@@ -80,3 +80,14 @@ def test_saved_model_round_trips_and_takes_uint8(tmp_path: Path) -> None:
     np.testing.assert_allclose(np.asarray(loaded(x)), np.asarray(model(x)), rtol=1e-5)
     assert input_size_of(loaded) == 40
     assert path.stat().st_size < 5 * 2**20
+
+
+def test_stain_norm_ignores_a_gain_per_channel() -> None:
+    model = build_model("cellnet-stainnorm", 48)
+    rng = np.random.default_rng(3)
+    x = rng.integers(0, 160, (4, 48, 48, 3)).astype(np.float32)
+    x[:, :8] = 0  # black background, as in the crops
+    tinted = np.clip(x * np.array([1.3, 0.8, 1.1]), 0, 255).astype(np.uint8)
+    norm = model.get_layer("stain_norm")  # sits after rescaling to [0, 1]
+    np.testing.assert_allclose(np.asarray(norm(tinted / 255.0)), np.asarray(norm(x / 255.0)),
+                               atol=0.05)

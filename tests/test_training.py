@@ -127,3 +127,20 @@ def test_wrong_input_size_is_refused(synthetic: tuple[ArraySet, ArraySet],
     train_set, val_set = synthetic
     with pytest.raises(ValueError, match="expects"):
         train(_config(input_size=48), train_set, val_set, checkpoint_dir=tmp_path)
+
+
+def test_restore_best_by_validation_auc_with_weight_averaging(
+        synthetic: tuple[ArraySet, ArraySet], tmp_path: Path) -> None:
+    train_set, val_set = synthetic
+    config = _config(epochs=4, monitor="val_auc", ema_momentum=0.9)
+    result = train(config, train_set, val_set, checkpoint_dir=tmp_path, resume=False)
+    best = max(result.history, key=lambda h: h["val_auc"])
+    assert result.best_epoch == best["epoch"]
+    # The returned model holds that epoch's (averaged) weights: its validation AUC is the
+    # one recorded for the epoch.
+    probs = predict_probabilities(result.model, val_set.images)
+    auc = keras.metrics.AUC()
+    auc.update_state(val_set.labels, probs)
+    assert abs(float(auc.result()) - best["val_auc"]) < 1e-3
+    with pytest.raises(ValueError, match="monitor"):
+        train(_config(monitor="accuracy"), train_set, val_set, checkpoint_dir=tmp_path / "x")
