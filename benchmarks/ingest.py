@@ -14,7 +14,6 @@ from __future__ import annotations
 
 import argparse
 import io
-import json
 import os
 import platform
 import tempfile
@@ -25,6 +24,7 @@ from typing import Any
 
 from PIL import Image
 
+from benchmarks import emit
 from benchmarks.latency_proxy import LatencyProxy
 from malaria import layout
 from malaria.ingest import ingest
@@ -134,11 +134,7 @@ def main() -> None:
     parser.add_argument("--json", type=Path)
     args = parser.parse_args()
     result = run(args.n, args.concurrency, args.chunk_size, args.latency_ms)
-    text = json.dumps(result, indent=2)
-    print(text)
-    if args.json:
-        args.json.parent.mkdir(parents=True, exist_ok=True)
-        args.json.write_text(text + "\n")
+    emit(result, args.json)
 
 
 if __name__ == "__main__":

@@ -40,6 +40,8 @@ from concurrent.futures import ProcessPoolExecutor, ThreadPoolExecutor
 from pathlib import Path
 from typing import Any
 
+from benchmarks import emit
+
 LOCK = Path("/tmp/malaria-bench.lock")
 TARGETS = {"vs_article": 50.0, "vs_keras_download": 1.3, "vs_lower_bound": 0.7,
            "rss_growth": 0.10}
@@ -314,11 +316,7 @@ def main() -> None:
     finally:
         if created:
             LOCK.unlink(missing_ok=True)
-    text = json.dumps(result, indent=2)
-    print(text)
-    if args.json:
-        args.json.parent.mkdir(parents=True, exist_ok=True)
-        args.json.write_text(text + "\n")
+    emit(result, args.json)
 
 
 if __name__ == "__main__":

@@ -100,6 +100,7 @@ from malaria import layout
 from malaria.data import model_input
 from malaria.images import DEFAULT_LIMITS, ImageLimits, check_size, validate_open_image
 from malaria.labels import PARASITIZED, UNINFECTED
+from malaria.processes import pid_alive
 from malaria.registry import ModelRegistry, sha256_file
 from malaria.storage import (
     ObjectInfo,
@@ -506,13 +507,6 @@ def _clean_leftovers(paths: ScoringPaths, out: Store, finished: dict[str, str]) 
 # ------------------------------------------------------------------------------ leases
 
 
-def _pid_alive(pid: int) -> bool:
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return False
-    except PermissionError:
-        return True
     return True
 
 
@@ -573,7 +567,7 @@ class SlideLeases:
             host, pid = str(lease.get("host", "")), int(lease.get("pid", 0))
         except (KeyError, TypeError, ValueError):
             return False
-        return not (host == self.owner.host and pid > 0 and not _pid_alive(pid))
+        return not (host == self.owner.host and pid > 0 and not pid_alive(pid))
 
     # -- writing
 

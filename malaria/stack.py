@@ -38,6 +38,8 @@ from typing import Any
 
 import httpx
 
+from malaria.processes import finished_zombie, pid_alive, reap
+
 __all__ = [
     "SERVICES",
     "ServiceStatus",
@@ -353,40 +355,8 @@ def _proc_start_time(pid: int) -> str | None:
     return text.rsplit(")", 1)[1].split()[19]
 
 
-def _reap(pid: int) -> None:
-    # A dead child of *this* process stays a zombie (and "alive" to kill(0)) until reaped,
-    # which happens when tests start and stop servers in the same interpreter.
-    with contextlib.suppress(ChildProcessError, OSError):
-        os.waitpid(pid, os.WNOHANG)
-
-
-def _finished(pid: int) -> bool:
-    """A zombie whose threads have all exited: dead, its sockets closed, just not reaped (by
-    us, or by a PID 1 that does not reap, as in some containers). A multi-threaded server
-    (weed is Go) shows its main thread as a zombie while the others still tear down and
-    still hold its ports; those remain listed under /proc/<pid>/task."""
-    try:
-        state = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0]
-        if state not in ("Z", "X"):
-            return False
-        return len(os.listdir(f"/proc/{pid}/task")) <= 1
-    except (OSError, IndexError):
-        return False
-
-
-def _pid_alive(pid: int) -> bool:
-    _reap(pid)
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return False
-    except PermissionError:
-        return True
-    return not _finished(pid)
-
-
 def _group_alive(pgid: int) -> bool:
-    _reap(pgid)
+    reap(pgid)
     try:
         os.killpg(pgid, 0)
     except ProcessLookupError:
@@ -405,7 +375,7 @@ def _group_alive(pgid: int) -> bool:
             fields = (entry / "stat").read_text().rsplit(")", 1)[1].split()
         except (OSError, IndexError):
             continue
-        if int(fields[2]) == pgid and not _finished(int(entry.name)):
+        if int(fields[2]) == pgid and not finished_zombie(int(entry.name)):
             return True
     return False
 
@@ -437,7 +407,7 @@ def _read_pid(cfg: StackConfig, service: str) -> int | None:
         path.unlink(missing_ok=True)
         return None
     started = record.get("start_time")
-    if _pid_alive(pid) and (started is None or _proc_start_time(pid) in (None, started)):
+    if pid_alive(pid) and (started is None or _proc_start_time(pid) in (None, started)):
         return pid
     path.unlink(missing_ok=True)  # the process died or the pid now belongs to another one
     return None
@@ -748,7 +718,7 @@ def _wait(cfg: StackConfig, service: str, pid: int | None, deadline: float,
           ready: Callable[[], bool], what: str) -> None:
     last_error = ""
     while True:
-        if pid is not None and not _pid_alive(pid):
+        if pid is not None and not pid_alive(pid):
             cfg.pid_file(service).unlink(missing_ok=True)
             raise StackError(
                 f"{_process_name(service)} (pid {pid}) exited while starting; "
@@ -908,7 +878,7 @@ def stack_down(cfg: StackConfig, *, timeout: float = 15) -> None:
             _stop_groups(pgids, timeout)
         finally:
             for name in pgids:
-                if not _pid_alive(pgids[name]):
+                if not pid_alive(pgids[name]):
                     cfg.pid_file(name).unlink(missing_ok=True)
         if _read_pid(cfg, "s3") is None:
             _remove_weed_sockets(cfg)
@@ -990,5 +960,5 @@ def stop_workers(cfg: StackConfig, *, timeout: float = 20) -> None:
                       if _group_alive(pid)}, timeout)
     finally:
         for pool, pid in pids.items():
-            if not _pid_alive(pid):
+            if not pid_alive(pid):
                 cfg.pid_file(_worker_service(pool)).unlink(missing_ok=True)

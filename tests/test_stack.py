@@ -169,7 +169,7 @@ def test_up_times_out_and_stops_what_it_started(
     with pytest.raises(StackError, match=r"(?s)did not become ready.*pid="):
         stack_up(cfg, services=("s3",), timeout=1.5)
     pid = int(cfg.log_file("s3").read_text().split("pid=")[1].split()[0])
-    assert not stack._pid_alive(pid)  # the half-started server was stopped
+    assert not stack.pid_alive(pid)  # the half-started server was stopped
     assert not cfg.pid_file("s3").exists()
     assert not stack_status(cfg).s3.alive
 
@@ -250,7 +250,7 @@ def test_stack_up_status_roundtrip_down(tmp_path: Path) -> None:
 
     pids = (first.s3.pid, first.prefect.pid)
     for pid in pids:
-        assert pid is not None and not stack._pid_alive(pid)
+        assert pid is not None and not stack.pid_alive(pid)
         assert not stack._group_alive(pid)
     for port in [*cfg.weed_ports().values(), cfg.prefect_port]:
         assert _no_listener(cfg.host, port), port
@@ -277,7 +277,7 @@ def test_s3_data_survives_a_killed_server(tmp_path: Path) -> None:
         assert first.s3.pid is not None
         os.killpg(first.s3.pid, signal.SIGKILL)
         deadline = time.monotonic() + 5
-        while stack._pid_alive(first.s3.pid) and time.monotonic() < deadline:
+        while stack.pid_alive(first.s3.pid) and time.monotonic() < deadline:
             time.sleep(0.05)
         assert not stack_status(cfg).s3.alive
 
