@@ -60,10 +60,10 @@ Speed and memory
     validates and resizes, the same preprocessing as training), at most two batches ahead of
     the inference, which runs in large batches in the calling thread: a bounded
     producer/consumer pipeline, so memory holds two batches of images whatever the size of
-    the run. On S3 a GET is a locally presigned URL fetched with urllib3 (half of boto3's
-    client CPU per object; the fetch shares the cores with inference). The model is loaded
-    once per process and kept in a module-level cache keyed by (registry, version).
-    Inference is a ``tf.function`` around the Keras model
+    the run. On S3 a GET is ``malaria.s3get``'s signed request over a kept-alive socket per
+    thread (a tenth of boto3's client CPU per object; the fetch shares the cores with
+    inference). The model is loaded once per process and kept in a module-level cache
+    keyed by (registry, version). Inference is a ``tf.function`` around the Keras model
     (``malaria.training.predict_probabilities``), at the operating point the model was
     evaluated at (its threshold, and its test-time augmentation if it was evaluated with
     it); ONNX Runtime and XLA were measured against it and were slower here (see
@@ -744,50 +744,31 @@ class ShardResult:
         return f"{self.slide}[{self.index + 1}/{self.count}]"
 
 
-_HTTP: Any = None  # one urllib3 pool manager per process, shared by all fetch threads
-_HTTP_LOCK = threading.Lock()
-
-
-def _http() -> Any:
-    global _HTTP
-    with _HTTP_LOCK:
-        if _HTTP is None:
-            import urllib3
-
-            _HTTP = urllib3.PoolManager(maxsize=64, retries=False,
-                                        timeout=urllib3.Timeout(connect=10, read=60))
-        return _HTTP
-
-
 def object_reader(store: Store) -> Callable[[str], bytes]:
     """The GET the scorer's fetch threads use.
 
-    On S3 it signs a presigned URL locally (SigV4, no request) and fetches it with urllib3:
-    half of boto3's client CPU per GET here (0.5 vs 1.0 ms measured against SeaweedFS),
-    which matters because fetching shares the cores with decoding and inference. Anything
-    but a 200 or a 404 (throttling, a 5xx, a proxy-only network) falls back to the store's
-    own GET with botocore's retries. Elsewhere it is the store's ``get_bytes``.
+    On S3 it is ``malaria.s3get``'s lean signed GET over a kept-alive connection per thread:
+    about a tenth of boto3's client CPU per object (measured against SeaweedFS, see
+    benchmarks/README.md), which matters because fetching shares the cores with decoding and
+    inference. Anything but a 200 or a 404 (throttling, a 5xx, a dropped connection) falls
+    back to the store's own GET with botocore's retries. Elsewhere it is ``get_bytes``.
     """
     if not isinstance(store, S3Store):
         return store.get_bytes
-    import urllib3
+    from malaria.s3get import FastGetUnavailable, NotFound, path_style_getter
 
-    http = _http()
+    fast = path_style_getter(store.client, store.bucket)
+    if fast is None:
+        return store.get_bytes
     skip = len(f"s3://{store.bucket}/")
 
     def get(key: str) -> bytes:
-        url = store.client.generate_presigned_url(
-            "get_object", Params={"Bucket": store.bucket, "Key": store.uri(key)[skip:]},
-            ExpiresIn=900)
         try:
-            response = http.request("GET", url)
-        except urllib3.exceptions.HTTPError:
+            return fast(store.uri(key)[skip:])
+        except NotFound:
+            raise ObjectNotFound(key) from None
+        except FastGetUnavailable:
             return store.get_bytes(key)
-        if response.status == 200:
-            return bytes(response.data)
-        if response.status == 404:
-            raise ObjectNotFound(key)
-        return store.get_bytes(key)
 
     return get
 

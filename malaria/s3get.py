@@ -1,0 +1,229 @@
+"""A lean S3 GET for hot loops: SigV4 header signing and a kept-alive socket per thread.
+
+Scoring reads tens of thousands of ~16 KB objects, on the same cores that decode and run the
+model. botocore spends ~1 ms of CPU per ``get_object`` (its event system, parsers, retries),
+and even a presigned URL fetched with urllib3 costs ~0.5 ms; signing the request ourselves
+with a cached signing key and reusing one HTTP connection per thread costs a fraction of
+that (see ``benchmarks/README.md``). The HTTP exchange is written out here rather than
+taken from ``http.client``, whose header parsing (``email.parser``) alone costs more than
+the signature. Everything but a plain 200 or 404 (throttling, a 5xx, a
+redirect, a dropped connection twice) is handed back to the caller, which falls back to
+boto3 with its retries: this path is only ever the fast case.
+
+Credentials come from the boto3 client's own chain and are read per request (refreshable
+role credentials keep working); they only ever go into the signature, never into a log or
+an exception message.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import hmac
+import socket
+import ssl
+import threading
+from collections.abc import Callable
+from datetime import UTC, datetime
+from typing import Any
+from urllib.parse import quote, urlsplit
+
+EMPTY_SHA256 = hashlib.sha256(b"").hexdigest()
+_SIGNED_HEADERS = "host;x-amz-content-sha256;x-amz-date"
+_SIGNED_HEADERS_TOKEN = "host;x-amz-content-sha256;x-amz-date;x-amz-security-token"
+
+
+class FastGetUnavailable(RuntimeError):
+    """This request should go through the regular client (and its retries) instead."""
+
+
+class NotFound(KeyError):
+    """The server answered 404."""
+
+
+def _hmac(key: bytes, text: str) -> bytes:
+    return hmac.new(key, text.encode(), hashlib.sha256).digest()
+
+
+class SigV4Signer:
+    """AWS Signature Version 4 for unsigned-body GETs, with the signing key cached per day,
+    access key and region (deriving it is four HMACs; the per-request part is two hashes)."""
+
+    def __init__(self, region: str, service: str = "s3") -> None:
+        self.region = region
+        self.service = service
+        self._keys: dict[tuple[str, str], bytes] = {}
+        self._lock = threading.Lock()
+
+    def _signing_key(self, secret: str, access: str, day: str) -> bytes:
+        cache_key = (access, day)
+        with self._lock:
+            key = self._keys.get(cache_key)
+            if key is None:
+                key = _hmac(("AWS4" + secret).encode(), day)
+                for part in (self.region, self.service, "aws4_request"):
+                    key = _hmac(key, part)
+                self._keys = {cache_key: key}  # one day, one identity at a time
+            return key
+
+    def headers(self, host: str, path: str, access: str, secret: str, token: str | None,
+                now: datetime | None = None) -> dict[str, str]:
+        """Headers that authorise ``GET path`` on ``host`` (``path`` already URI-encoded)."""
+        moment = now or datetime.now(UTC)
+        stamp = moment.strftime("%Y%m%dT%H%M%SZ")
+        day = stamp[:8]
+        canonical_headers = (f"host:{host}\nx-amz-content-sha256:{EMPTY_SHA256}\n"
+                             f"x-amz-date:{stamp}\n")
+        signed = _SIGNED_HEADERS
+        if token:
+            canonical_headers += f"x-amz-security-token:{token}\n"
+            signed = _SIGNED_HEADERS_TOKEN
+        canonical_request = f"GET\n{path}\n\n{canonical_headers}\n{signed}\n{EMPTY_SHA256}"
+        scope = f"{day}/{self.region}/{self.service}/aws4_request"
+        to_sign = ("AWS4-HMAC-SHA256\n" f"{stamp}\n{scope}\n"
+                   + hashlib.sha256(canonical_request.encode()).hexdigest())
+        signature = hmac.new(self._signing_key(secret, access, day), to_sign.encode(),
+                             hashlib.sha256).hexdigest()
+        headers = {
+            "Host": host,
+            "x-amz-content-sha256": EMPTY_SHA256,
+            "x-amz-date": stamp,
+            "Authorization": (f"AWS4-HMAC-SHA256 Credential={access}/{scope}, "
+                              f"SignedHeaders={signed}, Signature={signature}"),
+        }
+        if token:
+            headers["x-amz-security-token"] = token
+        return headers
+
+
+class PathStyleGetter:
+    """``get(full_key) -> bytes`` against ``endpoint/bucket/key``, one connection per thread.
+
+    Built from a boto3 S3 client configured for path-style addressing (what
+    ``malaria.storage.s3_client`` makes); ``credentials`` is anything with
+    ``get_frozen_credentials()`` (botocore's credential objects).
+    """
+
+    def __init__(self, endpoint_url: str, bucket: str, region: str, credentials: Any,
+                 *, timeout: float = 60.0) -> None:
+        parts = urlsplit(endpoint_url)
+        if parts.scheme not in ("http", "https") or not parts.hostname:
+            raise ValueError("endpoint must be an http(s) URL")
+        self._https = parts.scheme == "https"
+        self._netloc = parts.netloc  # the Host header: host[:port] as the client sends it
+        self._host = parts.hostname
+        self._port = parts.port or (443 if self._https else 80)
+        self._base = parts.path.rstrip("/") + "/" + quote(bucket, safe="") + "/"
+        self._credentials = credentials
+        self._signer = SigV4Signer(region)
+        self._timeout = timeout
+        self._local = threading.local()
+
+    def _socket(self) -> socket.socket:
+        sock = getattr(self._local, "sock", None)
+        if sock is None:
+            sock = socket.create_connection((self._host, self._port), timeout=self._timeout)
+            sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+            if self._https:
+                sock = ssl.create_default_context().wrap_socket(sock, server_hostname=self._host)
+            self._local.sock = sock
+        return sock
+
+    def _drop_socket(self) -> None:
+        sock = getattr(self._local, "sock", None)
+        if sock is not None:
+            self._local.sock = None
+            sock.close()
+
+    def get(self, full_key: str) -> bytes:
+        # S3 canonical URIs encode each byte but "/" and the unreserved set, exactly once.
+        path = self._base + quote(full_key, safe="/-_.~")
+        frozen = self._credentials.get_frozen_credentials()
+        headers = self._signer.headers(self._netloc, path, frozen.access_key,
+                                       frozen.secret_key, frozen.token)
+        request = (f"GET {path} HTTP/1.1\r\n"
+                   + "".join(f"{name}: {value}\r\n" for name, value in headers.items())
+                   + "\r\n").encode("latin-1")
+        for attempt in range(2):  # a kept-alive connection the server closed: once more
+            try:
+                status, body, keep = _exchange(self._socket(), request)
+            except FastGetUnavailable:
+                self._drop_socket()
+                raise
+            except OSError as error:
+                self._drop_socket()
+                if attempt:
+                    raise FastGetUnavailable(type(error).__name__) from None
+                continue
+            if not keep:
+                self._drop_socket()
+            if status == 200:
+                return body
+            if status == 404:
+                raise NotFound(full_key)
+            raise FastGetUnavailable(f"HTTP {status}")
+        raise FastGetUnavailable("unreachable")  # pragma: no cover
+
+
+_MAX_HEADER = 64 * 1024
+
+
+def _exchange(sock: socket.socket, request: bytes) -> tuple[int, bytes, bool]:
+    """Send one request, read one response: ``(status, body, connection reusable)``.
+
+    Only what a GET of an object needs: a status line, headers and a body of
+    ``Content-Length`` bytes. A chunked or unframed response, or anything malformed, is
+    ``FastGetUnavailable`` (the caller drops the connection and asks boto3 instead)."""
+    sock.sendall(request)
+    buffer = bytearray()
+    while (end := buffer.find(b"\r\n\r\n")) < 0:
+        if len(buffer) > _MAX_HEADER:
+            raise FastGetUnavailable("response header too large")
+        chunk = sock.recv(65536)
+        if not chunk:
+            raise ConnectionResetError("closed before a response")
+        buffer += chunk
+    lines = bytes(buffer[:end]).decode("latin-1").split("\r\n")
+    version, _, rest = lines[0].partition(" ")
+    try:
+        status = int(rest[:3])
+    except ValueError:
+        raise FastGetUnavailable("malformed status line") from None
+    keep = version == "HTTP/1.1"
+    length = -1
+    for line in lines[1:]:
+        name, _, value = line.partition(":")
+        name = name.strip().lower()
+        if name == "content-length":
+            length = int(value) if value.strip().isdigit() else -2
+        elif name == "transfer-encoding":
+            raise FastGetUnavailable("transfer-encoding")
+        elif name == "connection" and value.strip().lower() == "close":
+            keep = False
+    if length < 0:
+        raise FastGetUnavailable("no usable Content-Length")
+    body = buffer[end + 4:]
+    while len(body) < length:
+        chunk = sock.recv(max(65536, length - len(body)))
+        if not chunk:
+            raise ConnectionResetError("closed in the body")
+        body += chunk
+    if len(body) != length:  # more than announced: the stream is out of step
+        raise FastGetUnavailable("body longer than Content-Length")
+    return status, bytes(body), keep
+
+
+def path_style_getter(client: Any, bucket: str) -> Callable[[str], bytes] | None:
+    """The lean GET for ``bucket`` through ``client``'s endpoint and region, with credentials
+    from boto3's default chain (the chain ``malaria.storage.s3_client`` built the client
+    from), or None when the client is not a path-style SigV4 client or there are no
+    credentials (anonymous access goes through boto3)."""
+    import boto3
+
+    meta = client.meta
+    addressing = (meta.config.s3 or {}).get("addressing_style")
+    if addressing != "path" or meta.config.signature_version not in (None, "s3v4", "v4"):
+        return None
+    credentials = boto3.session.Session().get_credentials()
+    if credentials is None:
+        return None
+    return PathStyleGetter(meta.endpoint_url, bucket, meta.region_name, credentials).get
