@@ -23,9 +23,11 @@ import socket
 import ssl
 import threading
 from collections.abc import Callable
+from dataclasses import dataclass
 from datetime import UTC, datetime
 from typing import Any
 from urllib.parse import quote, urlsplit
+from xml.etree import ElementTree
 
 EMPTY_SHA256 = hashlib.sha256(b"").hexdigest()
 _SIGNED_HEADERS = "host;x-amz-content-sha256;x-amz-date"
@@ -66,8 +68,9 @@ class SigV4Signer:
             return key
 
     def headers(self, host: str, path: str, access: str, secret: str, token: str | None,
-                now: datetime | None = None) -> dict[str, str]:
-        """Headers that authorise ``GET path`` on ``host`` (``path`` already URI-encoded)."""
+                now: datetime | None = None, query: str = "") -> dict[str, str]:
+        """Headers that authorise ``GET path?query`` on ``host`` (``path`` URI-encoded,
+        ``query`` canonical: see ``canonical_query``)."""
         moment = now or datetime.now(UTC)
         stamp = moment.strftime("%Y%m%dT%H%M%SZ")
         day = stamp[:8]
@@ -77,7 +80,7 @@ class SigV4Signer:
         if token:
             canonical_headers += f"x-amz-security-token:{token}\n"
             signed = _SIGNED_HEADERS_TOKEN
-        canonical_request = f"GET\n{path}\n\n{canonical_headers}\n{signed}\n{EMPTY_SHA256}"
+        canonical_request = f"GET\n{path}\n{query}\n{canonical_headers}\n{signed}\n{EMPTY_SHA256}"
         scope = f"{day}/{self.region}/{self.service}/aws4_request"
         to_sign = ("AWS4-HMAC-SHA256\n" f"{stamp}\n{scope}\n"
                    + hashlib.sha256(canonical_request.encode()).hexdigest())
@@ -93,6 +96,49 @@ class SigV4Signer:
         if token:
             headers["x-amz-security-token"] = token
         return headers
+
+
+def canonical_query(params: dict[str, str]) -> str:
+    """SigV4's canonical query string (sorted, every byte but the unreserved set encoded);
+    also a valid query string to send."""
+    return "&".join(f"{quote(k, safe='-_.~')}={quote(v, safe='-_.~')}"
+                    for k, v in sorted(params.items()))
+
+
+@dataclass(frozen=True)
+class ListedObject:
+    key: str
+    size: int
+    etag: str
+    last_modified: datetime
+
+
+_S3_NS = "{http://s3.amazonaws.com/doc/2006-03-01/}"
+
+
+def parse_list_page(body: bytes) -> tuple[list[ListedObject], str | None]:
+    """A ListObjectsV2 response: its objects, and the continuation token when truncated."""
+    try:
+        root = ElementTree.fromstring(body)
+    except ElementTree.ParseError:
+        raise FastGetUnavailable("unparsable listing") from None
+    ns = _S3_NS if root.tag.startswith(_S3_NS) else ""
+    objects = []
+    try:
+        for item in root.iterfind(f"{ns}Contents"):
+            objects.append(ListedObject(
+                key=item.findtext(f"{ns}Key") or "",
+                size=int(item.findtext(f"{ns}Size") or 0),
+                etag=(item.findtext(f"{ns}ETag") or "").strip('"'),
+                last_modified=datetime.fromisoformat(item.findtext(f"{ns}LastModified") or ""),
+            ))
+    except ValueError:
+        raise FastGetUnavailable("unexpected listing entry") from None
+    truncated = (root.findtext(f"{ns}IsTruncated") or "").strip().lower() == "true"
+    token = root.findtext(f"{ns}NextContinuationToken") if truncated else None
+    if truncated and not token:
+        raise FastGetUnavailable("truncated listing without a continuation token")
+    return objects, token
 
 
 class PathStyleGetter:
@@ -136,11 +182,32 @@ class PathStyleGetter:
 
     def get(self, full_key: str) -> bytes:
         # S3 canonical URIs encode each byte but "/" and the unreserved set, exactly once.
-        path = self._base + quote(full_key, safe="/-_.~")
+        status, body = self._request(self._base + quote(full_key, safe="/-_.~"))
+        if status == 200:
+            return body
+        if status == 404:
+            raise NotFound(full_key)
+        raise FastGetUnavailable(f"HTTP {status}")
+
+    def list_page(self, prefix: str, continuation: str | None = None,
+                  start_after: str | None = None) -> tuple[list[ListedObject], str | None]:
+        """One ListObjectsV2 page (up to 1,000 keys) under ``prefix``, in key order."""
+        params = {"list-type": "2", "prefix": prefix}
+        if continuation:
+            params["continuation-token"] = continuation
+        if start_after:
+            params["start-after"] = start_after
+        status, body = self._request(self._base.rstrip("/"), canonical_query(params))
+        if status != 200:
+            raise FastGetUnavailable(f"HTTP {status}")
+        return parse_list_page(body)
+
+    def _request(self, path: str, query: str = "") -> tuple[int, bytes]:
         frozen = self._credentials.get_frozen_credentials()
         headers = self._signer.headers(self._netloc, path, frozen.access_key,
-                                       frozen.secret_key, frozen.token)
-        request = (f"GET {path} HTTP/1.1\r\n"
+                                       frozen.secret_key, frozen.token, query=query)
+        target = f"{path}?{query}" if query else path
+        request = (f"GET {target} HTTP/1.1\r\n"
                    + "".join(f"{name}: {value}\r\n" for name, value in headers.items())
                    + "\r\n").encode("latin-1")
         for attempt in range(2):  # a kept-alive connection the server closed: once more
@@ -156,11 +223,7 @@ class PathStyleGetter:
                 continue
             if not keep:
                 self._drop_socket()
-            if status == 200:
-                return body
-            if status == 404:
-                raise NotFound(full_key)
-            raise FastGetUnavailable(f"HTTP {status}")
+            return status, body
         raise FastGetUnavailable("unreachable")  # pragma: no cover
 
 
@@ -212,10 +275,10 @@ def _exchange(sock: socket.socket, request: bytes) -> tuple[int, bytes, bool]:
     return status, bytes(body), keep
 
 
-def path_style_getter(client: Any, bucket: str) -> Callable[[str], bytes] | None:
-    """The lean GET for ``bucket`` through ``client``'s endpoint and region, with credentials
-    from boto3's default chain (the chain ``malaria.storage.s3_client`` built the client
-    from), or None when the client is not a path-style SigV4 client or there are no
+def path_style_client(client: Any, bucket: str) -> PathStyleGetter | None:
+    """The lean client for ``bucket`` through ``client``'s endpoint and region, with
+    credentials from boto3's default chain (the chain ``malaria.storage.s3_client`` built the
+    client from), or None when the client is not a path-style SigV4 client or there are no
     credentials (anonymous access goes through boto3)."""
     import boto3
 
@@ -226,4 +289,10 @@ def path_style_getter(client: Any, bucket: str) -> Callable[[str], bytes] | None
     credentials = boto3.session.Session().get_credentials()
     if credentials is None:
         return None
-    return PathStyleGetter(meta.endpoint_url, bucket, meta.region_name, credentials).get
+    return PathStyleGetter(meta.endpoint_url, bucket, meta.region_name, credentials)
+
+
+def path_style_getter(client: Any, bucket: str) -> Callable[[str], bytes] | None:
+    """``path_style_client(...).get``, or None where there is no lean client."""
+    lean = path_style_client(client, bucket)
+    return lean.get if lean is not None else None

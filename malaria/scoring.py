@@ -544,6 +544,7 @@ class SlideLeases:
         self._lock = threading.Lock()
         self._stop = threading.Event()
         self._thread: threading.Thread | None = None
+        self._claimed_at = 0.0
 
     # -- reading
 
@@ -584,24 +585,36 @@ class SlideLeases:
         put_json(self.store, self.paths.lease_key(slide), self._payload())
         return True
 
-    def acquire(self, slides: Iterable[str]) -> list[str]:
-        """Claim ``slides``; return those this owner now holds (in the given order)."""
+    def claim(self, slides: Iterable[str]) -> list[str]:
+        """First half of ``acquire``: write our claim on each slide that has no live lease of
+        another owner; returns the claimed slides. Work on them may start now, but nothing
+        may be written for a slide until ``confirm`` grants it."""
         slides = list(dict.fromkeys(slides))
         if not slides:
             return []
         with ThreadPoolExecutor(self.concurrency) as pool:
             # Read and write per slide in one thread: the read-to-write gap stays short.
-            claimed = [s for s, ok in zip(slides, pool.map(self._claim, slides), strict=True)
-                       if ok]
-            if not claimed:
-                return []
-            time.sleep(self.settle)  # let a rival's write, if any, land before we read
+            oks = list(pool.map(self._claim, slides))
+        self._claimed_at = time.monotonic()
+        return [s for s, ok in zip(slides, oks, strict=True) if ok]
+
+    def confirm(self, claimed: Sequence[str]) -> list[str]:
+        """Second half: ``settle`` seconds after the claims (a rival's write, if any, has
+        landed), keep the slides whose lease is still ours; they are held from now on."""
+        if not claimed:
+            return []
+        time.sleep(max(0.0, self._claimed_at + self.settle - time.monotonic()))
+        with ThreadPoolExecutor(self.concurrency) as pool:
             leases = list(pool.map(self.read, claimed))
         granted = [s for s, lease in zip(claimed, leases, strict=True)
                    if lease and lease.get("owner") == self.owner.token]
         with self._lock:
             self.held.update(granted)
         return granted
+
+    def acquire(self, slides: Iterable[str]) -> list[str]:
+        """Claim ``slides``; return those this owner now holds (in the given order)."""
+        return self.confirm(self.claim(slides))
 
     def renew(self) -> list[str]:
         """Push the expiry of every held lease; return the slides lost to another owner."""
@@ -734,6 +747,7 @@ class ShardResult:
     parasitized: int
     seconds: float
     resumed: bool = False  # its part existed: nothing was scored
+    discarded: bool = False  # scored, but the slide's lease went to another run: not written
 
     @property
     def cells_per_s(self) -> float:
@@ -863,9 +877,12 @@ def _csv_text(rows: Iterable[Sequence[str]]) -> str:
 
 def score_shard(paths: ScoringPaths, ref: ModelRef, shard: Shard, *,
                 batch_size: int = DEFAULT_BATCH_SIZE, concurrency: int = DEFAULT_CONCURRENCY,
-                limits: ImageLimits = DEFAULT_LIMITS) -> ShardResult:
+                limits: ImageLimits = DEFAULT_LIMITS,
+                may_write: Callable[[str], bool] | None = None) -> ShardResult:
     """Score one shard and write its part (one whole object). A shard whose part exists
-    is not scored again (resume after a crash, or a task retry)."""
+    is not scored again (resume after a crash, or a task retry). ``may_write(slide)``, when
+    given, is asked (and may block) after scoring and before writing: a slide whose lease
+    is not confirmed as ours gets nothing written (``discarded``)."""
     out = paths.out_store()
     key = paths.part_key(shard, ref.version)
     start = time.perf_counter()
@@ -879,9 +896,12 @@ def score_shard(paths: ScoringPaths, ref: ModelRef, shard: Shard, *,
     scored = score_cells(paths.scans_store(), shard.cells, model, batch_size=batch_size,
                          concurrency=concurrency, limits=limits, tta=ref.tta)
     rows = _rows(shard, scored, ref, utc_now())
-    out.put_bytes(key, _csv_text(rows).encode(), content_type="text/csv")
     unreadable = sum(1 for p, _ in scored if p is None)
     parasitized = sum(1 for r in rows if r[4] == PARASITIZED)
+    if may_write is not None and not may_write(shard.slide):
+        return ShardResult(shard.slide, shard.index, shard.count, len(rows), unreadable,
+                           parasitized, time.perf_counter() - start, discarded=True)
+    out.put_bytes(key, _csv_text(rows).encode(), content_type="text/csv")
     return ShardResult(shard.slide, shard.index, shard.count, len(rows), unreadable,
                        parasitized, time.perf_counter() - start)
 
@@ -1039,12 +1059,18 @@ def run_scoring(paths: ScoringPaths, ref: ModelRef, *, shard_size: int = DEFAULT
     due, report.up_to_date = find_due_slides(paths, ref.version)
     report.slides_due = [d.slide for d in due]
     if due:
-        with SlideLeases(paths, ttl=lease_ttl, settle=lease_settle) as leases:
-            granted = leases.acquire(report.slides_due)
-            report.slides_busy = [s for s in report.slides_due if s not in set(granted)]
-            _score_slides(paths, ref, granted, leases, report, shard_size=shard_size,
+        with (SlideLeases(paths, ttl=lease_ttl, settle=lease_settle) as leases,
+              ThreadPoolExecutor(1, thread_name_prefix="score-lease") as confirmer):
+            # The lease's settle second overlaps the first shards' fetching and inference;
+            # their parts wait for the confirmation before they are written.
+            claimed = leases.claim(report.slides_due)
+            confirmation = confirmer.submit(leases.confirm, claimed)
+            _score_slides(paths, ref, claimed, leases, report, shard_size=shard_size,
                           batch_size=batch_size, concurrency=concurrency,
-                          parallel_shards=parallel_shards, on_shard=on_shard)
+                          parallel_shards=parallel_shards, on_shard=on_shard,
+                          confirmation=confirmation)
+            granted = set(confirmation.result())
+            report.slides_busy = [s for s in report.slides_due if s not in granted]
     report.summary_written, _ = rebuild_summary(paths)
     report.seconds = time.perf_counter() - started
     return report
@@ -1053,22 +1079,53 @@ def run_scoring(paths: ScoringPaths, ref: ModelRef, *, shard_size: int = DEFAULT
 def _score_slides(paths: ScoringPaths, ref: ModelRef, slides: Sequence[str],
                   leases: SlideLeases, report: ScoreReport, *, shard_size: int,
                   batch_size: int, concurrency: int, parallel_shards: int,
-                  on_shard: Callable[[ShardResult], None] | None) -> None:
+                  on_shard: Callable[[ShardResult], None] | None,
+                  confirmation: Future[list[str]] | None = None) -> None:
+    """Score ``slides``. With ``confirmation`` (the claimed slides' lease check, still
+    running), shards start at once and only slides it grants get parts written and
+    finalized; without it every slide in ``slides`` is held already."""
     plans: dict[str, SlidePlan] = {}  # slides with shards in flight
     left: dict[str, int] = {}
     queue: deque[Shard] = deque()
     to_plan = iter(slides)
+    granted_cache: list[set[str]] = []
+
+    def granted(slide: str) -> bool:
+        if confirmation is None:
+            return True
+        if not granted_cache:
+            granted_cache.append(set(confirmation.result()))
+        return slide in granted_cache[0]
+
+    def known_lost(slide: str) -> bool:  # without waiting for the confirmation
+        return confirmation is not None and confirmation.done() and not granted(slide)
 
     def finish(slide: str) -> None:
+        if not granted(slide):  # its parts came from a killed run; another run holds it
+            drop(slide)
+            return
         report.slides.append(finalize_slide(paths, ref, plans.pop(slide)))
         left.pop(slide)
         leases.release(slide)
 
+    def drop(slide: str) -> None:  # another run holds it: forget its remaining shards
+        plans.pop(slide, None)
+        left.pop(slide, None)
+        remaining = [s for s in queue if s.slide != slide]
+        queue.clear()
+        queue.extend(remaining)
+
     def next_shard() -> Shard | None:
-        while not queue:
+        while True:
+            while queue and known_lost(queue[0].slide):
+                drop(queue[0].slide)
+            if queue:
+                return queue.popleft()
             slide = next(to_plan, None)
             if slide is None:
                 return None
+            if known_lost(slide):
+                continue
             plan = plan_slide(paths, ref.version, slide, shard_size)
             if plan is None:  # finished by another run between listing and lease
                 leases.release(slide)
@@ -1079,19 +1136,24 @@ def _score_slides(paths: ScoringPaths, ref: ModelRef, slides: Sequence[str],
             if not plan.pending:
                 finish(slide)  # every part was written by a killed run
             queue.extend(plan.pending)
-        return queue.popleft()
 
     with ThreadPoolExecutor(max(1, parallel_shards)) as pool:
         in_flight: set[Future[ShardResult]] = set()
         while True:
             while len(in_flight) <= parallel_shards and (shard := next_shard()) is not None:
                 in_flight.add(pool.submit(score_shard, paths, ref, shard,
-                                          batch_size=batch_size, concurrency=concurrency))
+                                          batch_size=batch_size, concurrency=concurrency,
+                                          may_write=granted))
             if not in_flight:
                 break
             done, in_flight = wait(in_flight, return_when=FIRST_COMPLETED)
             for future in done:
                 result = future.result()
+                if result.discarded:
+                    drop(result.slide)
+                    continue
+                if result.slide not in left:  # dropped while this shard was in flight
+                    continue
                 if result.resumed:
                     report.shards_resumed += 1
                 else:

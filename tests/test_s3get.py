@@ -10,7 +10,15 @@ from botocore.auth import S3SigV4Auth
 from botocore.awsrequest import AWSRequest
 from botocore.credentials import Credentials
 
-from malaria.s3get import EMPTY_SHA256, PathStyleGetter, SigV4Signer, path_style_getter
+from malaria.s3get import (
+    EMPTY_SHA256,
+    FastGetUnavailable,
+    PathStyleGetter,
+    SigV4Signer,
+    canonical_query,
+    path_style_client,
+    path_style_getter,
+)
 from malaria.scoring import object_reader
 from malaria.storage import ObjectNotFound, S3Store, s3_client
 
@@ -18,10 +26,10 @@ MOMENT = datetime(2026, 11, 27, 8, 30, 15, tzinfo=UTC)
 
 
 def botocore_authorization(host: str, path: str, credentials: Credentials,
-                           monkeypatch: pytest.MonkeyPatch) -> str:
+                           monkeypatch: pytest.MonkeyPatch, query: str = "") -> str:
     monkeypatch.setattr("botocore.auth.get_current_datetime",
                         lambda: MOMENT.replace(tzinfo=None))
-    request = AWSRequest(method="GET", url=f"http://{host}{path}",
+    request = AWSRequest(method="GET", url=f"http://{host}{path}" + (f"?{query}" if query else ""),
                          headers={"x-amz-content-sha256": EMPTY_SHA256})
     S3SigV4Auth(credentials, "s3", "eu-west-1").add_auth(request)
     return str(request.headers["Authorization"])
@@ -38,6 +46,17 @@ def test_signature_matches_botocore(path: str, token: str | None,
     assert ours["Authorization"] == botocore_authorization("127.0.0.1:8333", path, credentials,
                                                         monkeypatch)
     assert ("x-amz-security-token" in ours) == (token is not None)
+
+
+def test_listing_signature_matches_botocore(monkeypatch: pytest.MonkeyPatch) -> None:
+    credentials = Credentials("AKIDEXAMPLE", "wJalrXUtnFEMI/K7MDENG+bPxRfiCYEXAMPLEKEY")
+    query = canonical_query({"list-type": "2", "prefix": "scans/slide é+1/",
+                             "continuation-token": "c2VjcmV0/+=="})
+    ours = SigV4Signer("eu-west-1").headers("127.0.0.1:8333", "/bucket", "AKIDEXAMPLE",
+                                            credentials.secret_key, None, now=MOMENT,
+                                            query=query)
+    assert ours["Authorization"] == botocore_authorization(
+        "127.0.0.1:8333", "/bucket", credentials, monkeypatch, query)
 
 
 def test_fast_get_reads_the_same_bytes_as_boto3(seaweed_bucket: S3Store) -> None:
@@ -81,3 +100,47 @@ def test_dropped_connection_is_retried_on_a_new_one(seaweed_bucket: S3Store) -> 
     getter = fast.__self__  # type: ignore[attr-defined]
     getter._local.sock.close()  # the server went away between two requests
     assert fast("scans/1/a.png") == b"first"
+
+
+def test_lean_listing_matches_boto3_across_pages(seaweed_bucket: S3Store) -> None:
+    """More than a page (1,000 keys), odd characters, a folder marker: the same objects,
+    sizes and ETags as boto3's paginator, in key order."""
+    from concurrent.futures import ThreadPoolExecutor
+
+    keys = [f"scans/{n // 500}/cell {n:04d}+é.png" for n in range(1203)]
+    with ThreadPoolExecutor(16) as pool:
+        list(pool.map(lambda k: seaweed_bucket.put_bytes(k, k.encode()), keys))
+    seaweed_bucket.put_bytes("scans/1/", b"")  # a folder marker: not an object to list
+    lean = path_style_client(seaweed_bucket.client, seaweed_bucket.bucket)
+    assert lean is not None
+    first, token = lean.list_page("scans/")
+    assert len(first) == 1000 and token
+
+    listed = list(seaweed_bucket.list("scans/"))
+    paginator = seaweed_bucket.client.get_paginator("list_objects_v2")
+    expected = [(o["Key"], o["Size"], o["ETag"].strip('"'))
+                for page in paginator.paginate(Bucket=seaweed_bucket.bucket, Prefix="scans/")
+                for o in page.get("Contents", []) if not o["Key"].endswith("/")]
+    assert [(o.key, o.size, o.etag) for o in listed] == expected
+    assert [o.key for o in listed] == sorted(keys)
+
+
+def test_listing_falls_back_to_boto3_after_the_last_key(
+        seaweed_bucket: S3Store, monkeypatch: pytest.MonkeyPatch) -> None:
+    """The lean listing fails after its first page: boto3 goes on from the last key, so
+    nothing is listed twice and nothing is missed."""
+    keys = [f"scans/{n:04d}.png" for n in range(1500)]
+    from concurrent.futures import ThreadPoolExecutor
+
+    with ThreadPoolExecutor(16) as pool:
+        list(pool.map(lambda k: seaweed_bucket.put_bytes(k, b"x"), keys))
+    real = PathStyleGetter.list_page
+
+    def one_page_then_fail(self: PathStyleGetter, prefix: str, continuation: str | None = None,
+                           start_after: str | None = None) -> tuple[list, str | None]:
+        if continuation:
+            raise FastGetUnavailable("HTTP 503")
+        return real(self, prefix, continuation, start_after)
+
+    monkeypatch.setattr(PathStyleGetter, "list_page", one_page_then_fail)
+    assert [o.key for o in seaweed_bucket.list("scans/")] == keys

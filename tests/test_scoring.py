@@ -36,7 +36,7 @@ from malaria.scoring import (
     score,
     split_shards,
 )
-from malaria.storage import LocalStore, ObjectInfo, S3Store, reset_clients
+from malaria.storage import LocalStore, ObjectInfo, S3Store, put_json, reset_clients
 from malaria.synthetic import generate_scan_cells
 
 Store = S3Store | LocalStore
@@ -300,6 +300,35 @@ def test_two_runs_at_once_never_score_the_same_slide(local_store: LocalStore,
     a, b = ({s.slide for s in r.slides} for r in reports)
     assert not a & b and a | b == set(slides)
     assert sum(r.shards_scored for r in reports) == len(slides)
+
+
+def test_a_slide_lost_during_the_settle_gets_nothing_written(
+        local_store: LocalStore, tiny_model: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """Shards start while the claims settle; a slide whose claim a rival overwrote in that
+    window is scored but nothing of it is written, and the other slides are unaffected."""
+    slides = {"501": 4, "502": 4, "503": 4}
+    upload_scans(local_store, slides=slides)
+    paths = ScoringPaths.bucket(local_store.url)
+    ref = resolve_model(paths, tiny_model)
+    rival = SlideLeases(paths, ttl=600)
+    real_claim = SlideLeases.claim
+
+    def claim_then_rival_overwrites(self: SlideLeases, wanted: list[str]) -> list[str]:
+        claimed = real_claim(self, wanted)
+        if self is not rival:
+            put_json(rival.store, paths.lease_key("502"), rival._payload())  # last writer
+        return claimed
+
+    monkeypatch.setattr(SlideLeases, "claim", claim_then_rival_overwrites)
+    report = run_scoring(paths, ref, shard_size=10, lease_settle=0.3)
+
+    assert report.slides_busy == ["502"]
+    assert sorted(s.slide for s in report.slides) == ["501", "503"]
+    assert report.shards_scored == 2 and report.cells == 8
+    out = paths.out_store()
+    assert not out.exists(paths.prediction_key("502"))
+    assert not list(out.list(paths.parts_prefix("502")))
+    assert rival.read("502")["owner"] == rival.owner.token  # the rival's lease stays
 
 
 # ------------------------------------------------------------------------- SIGKILL
