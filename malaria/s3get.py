@@ -275,21 +275,37 @@ def _exchange(sock: socket.socket, request: bytes) -> tuple[int, bytes, bool]:
     return status, bytes(body), keep
 
 
+_LEAN: dict[tuple[str, str, str], PathStyleGetter | None] = {}
+_LEAN_LOCK = threading.Lock()
+
+
 def path_style_client(client: Any, bucket: str) -> PathStyleGetter | None:
     """The lean client for ``bucket`` through ``client``'s endpoint and region, with
     credentials from boto3's default chain (the chain ``malaria.storage.s3_client`` built the
     client from), or None when the client is not a path-style SigV4 client or there are no
-    credentials (anonymous access goes through boto3)."""
+    credentials (anonymous access goes through boto3). One per (endpoint, region, bucket)
+    and process: resolving credentials builds a boto3 session, which costs milliseconds."""
+    meta = client.meta
+    cache_key = (str(meta.endpoint_url), str(meta.region_name), bucket)
+    with _LEAN_LOCK:
+        if cache_key in _LEAN:
+            return _LEAN[cache_key]
     import boto3
 
-    meta = client.meta
+    lean: PathStyleGetter | None = None
     addressing = (meta.config.s3 or {}).get("addressing_style")
-    if addressing != "path" or meta.config.signature_version not in (None, "s3v4", "v4"):
-        return None
-    credentials = boto3.session.Session().get_credentials()
-    if credentials is None:
-        return None
-    return PathStyleGetter(meta.endpoint_url, bucket, meta.region_name, credentials)
+    if addressing == "path" and meta.config.signature_version in (None, "s3v4", "v4"):
+        credentials = boto3.session.Session().get_credentials()
+        if credentials is not None:
+            lean = PathStyleGetter(meta.endpoint_url, bucket, meta.region_name, credentials)
+    with _LEAN_LOCK:
+        return _LEAN.setdefault(cache_key, lean)
+
+
+def reset_lean_clients() -> None:
+    """Forget the lean clients (credentials or endpoints changed: tests)."""
+    with _LEAN_LOCK:
+        _LEAN.clear()
 
 
 def path_style_getter(client: Any, bucket: str) -> Callable[[str], bytes] | None:

@@ -117,8 +117,11 @@ def s3_client(endpoint_url: str | None = None, *, pool_size: int = DEFAULT_POOL_
 
 def reset_clients() -> None:
     """Forget cached clients (tests switch endpoints and credentials)."""
+    from malaria.s3get import reset_lean_clients
+
     with _client_lock:
         _clients.clear()
+    reset_lean_clients()
 
 
 def _is_missing(error: ClientError) -> bool:
