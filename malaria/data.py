@@ -145,7 +145,8 @@ def to_square(image: Image.Image, size: int) -> np.ndarray:
     keeps the thin chromatin dots as a darker pixel instead of aliasing them away;
     enlarging uses bicubic interpolation.
     """
-    image = image.convert("RGB")
+    if image.mode != "RGB":
+        image = image.convert("RGB")  # (convert copies even when the mode is already RGB)
     width, height = image.size
     side = max(width, height)
     if width != height:
