@@ -67,7 +67,7 @@ Speed and memory
     (``malaria.training.predict_probabilities``), at the operating point the model was
     evaluated at (its threshold, and its test-time augmentation if it was evaluated with
     it); ONNX Runtime and XLA were measured against it and were slower here (see
-    benchmarks/README-scoring.md).
+    benchmarks/README.md).
 """
 
 from __future__ import annotations
