@@ -40,8 +40,11 @@ Two runs at once: a lease object in the bucket
     compare-and-swap (conditional PUTs are not on every S3-compatible server), so a claim is
     read - write - wait ``settle`` seconds - read back: the last writer wins and everyone
     else backs off; that is safe whenever each claimant's read-to-write gap is shorter than
-    ``settle`` (milliseconds against a default of a second). After claiming, the slide is
-    planned again, so a slide finished by another run meanwhile is not scored twice. A
+    ``settle`` (milliseconds against a default of a second). The settle is not idle time:
+    the first shards are fetched and scored meanwhile, and a shard's part is written only
+    once its slide's claim is confirmed (a slide lost to a rival gets nothing written).
+    After claiming, the slide is planned again, so a slide finished by another run
+    meanwhile is not scored twice. A
     background thread renews held leases every ``ttl/3``; a lease whose expiry passed, or
     whose owner process on this host is gone (SIGKILL), is stale and may be taken over.
 
