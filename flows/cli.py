@@ -8,7 +8,6 @@ settings are in the environment.
 from __future__ import annotations
 
 import argparse
-import contextlib
 import json
 import os
 import sys
@@ -32,12 +31,9 @@ def _stack_config(args: argparse.Namespace):  # type: ignore[no-untyped-def]
 
 
 def _use_local_stack_if_configured() -> None:
-    """Point clients at the local stack unless the environment already names a target."""
-    from malaria.stack import StackConfig, StackError, load_stack_env
+    from malaria.stack import use_local_stack_if_configured
 
-    # No local stack: the environment (or an explicit URL) names the target.
-    with contextlib.suppress(StackError):
-        load_stack_env(StackConfig.from_env())
+    use_local_stack_if_configured()
 
 
 def _print_status(status) -> None:  # type: ignore[no-untyped-def]
@@ -165,7 +161,8 @@ def cmd_demo(args: argparse.Namespace) -> int:
         print(f"Champion:     {champion}: accuracy {m['accuracy']:.4f}, AUC {m['roc_auc']:.4f}, "
               f"sensitivity {m['sensitivity']:.4f}, specificity {m['specificity']:.4f} "
               "on held-out slides")
-    latest = registry.versions()[-1] if registry.versions() else None
+    versions = registry.versions()
+    latest = versions[-1] if versions else None
     decision = registry.get_decision(latest) if latest else None
     if decision:
         print(f"Gate ({latest}): {decision.get('reason')}")

@@ -7,7 +7,6 @@ Kept apart from flows/score.py so that building the command line never imports P
 from __future__ import annotations
 
 import argparse
-import contextlib
 
 from malaria.scoring import (
     DEFAULT_BATCH_SIZE,
@@ -21,10 +20,9 @@ from malaria.scoring import (
 def cmd_score(args: argparse.Namespace) -> int:
     """Score once, in this process, without Prefect (same library code as the flow)."""
     if any(str(u).startswith("s3://") for u in (args.scans, args.out, args.registry or "")):
-        from malaria.stack import StackConfig, StackError, load_stack_env
+        from malaria.stack import use_local_stack_if_configured
 
-        with contextlib.suppress(StackError):  # no local stack: the environment says where
-            load_stack_env(StackConfig.from_env())
+        use_local_stack_if_configured()
 
     def progress(result: ShardResult) -> None:
         state = "resumed" if result.resumed else f"{result.cells_per_s:.0f} cells/s"

@@ -22,12 +22,12 @@ import hmac
 import socket
 import ssl
 import threading
-from collections.abc import Callable
-from dataclasses import dataclass
 from datetime import UTC, datetime
 from typing import Any
 from urllib.parse import quote, urlsplit
 from xml.etree import ElementTree
+
+from malaria.storage import ObjectInfo, ObjectNotFound
 
 EMPTY_SHA256 = hashlib.sha256(b"").hexdigest()
 _SIGNED_HEADERS = "host;x-amz-content-sha256;x-amz-date"
@@ -36,10 +36,6 @@ _SIGNED_HEADERS_TOKEN = "host;x-amz-content-sha256;x-amz-date;x-amz-security-tok
 
 class FastGetUnavailable(RuntimeError):
     """This request should go through the regular client (and its retries) instead."""
-
-
-class NotFound(KeyError):
-    """The server answered 404."""
 
 
 def _hmac(key: bytes, text: str) -> bytes:
@@ -105,19 +101,12 @@ def canonical_query(params: dict[str, str]) -> str:
                     for k, v in sorted(params.items()))
 
 
-@dataclass(frozen=True)
-class ListedObject:
-    key: str
-    size: int
-    etag: str
-    last_modified: datetime
-
-
 _S3_NS = "{http://s3.amazonaws.com/doc/2006-03-01/}"
 
 
-def parse_list_page(body: bytes) -> tuple[list[ListedObject], str | None]:
-    """A ListObjectsV2 response: its objects, and the continuation token when truncated."""
+def parse_list_page(body: bytes) -> tuple[list[ObjectInfo], str | None]:
+    """A ListObjectsV2 response: its objects (full keys), and the continuation token when
+    truncated."""
     try:
         root = ElementTree.fromstring(body)
     except ElementTree.ParseError:
@@ -126,7 +115,7 @@ def parse_list_page(body: bytes) -> tuple[list[ListedObject], str | None]:
     objects = []
     try:
         for item in root.iterfind(f"{ns}Contents"):
-            objects.append(ListedObject(
+            objects.append(ObjectInfo(
                 key=item.findtext(f"{ns}Key") or "",
                 size=int(item.findtext(f"{ns}Size") or 0),
                 etag=(item.findtext(f"{ns}ETag") or "").strip('"'),
@@ -186,17 +175,15 @@ class PathStyleGetter:
         if status == 200:
             return body
         if status == 404:
-            raise NotFound(full_key)
+            raise ObjectNotFound(full_key)
         raise FastGetUnavailable(f"HTTP {status}")
 
-    def list_page(self, prefix: str, continuation: str | None = None,
-                  start_after: str | None = None) -> tuple[list[ListedObject], str | None]:
+    def list_page(self, prefix: str,
+                  continuation: str | None = None) -> tuple[list[ObjectInfo], str | None]:
         """One ListObjectsV2 page (up to 1,000 keys) under ``prefix``, in key order."""
         params = {"list-type": "2", "prefix": prefix}
         if continuation:
             params["continuation-token"] = continuation
-        if start_after:
-            params["start-after"] = start_after
         status, body = self._request(self._base.rstrip("/"), canonical_query(params))
         if status != 200:
             raise FastGetUnavailable(f"HTTP {status}")
@@ -306,9 +293,3 @@ def reset_lean_clients() -> None:
     """Forget the lean clients (credentials or endpoints changed: tests)."""
     with _LEAN_LOCK:
         _LEAN.clear()
-
-
-def path_style_getter(client: Any, bucket: str) -> Callable[[str], bytes] | None:
-    """``path_style_client(...).get``, or None where there is no lean client."""
-    lean = path_style_client(client, bucket)
-    return lean.get if lean is not None else None

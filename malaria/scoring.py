@@ -108,7 +108,6 @@ from malaria.registry import ModelRegistry, sha256_file
 from malaria.storage import (
     ObjectInfo,
     ObjectNotFound,
-    S3Store,
     Store,
     get_csv,
     get_json,
@@ -305,8 +304,6 @@ _MODEL_CACHE_SIZE = 2  # the champion, and the one it replaced while a run drain
 def _model_file(ref: ModelRef) -> Path:
     if ref.source == "file":
         return Path(ref.location)
-
-
     # Per-version folder: the download is checked against the recorded SHA-256 and renamed
     # into place, so concurrent workers on one host never load a partial file.
     where = hashlib.sha256(ref.location.encode()).hexdigest()[:8]
@@ -508,9 +505,6 @@ def _clean_leftovers(paths: ScoringPaths, out: Store, finished: dict[str, str]) 
 
 
 # ------------------------------------------------------------------------------ leases
-
-
-    return True
 
 
 @dataclass(frozen=True)
@@ -761,42 +755,13 @@ class ShardResult:
         return f"{self.slide}[{self.index + 1}/{self.count}]"
 
 
-def object_reader(store: Store) -> Callable[[str], bytes]:
-    """The GET the scorer's fetch threads use.
-
-    On S3 it is ``malaria.s3get``'s lean signed GET over a kept-alive connection per thread:
-    about a tenth of boto3's client CPU per object (measured against SeaweedFS, see
-    benchmarks/README.md), which matters because fetching shares the cores with decoding and
-    inference. Anything but a 200 or a 404 (throttling, a 5xx, a dropped connection) falls
-    back to the store's own GET with botocore's retries. Elsewhere it is ``get_bytes``.
-    """
-    if not isinstance(store, S3Store):
-        return store.get_bytes
-    from malaria.s3get import FastGetUnavailable, NotFound, path_style_getter
-
-    fast = path_style_getter(store.client, store.bucket)
-    if fast is None:
-        return store.get_bytes
-    skip = len(f"s3://{store.bucket}/")
-
-    def get(key: str) -> bytes:
-        try:
-            return fast(store.uri(key)[skip:])
-        except NotFound:
-            raise ObjectNotFound(key) from None
-        except FastGetUnavailable:
-            return store.get_bytes(key)
-
-    return get
-
-
-def _fetch_prepare(read: Callable[[str], bytes], cell: Cell, size: int,
+def _fetch_prepare(store: Store, cell: Cell, size: int,
                    limits: ImageLimits) -> tuple[np.ndarray | None, str]:
     early = check_size(cell.size, limits)  # empty or huge: known from the listing, no GET
     if early is not None:
         return None, str(early.reason)
     try:
-        data = read(cell.key)
+        data = store.get_bytes(cell.key)
     except ObjectNotFound:
         return None, MISSING_OBJECT
     return prepare_cell(data, size, limits)
@@ -827,12 +792,11 @@ def score_cells(store: Store, cells: Sequence[Cell], model: LoadedModel, *,
     ahead = 2 * batch_size
     window: deque[tuple[int, Future[tuple[np.ndarray | None, str]]]] = deque()
     todo = iter(enumerate(cells))
-    read = object_reader(store)
     pool = ThreadPoolExecutor(concurrency, thread_name_prefix="score-fetch")
     try:
         def top_up() -> None:
             for index, cell in itertools.islice(todo, ahead - len(window)):
-                window.append((index, pool.submit(_fetch_prepare, read, cell, size, limits)))
+                window.append((index, pool.submit(_fetch_prepare, store, cell, size, limits)))
 
         top_up()
         while window:
@@ -1091,14 +1055,8 @@ def _score_slides(paths: ScoringPaths, ref: ModelRef, slides: Sequence[str],
     left: dict[str, int] = {}
     queue: deque[Shard] = deque()
     to_plan = iter(slides)
-    granted_cache: list[set[str]] = []
-
-    def granted(slide: str) -> bool:
-        if confirmation is None:
-            return True
-        if not granted_cache:
-            granted_cache.append(set(confirmation.result()))
-        return slide in granted_cache[0]
+    def granted(slide: str) -> bool:  # blocks until the confirmation is in
+        return confirmation is None or slide in confirmation.result()
 
     def known_lost(slide: str) -> bool:  # without waiting for the confirmation
         return confirmation is not None and confirmation.done() and not granted(slide)

@@ -562,6 +562,13 @@ def load_stack_env(cfg: StackConfig) -> None:
         os.environ.setdefault(key, value)
 
 
+def use_local_stack_if_configured() -> None:
+    """Point clients at the local stack unless the environment already names a target
+    (no local stack: the environment, or an explicit URL, says where)."""
+    with contextlib.suppress(StackError):
+        load_stack_env(StackConfig.from_env())
+
+
 # -------------------------------------------------------------------------------- SeaweedFS
 
 

@@ -90,7 +90,7 @@ def finalize_slide_task(paths: ScoringPaths, ref: ModelRef, plan: SlidePlan,
     return summary
 
 
-@task(name="publish-scoring-report", retries=2, retry_delay_seconds=5, cache_policy=NO_CACHE)
+@task(name="drift-against-validation", retries=2, retry_delay_seconds=5, cache_policy=NO_CACHE)
 def drift_against_validation(paths: ScoringPaths, ref: ModelRef,
                              summaries: list[SlideSummary]) -> DriftReport:
     """Tonight's scores (the slides of this run) against the champion's validation slides."""

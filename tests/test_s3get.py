@@ -17,9 +17,7 @@ from malaria.s3get import (
     SigV4Signer,
     canonical_query,
     path_style_client,
-    path_style_getter,
 )
-from malaria.scoring import object_reader
 from malaria.storage import ObjectNotFound, S3Store, s3_client
 
 MOMENT = datetime(2026, 11, 27, 8, 30, 15, tzinfo=UTC)
@@ -59,18 +57,21 @@ def test_listing_signature_matches_botocore(monkeypatch: pytest.MonkeyPatch) -> 
         "127.0.0.1:8333", "/bucket", credentials, monkeypatch, query)
 
 
+def boto3_bytes(store: S3Store, key: str) -> bytes:
+    return store.client.get_object(Bucket=store.bucket, Key=key)["Body"].read()
+
+
 def test_fast_get_reads_the_same_bytes_as_boto3(seaweed_bucket: S3Store) -> None:
     keys = ["scans/101/cell_1.png", "scans/slide a/été+1.png", "scans/x/a~b_c-d.(1).png"]
     for number, key in enumerate(keys):
         seaweed_bucket.put_bytes(key, bytes([number]) * (1000 + number))
-    fast = path_style_getter(seaweed_bucket.client, seaweed_bucket.bucket)
-    assert fast is not None
-    read = object_reader(seaweed_bucket)
+    lean = path_style_client(seaweed_bucket.client, seaweed_bucket.bucket)
+    assert lean is not None
     for key in keys:
-        assert fast(key) == seaweed_bucket.get_bytes(key)
-        assert read(key) == seaweed_bucket.get_bytes(key)
+        assert lean.get(key) == boto3_bytes(seaweed_bucket, key)
+        assert seaweed_bucket.get_bytes(key) == boto3_bytes(seaweed_bucket, key)
     with pytest.raises(ObjectNotFound):
-        read("scans/101/missing.png")
+        seaweed_bucket.get_bytes("scans/101/missing.png")
 
 
 def test_refused_fast_get_falls_back_to_boto3(seaweed_bucket: S3Store,
@@ -82,24 +83,23 @@ def test_refused_fast_get_falls_back_to_boto3(seaweed_bucket: S3Store,
     wrong = Credentials("AKIDWRONG", "not-the-secret")
     getter = PathStyleGetter(client.meta.endpoint_url, seaweed_bucket.bucket,
                              client.meta.region_name, wrong)
-    monkeypatch.setattr("malaria.s3get.path_style_getter", lambda *_: getter.get)
-    assert object_reader(seaweed_bucket)("scans/1/a.png") == b"cell"
+    monkeypatch.setattr("malaria.s3get.path_style_client", lambda *_: getter)
+    assert seaweed_bucket.get_bytes("scans/1/a.png") == b"cell"
 
 
 def test_no_fast_path_without_credentials(seaweed_bucket: S3Store,
                                           monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.setattr("boto3.session.Session.get_credentials", lambda self: None)
-    assert path_style_getter(seaweed_bucket.client, seaweed_bucket.bucket) is None
+    assert path_style_client(seaweed_bucket.client, seaweed_bucket.bucket) is None
 
 
 def test_dropped_connection_is_retried_on_a_new_one(seaweed_bucket: S3Store) -> None:
     seaweed_bucket.put_bytes("scans/1/a.png", b"first")
-    fast = path_style_getter(seaweed_bucket.client, seaweed_bucket.bucket)
-    assert fast is not None
-    assert fast("scans/1/a.png") == b"first"
-    getter = fast.__self__  # type: ignore[attr-defined]
-    getter._local.sock.close()  # the server went away between two requests
-    assert fast("scans/1/a.png") == b"first"
+    lean = path_style_client(seaweed_bucket.client, seaweed_bucket.bucket)
+    assert lean is not None
+    assert lean.get("scans/1/a.png") == b"first"
+    lean._local.sock.close()  # the server went away between two requests
+    assert lean.get("scans/1/a.png") == b"first"
 
 
 def test_lean_listing_matches_boto3_across_pages(seaweed_bucket: S3Store) -> None:
@@ -136,11 +136,11 @@ def test_listing_falls_back_to_boto3_after_the_last_key(
         list(pool.map(lambda k: seaweed_bucket.put_bytes(k, b"x"), keys))
     real = PathStyleGetter.list_page
 
-    def one_page_then_fail(self: PathStyleGetter, prefix: str, continuation: str | None = None,
-                           start_after: str | None = None) -> tuple[list, str | None]:
+    def one_page_then_fail(self: PathStyleGetter, prefix: str,
+                           continuation: str | None = None) -> tuple[list, str | None]:
         if continuation:
             raise FastGetUnavailable("HTTP 503")
-        return real(self, prefix, continuation, start_after)
+        return real(self, prefix, continuation)
 
     monkeypatch.setattr(PathStyleGetter, "list_page", one_page_then_fail)
     assert [o.key for o in seaweed_bucket.list("scans/")] == keys
