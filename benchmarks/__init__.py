@@ -6,6 +6,9 @@ import json
 from pathlib import Path
 from typing import Any
 
+# Present while a speed benchmark runs; the accuracy benchmark's training waits for it to go.
+BENCH_LOCK = Path("/tmp/malaria-bench.lock")
+
 
 def emit(result: dict[str, Any], path: Path | None) -> None:
     """Print the result as JSON and, when asked, write it to ``path``."""

@@ -31,6 +31,7 @@ os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
 import numpy as np
 import pandas as pd
 
+from benchmarks import BENCH_LOCK
 from malaria.data import (
     ArraySet,
     ImageCache,
@@ -123,7 +124,7 @@ def binary_metrics(labels: np.ndarray, scores: np.ndarray, threshold: float,
 # ------------------------------------------------------------------------------- benchmark
 
 
-def _wait_for_bench_lock(lock: Path = Path("/tmp/malaria-bench.lock")) -> None:
+def _wait_for_bench_lock(lock: Path = BENCH_LOCK) -> None:
     # The lead times benchmarks on the same two cores; do not run over them.
     while lock.exists():
         print("waiting for", lock, file=sys.stderr, flush=True)

@@ -45,9 +45,9 @@ from concurrent.futures import ProcessPoolExecutor, ThreadPoolExecutor
 from pathlib import Path
 from typing import Any
 
-from benchmarks import emit
+from benchmarks import BENCH_LOCK, emit
 
-LOCK = Path("/tmp/malaria-bench.lock")
+LOCK = BENCH_LOCK
 TARGETS = {"vs_article": 50.0, "vs_keras_download": 1.3, "vs_lower_bound": 0.7,
            "rss_growth": 0.10}
 
@@ -235,7 +235,7 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
         import keras
 
         from malaria.models import DEFAULT_ARCH, build_model, default_input_size
-        from malaria.training import cpu_has_bf16, save_for_serving
+        from malaria.training import cpu_has_bf16, dtype_policy, save_for_serving
 
         size = default_input_size(DEFAULT_ARCH)
         model_path = state / "model.keras"
@@ -243,12 +243,8 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
         # (mixed_bfloat16 on a CPU with native bf16): the saved layers keep that dtype
         # policy, so serving runs at the precision the model was evaluated at.
         policy = "mixed_bfloat16" if cpu_has_bf16() else "float32"
-        previous = keras.mixed_precision.global_policy()
-        keras.mixed_precision.set_global_policy(policy)
-        try:
+        with dtype_policy(policy):
             model = build_model(DEFAULT_ARCH, size)
-        finally:
-            keras.mixed_precision.set_global_policy(previous)
         save_for_serving(model, model_path)
         model = keras.models.load_model(model_path, compile=False)
 

@@ -77,7 +77,7 @@ def compare(reference: dict[str, object] | None, counts: Sequence[int],
     if not math.isnan(index) and index > PSI_FLAG:
         reasons.append(f"score distribution shifted (PSI {index:.2f} > {PSI_FLAG})")
     if rate is not None and ref_rate:
-        ratio = rate / ref_rate if ref_rate else math.inf
+        ratio = rate / ref_rate
         if ratio > RATE_FLAG_RATIO or ratio < 1 / RATE_FLAG_RATIO:
             reasons.append(f"positive rate {rate:.1%} vs {ref_rate:.1%} on validation slides")
     flagged = bool(reasons)

@@ -191,7 +191,7 @@ def build_cellnet(input_size: int = 80, *, augment: bool = True,
                   widths: tuple[int, ...] = CELLNET_WIDTHS,
                   depths: tuple[int, ...] = CELLNET_DEPTHS,
                   head_dropout: float = 0.2, stem_stride: int = 2,
-                  stain_norm: bool = False, colour_jitter: float = 1.0) -> keras.Model:
+                  stain_norm: bool = False) -> keras.Model:
     """Our default: four conv-BN-ReLU stages with 2x2 max pooling between them, then global
     average pooling and one sigmoid unit.
 
@@ -220,7 +220,7 @@ def build_cellnet(input_size: int = 80, *, augment: bool = True,
     inputs = _inputs(input_size)
     x = _rescale(inputs)
     if augment:
-        x = _apply(x, microscopy_augmentation(seed, colour=colour_jitter))
+        x = _apply(x, microscopy_augmentation(seed))
     if stain_norm:
         x = layers.LayerNormalization(axis=(1, 2), center=False, scale=False, epsilon=1e-3,
                                       dtype="float32", name="stain_norm")(x)

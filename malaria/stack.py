@@ -957,13 +957,15 @@ def start_worker(cfg: StackConfig, pool: str, *, cwd: Path, limit: int = 1) -> i
 
 def stop_workers(cfg: StackConfig, *, timeout: float = 20) -> None:
     pids = worker_pids(cfg)
+    if not pids:
+        return
     for _ in range(2):  # the second SIGINT makes it stop without waiting for its loop
         for pid in pids.values():
             with contextlib.suppress(ProcessLookupError, PermissionError):
                 os.killpg(pid, signal.SIGINT)
         time.sleep(0.5)
     try:
-        _stop_groups({f"worker-{p}": pid for p, pid in pids.items()
+        _stop_groups({_worker_service(p): pid for p, pid in pids.items()
                       if _group_alive(pid)}, timeout)
     finally:
         for pool, pid in pids.items():

@@ -110,7 +110,7 @@ _POLICY_CACHE: dict[tuple[str, int, int], str] = {}
 def _probe_step(config: TrainConfig, policy: str) -> Callable[[], float]:
     """A function that times one training step of this architecture under ``policy``."""
     size = config.resolved_input_size()
-    with _policy(policy):
+    with dtype_policy(policy):
         model = build_model(config.arch, size, augment=config.augment, seed=config.seed)
     model.compile(keras.optimizers.AdamW(1e-3), keras.losses.BinaryCrossentropy())
     rng = np.random.default_rng(0)
@@ -156,7 +156,7 @@ def resolve_precision(config: TrainConfig, *, probe_steps: int = 6) -> str:
     return _POLICY_CACHE[key]
 
 
-class _policy:
+class dtype_policy:
     """Set the global Keras dtype policy while building, then put the old one back."""
 
     def __init__(self, name: str) -> None:
@@ -405,7 +405,7 @@ def train(config: TrainConfig, train_arrays: Arrays, val_arrays: Arrays, *,
         if resumed_from:
             model = keras.models.load_model(checkpoint_dir / LAST_MODEL)
         else:
-            with _policy(policy):
+            with dtype_policy(policy):
                 model = build_model(config.arch, size, augment=config.augment,
                                     dropout_after_sigmoid=config.dropout_after_sigmoid,
                                     seed=config.seed)
