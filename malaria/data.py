@@ -38,10 +38,11 @@ from malaria.labels import (
     slide_from_name,
 )
 from malaria.layout import DATASET
-from malaria.storage import Store
 
 if TYPE_CHECKING:
     import tensorflow as tf
+
+    from malaria.storage import Store  # boto3 only where a store is used
 
 IMAGE_SUFFIXES = frozenset({".png", ".jpg", ".jpeg", ".tif", ".tiff", ".bmp", ".webp"})
 

@@ -12,6 +12,12 @@ A caller (the Prefect task) uploads the folder to the bucket after each epoch th
 ``on_epoch`` and downloads it before a retry; ``train(..., resume=True)`` then continues
 from the last completed epoch, with the same learning-rate curve and early-stopping state,
 instead of starting over.
+
+TensorFlow is the backend the project installs and serves with. The module also trains under
+Keras's JAX backend (``KERAS_BACKEND=jax``) for GPU machines where JAX is installed and
+TensorFlow is not: the model code is backend-neutral Keras, and only the input pipeline,
+multi-GPU strategy and the inference wrapper differ (see :func:`gpus`, :func:`train`,
+:func:`predict_probabilities`).
 """
 
 from __future__ import annotations
@@ -21,14 +27,14 @@ import math
 import os
 import platform
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
+from contextlib import AbstractContextManager, nullcontext
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
 import keras
 import numpy as np
-import tensorflow as tf
 
 from malaria.data import ArraySet, class_weights, make_dataset
 from malaria.models import build_model, default_input_size
@@ -89,8 +95,26 @@ class TrainResult:
 # ----------------------------------------------------------------------------- hardware
 
 
+def backend() -> str:
+    return keras.backend.backend()
+
+
 def gpus() -> list[Any]:
-    return tf.config.list_physical_devices("GPU")
+    """The GPUs the Keras backend in use can train on."""
+    name = backend()
+    if name == "tensorflow":
+        import tensorflow as tf
+
+        return tf.config.list_physical_devices("GPU")
+    if name == "jax":
+        import jax
+
+        return [d for d in jax.devices() if d.platform == "gpu"]
+    if name == "torch":
+        import torch
+
+        return list(range(torch.cuda.device_count()))
+    return []
 
 
 def cpu_has_bf16() -> bool:
@@ -171,8 +195,22 @@ class dtype_policy:
         keras.mixed_precision.set_global_policy(self.previous)
 
 
-def distribution_strategy() -> tf.distribute.Strategy:
-    """MirroredStrategy across several visible GPUs; the default strategy otherwise."""
+class _OneDevice:
+    """The part of ``tf.distribute.Strategy`` that ``train`` uses, for other backends."""
+
+    num_replicas_in_sync = 1
+
+    def scope(self) -> AbstractContextManager[None]:
+        return nullcontext()
+
+
+def distribution_strategy() -> Any:
+    """MirroredStrategy across several visible GPUs; the default strategy otherwise.
+    Other Keras backends train on one device."""
+    if backend() != "tensorflow":
+        return _OneDevice()
+    import tensorflow as tf
+
     if len(gpus()) > 1:
         return tf.distribute.MirroredStrategy()
     return tf.distribute.get_strategy()
@@ -253,6 +291,11 @@ class _Trainer(keras.callbacks.Callback):
     def _set_lr(self) -> None:
         total = self.state["planned_epochs"] * self.steps_per_epoch
         lr = learning_rate_at(self.step, total, self.warmup_steps, self.config)
+        # JAX's fit loop carries the variables in a state tuple between steps; sync them
+        # back first, or the next step would run with the old rate.
+        sync = getattr(self.model, "jax_state_sync", None)
+        if sync is not None:
+            sync()
         self.model.optimizer.learning_rate.assign(lr)
 
     def on_train_begin(self, logs: dict | None = None) -> None:
@@ -343,7 +386,47 @@ def _as_arrays(data: Arrays) -> tuple[np.ndarray, np.ndarray]:
     return images, np.asarray(labels, dtype=np.float32)
 
 
+def _jit(config: TrainConfig) -> bool:
+    if config.xla != "auto":
+        return bool(config.xla)
+    # JAX runs nothing eagerly worth having; TensorFlow's XLA convolutions lose on CPUs.
+    return backend() == "jax" or (backend() == "tensorflow" and bool(gpus()))
+
+
+def _allow_xla_augmentation(model: keras.Model) -> None:
+    """Keras marks its rotation, zoom and translation layers as not XLA-safe because
+    TensorFlow's projective-transform kernel is not; under JAX they are built from
+    ``map_coordinates``, which compiles, and an uncompiled JAX model trains tens of times
+    slower. Only ever called for the JAX backend."""
+    geometric = (keras.layers.RandomRotation, keras.layers.RandomZoom,
+                 keras.layers.RandomTranslation)
+    for layer in model._flatten_layers():
+        if isinstance(layer, geometric):
+            layer.supports_jit = True
+
+
+def _fit_inputs(x_train: np.ndarray, y_train: np.ndarray, x_val: np.ndarray,
+                y_val: np.ndarray, *, batch: int, seed: int,
+                weights: dict[int, float] | None) -> dict[str, Any]:
+    """``model.fit`` arguments for the data: a tf.data pipeline under TensorFlow, the arrays
+    themselves (Keras batches and shuffles them) under other backends."""
+    if backend() == "tensorflow":
+        return {"x": make_dataset(x_train, y_train, batch_size=batch, shuffle=True, seed=seed,
+                                  weights=weights),
+                "validation_data": make_dataset(x_val, y_val, batch_size=max(batch, 256),
+                                                shuffle=False),
+                "shuffle": False}
+    sample_weight = None
+    if weights:
+        sample_weight = np.where(y_train > 0.5, weights[1], weights[0]).astype(np.float32)
+    return {"x": x_train, "y": y_train, "sample_weight": sample_weight, "batch_size": batch,
+            "shuffle": True, "validation_data": (x_val, y_val),
+            "validation_batch_size": max(batch, 256)}
+
+
 def _compile(model: keras.Model, config: TrainConfig, jit: bool) -> None:
+    if jit and backend() == "jax":
+        _allow_xla_augmentation(model)
     ema = config.ema_momentum is not None
     optimizer = keras.optimizers.AdamW(learning_rate=config.learning_rate,
                                        weight_decay=config.weight_decay, use_ema=ema,
@@ -369,7 +452,8 @@ def _same_run(saved: dict[str, Any], config: TrainConfig) -> bool:
 
 def train(config: TrainConfig, train_arrays: Arrays, val_arrays: Arrays, *,
           checkpoint_dir: Path, on_epoch: Callable[[int, dict], None] | None = None,
-          resume: bool = True) -> TrainResult:
+          resume: bool = True,
+          callbacks: Sequence[keras.callbacks.Callback] = ()) -> TrainResult:
     """Train ``config.arch`` on uint8 images, checkpointing every epoch into ``checkpoint_dir``.
 
     Stops at ``config.epochs``, when the validation loss has not improved for ``patience``
@@ -377,6 +461,7 @@ def train(config: TrainConfig, train_arrays: Arrays, val_arrays: Arrays, *,
     the weights of the best validation epoch. ``on_epoch(epoch, metrics)`` runs after each
     epoch's checkpoint is complete (1-based epoch). With ``resume=True`` and a checkpoint of
     the same run in ``checkpoint_dir``, training continues after its last epoch.
+    ``callbacks`` run after the trainer's own, once each epoch's checkpoint is written.
     """
     started = time.perf_counter()
     checkpoint_dir = Path(checkpoint_dir)
@@ -399,11 +484,14 @@ def train(config: TrainConfig, train_arrays: Arrays, val_arrays: Arrays, *,
 
     keras.utils.set_random_seed(config.seed + resumed_from)
     policy = resolve_precision(config)
-    jit = bool(gpus()) if config.xla == "auto" else bool(config.xla)
+    jit = _jit(config)
     strategy = distribution_strategy()
     with strategy.scope():
         if resumed_from:
             model = keras.models.load_model(checkpoint_dir / LAST_MODEL)
+            if jit and backend() == "jax":
+                _allow_xla_augmentation(model)
+                model.jit_compile = True
         else:
             with dtype_policy(policy):
                 model = build_model(config.arch, size, augment=config.augment,
@@ -413,22 +501,21 @@ def train(config: TrainConfig, train_arrays: Arrays, val_arrays: Arrays, *,
 
     batch = config.batch_size * strategy.num_replicas_in_sync
     weights = class_weights(y_train) if config.balance_classes else None
-    train_ds = make_dataset(x_train, y_train, batch_size=batch, shuffle=True,
-                            seed=config.seed + resumed_from, weights=weights)
-    val_ds = make_dataset(x_val, y_val, batch_size=max(batch, 256), shuffle=False)
+    fit_inputs = _fit_inputs(x_train, y_train, x_val, y_val, batch=batch,
+                             seed=config.seed + resumed_from, weights=weights)
     steps = math.ceil(len(y_train) / batch)
     state["train_images_per_epoch"] = len(y_train)
     # Time already spent in this call (building, probing precision) counts against the budget.
     trainer = _Trainer(config, state, steps, checkpoint_dir, on_epoch, started)
 
-    callbacks: list[keras.callbacks.Callback] = [trainer]
+    all_callbacks: list[keras.callbacks.Callback] = [trainer, *callbacks]
     if config.ema_momentum is not None:
         # Before the trainer: the averaged weights are in the model while it validates,
         # picks the best epoch and checkpoints; the raw ones are back for the next epoch.
-        callbacks.insert(0, keras.callbacks.SwapEMAWeights(swap_on_epoch=True))
+        all_callbacks.insert(0, keras.callbacks.SwapEMAWeights(swap_on_epoch=True))
     if state["epoch"] < min(state["planned_epochs"], config.epochs):
-        model.fit(train_ds, validation_data=val_ds, epochs=config.epochs,
-                  initial_epoch=state["epoch"], callbacks=callbacks, verbose=0, shuffle=False)
+        model.fit(**fit_inputs, epochs=config.epochs, initial_epoch=state["epoch"],
+                  callbacks=all_callbacks, verbose=0)
     else:
         trainer.stopped = "epochs"
 
@@ -478,10 +565,15 @@ _DIHEDRAL: tuple[Callable[[np.ndarray], np.ndarray], ...] = (
 )
 
 
-def _predict_function(model: keras.Model) -> Callable[[tf.Tensor], tf.Tensor]:
+def _predict_function(model: keras.Model) -> Callable[[np.ndarray], Any]:
     """A ``tf.function`` around the model, traced once for any batch size and kept on the
     model: ``model.predict`` builds a tf.data pipeline and callbacks per call, which
-    dominates for the small batches of scoring."""
+    dominates for the small batches of scoring. Other backends: ``predict_on_batch``
+    (compiled once per batch shape)."""
+    if backend() != "tensorflow":
+        return model.predict_on_batch
+    import tensorflow as tf
+
     fn = getattr(model, "_malaria_predict_fn", None)
     if fn is None:
         size = int(model.inputs[0].shape[1])
@@ -491,8 +583,8 @@ def _predict_function(model: keras.Model) -> Callable[[tf.Tensor], tf.Tensor]:
             return model(images, training=False)
 
         # autograph=False: the model call has no Python control flow to convert.
-        fn = tf.function(call, input_signature=[spec], autograph=False)
-        model._malaria_predict_fn = fn
+        traced = tf.function(call, input_signature=[spec], autograph=False)
+        fn = model._malaria_predict_fn = lambda batch: traced(tf.constant(batch))
     return fn
 
 
@@ -515,7 +607,7 @@ def predict_probabilities(model: keras.Model, images_uint8: np.ndarray, batch_si
         batch = images_uint8[start:start + batch_size]
         total = np.zeros(len(batch), dtype=np.float64)
         for view in _DIHEDRAL[:views]:
-            probs = fn(tf.constant(np.ascontiguousarray(view(batch))))
+            probs = fn(np.ascontiguousarray(view(batch)))
             total += np.asarray(probs, dtype=np.float64).reshape(-1)
         out[start:start + batch_size] = total / views
     return out

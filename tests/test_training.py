@@ -144,3 +144,49 @@ def test_restore_best_by_validation_auc_with_weight_averaging(
     assert abs(float(auc.result()) - best["val_auc"]) < 1e-3
     with pytest.raises(ValueError, match="monitor"):
         train(_config(monitor="accuracy"), train_set, val_set, checkpoint_dir=tmp_path / "x")
+
+
+def test_other_backends_fit_on_the_arrays_with_sample_weights(
+        monkeypatch: pytest.MonkeyPatch) -> None:
+    import malaria.training as training
+
+    monkeypatch.setattr(training, "backend", lambda: "jax")
+    x = np.zeros((4, SIZE, SIZE, 3), np.uint8)
+    y = np.array([1, 0, 0, 0], np.float32)
+
+    inputs = training._fit_inputs(x, y, x[:2], y[:2], batch=2, seed=0,
+                                  weights={0: 0.5, 1: 2.0})
+
+    assert inputs["x"] is x and inputs["y"] is y and inputs["shuffle"] is True
+    np.testing.assert_array_equal(inputs["sample_weight"], [2.0, 0.5, 0.5, 0.5])
+    assert inputs["validation_batch_size"] == 256
+    assert training.distribution_strategy().num_replicas_in_sync == 1
+
+
+def test_xla_is_allowed_for_the_geometric_augmentation_under_jax() -> None:
+    from malaria.models import build_model
+    from malaria.training import _allow_xla_augmentation
+
+    model = build_model("cellnet-tiny", SIZE, augment=True)
+    geometric = [layer for layer in model._flatten_layers()
+                 if isinstance(layer, keras.layers.RandomRotation | keras.layers.RandomZoom
+                               | keras.layers.RandomTranslation)]
+    assert geometric
+
+    _allow_xla_augmentation(model)
+
+    assert all(layer.supports_jit for layer in geometric)
+
+
+def test_extra_callbacks_see_every_epoch(synthetic: tuple[ArraySet, ArraySet],
+                                         tmp_path: Path) -> None:
+    seen: list[int] = []
+
+    class Recorder(keras.callbacks.Callback):
+        def on_epoch_end(self, epoch: int, logs: dict | None = None) -> None:
+            seen.append(epoch + 1)
+
+    train(_config(epochs=2), *synthetic, checkpoint_dir=tmp_path, resume=False,
+          callbacks=[Recorder()])
+
+    assert seen == [1, 2]
