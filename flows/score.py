@@ -74,7 +74,7 @@ def score_slides_flow(paths: ScoringPaths, ref: ModelRef, slides: list[str], sha
                       slides_per_group: int = SLIDES_PER_GROUP) -> dict[str, Any]:
     logger = get_run_logger()
     started = time.perf_counter()
-    done = scored = shards_scored = resumed = 0
+    done = scored = shards_scored = resumed = finished_elsewhere = 0
     failed: list[str] = []
     summaries: list[SlideSummary] = []
     total = max(total_cells, 1)
@@ -83,6 +83,7 @@ def score_slides_flow(paths: ScoringPaths, ref: ModelRef, slides: list[str], sha
     for start in range(0, len(slides), slides_per_group):
         group = slides[start:start + slides_per_group]
         plans = {p.slide: p for p in plan_slides(paths, ref.version, group, shard_size)}
+        finished_elsewhere += len(group) - len(plans)  # by another run, since the listing
         done += sum(len(s.cells) for p in plans.values() for s in p.shards if s.index in p.done)
         resumed += sum(len(p.done) for p in plans.values())
         left = {slide: len(plan.pending) for slide, plan in plans.items()}
@@ -127,7 +128,8 @@ def score_slides_flow(paths: ScoringPaths, ref: ModelRef, slides: list[str], sha
                 failed.append(f"finalize: {error}")
                 logger.error("finalizing a slide failed: %s", error)
     return {"summaries": summaries, "cells": scored, "seconds": time.perf_counter() - started,
-            "shards_scored": shards_scored, "shards_resumed": resumed, "failed": failed}
+            "shards_scored": shards_scored, "shards_resumed": resumed, "failed": failed,
+            "finished_elsewhere": finished_elsewhere}
 
 
 @flow(name="score", description="Score every due slide under scans/ with the serving model: "
@@ -150,7 +152,8 @@ def score_flow(data_url: str | None = None, model_path: str | None = None,
     ref = resolve_scoring_model(paths, model_path, threshold, tta)
     due, up_to_date = find_due(paths, ref.version)
     outcome: dict[str, Any] = {"summaries": [], "cells": 0, "seconds": 0.0,
-                               "shards_scored": 0, "shards_resumed": 0, "failed": []}
+                               "shards_scored": 0, "shards_resumed": 0, "failed": [],
+                               "finished_elsewhere": 0}
     busy: list[str] = []
     started = time.perf_counter()
     if due:
@@ -170,6 +173,8 @@ def score_flow(data_url: str | None = None, model_path: str | None = None,
                     sum(d.cells for d in due if d.slide in held), progress_id)
         update_progress_artifact(progress_id, 100.0)
     seconds = time.perf_counter() - started
+    # Like malaria.scoring: a slide finished by another run after the listing is up to date.
+    up_to_date += outcome["finished_elsewhere"]
     summaries: list[SlideSummary] = outcome["summaries"]
     rate = outcome["cells"] / outcome["seconds"] if outcome["seconds"] else 0.0
     line = (f"{len(summaries)} slides scored ({outcome['cells']} cells at {rate:.0f} cells/s; "

@@ -28,9 +28,12 @@ RATE_FLAG_RATIO = 2.0  # positive rate more than 2x or under half the reference
 
 
 def probability_histogram(probabilities: Iterable[float], bins: int = BINS) -> list[int]:
-    counts, _ = np.histogram(np.fromiter(probabilities, dtype=np.float64), bins=bins,
-                             range=(0.0, 1.0))
-    return [int(c) for c in counts]
+    """Counts over ``bins`` equal bins of [0, 1], bin ``i`` holding ``[i/bins, (i+1)/bins)``
+    and the last one 1.0 too. The one binning rule for the reference and for tonight's
+    scores, so a probability on a bin edge lands in the same bin in both."""
+    p = np.clip(np.fromiter(probabilities, dtype=np.float64), 0.0, 1.0)
+    index = np.minimum((p * bins).astype(np.int64), bins - 1)
+    return [int(c) for c in np.bincount(index, minlength=bins)]
 
 
 def reference_distribution(probabilities: Sequence[float], threshold: float) -> dict[str, object]:
@@ -97,12 +100,14 @@ def compare(reference: dict[str, object] | None, counts: Sequence[int],
 def scored_distribution(rows: Iterable[dict[str, str]], counts: list[int],
                         positives: int, positive_label: str) -> int:
     """Add one slide's prediction rows to running ``counts``; returns the new positives."""
+    probabilities: list[float] = []
     for row in rows:
         if row.get("error"):
             continue
-        p = float(row["probability"])
-        counts[min(BINS - 1, int(p * BINS))] += 1
+        probabilities.append(float(row["probability"]))
         positives += row.get("predicted_class") == positive_label
+    for index, count in enumerate(probability_histogram(probabilities, len(counts))):
+        counts[index] += count
     return positives
 
 

@@ -46,3 +46,18 @@ def test_same_population_is_stable_shifted_one_is_flagged(local_store: LocalStor
 def test_no_reference_is_reported_not_flagged() -> None:
     report = compare(None, [1, 2, 3], positives=1)
     assert not report.flagged and "no reference" in report.message
+
+
+def test_reference_and_scores_bin_a_probability_on_an_edge_alike(
+        local_store: LocalStore) -> None:
+    edges = np.array([0.0, 0.1, 0.3, 0.7, 0.9, 1.0])  # 0.3 * 20 is 6.000000000000001
+    reference = reference_distribution(edges, 0.5)
+    local_store.put_bytes("predictions/edges.csv", _csv(_rows(edges, 0.5)))
+
+    report = drift_of_predictions(local_store, ["predictions/edges.csv"], reference)
+
+    expected = [0] * 20
+    for index in (0, 2, 6, 14, 18, 19):  # bin i holds [i/20, (i+1)/20); 1.0 the last
+        expected[index] = 1
+    assert reference["counts"] == expected
+    assert report.psi == 0.0

@@ -45,8 +45,9 @@ def test_score_flow_on_seaweedfs_threads_and_dask_agree(
     from prefect.client.orchestration import get_client
     from prefect.client.schemas.filters import ArtifactFilter, ArtifactFilterKey
 
-    from flows.score import score_flow
+    from flows.score import score_flow, score_slides_flow
     from malaria.models import build_model
+    from malaria.scoring import ScoringPaths, resolve_model
     from malaria.training import save_for_serving
 
     model = tmp_path / "model.keras"
@@ -74,6 +75,14 @@ def test_score_flow_on_seaweedfs_threads_and_dask_agree(
     again = score_flow(data_url=threads.url, shard_size=16, batch_size=16)
     assert again["slides_scored"] == [] and again["up_to_date"] == len(SLIDES)
     assert {i.key: (i.etag, i.last_modified) for i in threads.list("")} == before
+
+    # A slide that another run finished between this run's listing and its lease is
+    # counted as up to date, not scored again.
+    paths = ScoringPaths.bucket(threads.url)
+    ref = resolve_model(paths, None, None, None)
+    meanwhile = score_slides_flow(paths, ref, ["601"], 16, 16, 4, SLIDES["601"])
+    assert meanwhile["finished_elsewhere"] == 1 and meanwhile["summaries"] == []
+    assert meanwhile["cells"] == 0
 
     # The same scans on a local Dask cluster of 2 worker processes: the same rows.
     on_dask = score_flow(data_url=dask.url, shard_size=16, batch_size=16, runner="dask",
