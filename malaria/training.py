@@ -128,6 +128,20 @@ def cpu_has_bf16() -> bool:
     return "avx512_bf16" in flags or "amx_bf16" in flags
 
 
+def gpu_has_bf16(device: Any) -> bool:
+    """Compute capability 8.0 or later (Ampere, Hopper, ...): bfloat16 tensor cores."""
+    capability: Any = getattr(device, "compute_capability", None)  # a JAX device: "9.0"
+    if capability is None and backend() == "tensorflow":
+        import tensorflow as tf
+
+        capability = tf.config.experimental.get_device_details(device).get(
+            "compute_capability")  # (9, 0)
+    if capability is None:
+        return False
+    major = int(str(capability).split(".")[0]) if isinstance(capability, str) else capability[0]
+    return int(major) >= 8
+
+
 _POLICY_CACHE: dict[tuple[str, int, int], str] = {}
 
 
@@ -154,15 +168,18 @@ def _probe_step(config: TrainConfig, policy: str) -> Callable[[], float]:
 def resolve_precision(config: TrainConfig, *, probe_steps: int = 6) -> str:
     """The global dtype policy to train with.
 
-    ``auto``: ``mixed_float16`` on a GPU (tensor cores); on a CPU with native bfloat16
+    ``auto``: on a GPU, ``mixed_bfloat16`` where its tensor cores take bfloat16 (compute
+    capability 8.0 and up: same speed as float16, float32's range, so no loss scaling) and
+    ``mixed_float16`` on older ones; on a CPU with native bfloat16
     (AVX512_BF16/AMX) ``mixed_bfloat16`` only if a few timed training steps of this very
     architecture and input size run faster than float32 (oneDNN's bf16 kernels do not win
     for every layer shape); ``float32`` otherwise.
     """
     if config.mixed_precision != "auto":
         return config.mixed_precision
-    if gpus():
-        return "mixed_float16"
+    found = gpus()
+    if found:
+        return "mixed_bfloat16" if all(gpu_has_bf16(g) for g in found) else "mixed_float16"
     if not cpu_has_bf16():
         return "float32"
     key = (config.arch, config.resolved_input_size(), config.batch_size)

@@ -190,3 +190,22 @@ def test_extra_callbacks_see_every_epoch(synthetic: tuple[ArraySet, ArraySet],
           callbacks=[Recorder()])
 
     assert seen == [1, 2]
+
+
+@pytest.mark.parametrize(("capability", "expected"), [
+    ("9.0", True), ("8.0", True), ("7.5", False), ((8, 6), True), ((7, 0), False), (None, False)])
+def test_bfloat16_tensor_cores_from_compute_capability(
+        capability: object, expected: bool, monkeypatch: pytest.MonkeyPatch) -> None:
+    from types import SimpleNamespace
+
+    import tensorflow as tf
+
+    from malaria.training import gpu_has_bf16
+
+    # A JAX device carries "9.0"; TensorFlow answers (9, 0) through get_device_details.
+    monkeypatch.setattr(tf.config.experimental, "get_device_details",
+                        lambda device: {"compute_capability": capability})
+    device = (SimpleNamespace(compute_capability=capability) if isinstance(capability, str)
+              else SimpleNamespace())
+
+    assert gpu_has_bf16(device) is expected
