@@ -27,11 +27,12 @@ from malaria.scoring import (
     DEFAULT_PARALLEL_SHARDS,
     DEFAULT_SHARD_SIZE,
     ModelRef,
+    ScoreReport,
     ScoringPaths,
     ShardResult,
     SlideLeases,
-    SlidePlan,
     SlideSummary,
+    SlideTally,
 )
 from tasks.scoring import (
     finalize_slide_task,
@@ -72,33 +73,34 @@ def score_slides_flow(paths: ScoringPaths, ref: ModelRef, slides: list[str], sha
                       batch_size: int, concurrency: int, total_cells: int,
                       progress_id: UUID | None = None,
                       slides_per_group: int = SLIDES_PER_GROUP) -> dict[str, Any]:
+    """Returns ``{"report": ScoreReport, "failed": [shard or finalize errors]}``; the report
+    counts this run's shards and cells, and slides another run finished meanwhile."""
     logger = get_run_logger()
     started = time.perf_counter()
-    done = scored = shards_scored = resumed = finished_elsewhere = 0
+    report = ScoreReport(model_version=ref.version)
+    tally = SlideTally(report)
+    done = 0  # cells of these slides in written parts, earlier runs' parts included
     failed: list[str] = []
-    summaries: list[SlideSummary] = []
     total = max(total_cells, 1)
     # Slides go in groups, so the plans (a few hundred bytes per cell) held here stay
     # bounded however many cells are due.
     for start in range(0, len(slides), slides_per_group):
         group = slides[start:start + slides_per_group]
-        plans = {p.slide: p for p in plan_slides(paths, ref.version, group, shard_size)}
-        finished_elsewhere += len(group) - len(plans)  # by another run, since the listing
-        done += sum(len(s.cells) for p in plans.values() for s in p.shards if s.index in p.done)
-        resumed += sum(len(p.done) for p in plans.values())
-        left = {slide: len(plan.pending) for slide, plan in plans.items()}
+        planned = {p.slide: p for p in plan_slides(paths, ref.version, group, shard_size)}
+        for slide in group:
+            tally.add(planned.get(slide))
+        done += sum(len(s.cells) for p in planned.values() for s in p.shards if s.index in p.done)
 
-        def finalize(slide: str, plans: dict[str, SlidePlan] = plans
-                     ) -> PrefectFuture[SlideSummary]:
-            return finalize_slide_task.submit(paths, ref, plans[slide], slide)
+        def finalize(slide: str) -> PrefectFuture[SlideSummary]:
+            return finalize_slide_task.submit(paths, ref, tally.pop(slide), slide)
 
-        finals = [finalize(slide) for slide, n in left.items() if n == 0]
+        finals = [finalize(slide) for slide in planned if tally.complete(slide)]
         # Shards go unquoted: prefect's quote() does not survive pickling to Dask workers
         # (it comes back wrapping a 1-tuple), and walking a shard's small dataclasses
         # costs milliseconds.
         shard_of = {score_shard_task.submit(paths, ref, shard, shard.name, batch_size,
                                             concurrency): shard
-                    for plan in plans.values() for shard in plan.pending}
+                    for plan in planned.values() for shard in plan.pending}
         for future in as_completed(list(shard_of)):
             shard = shard_of[future]
             try:
@@ -108,28 +110,22 @@ def score_slides_flow(paths: ScoringPaths, ref: ModelRef, slides: list[str], sha
                 logger.error("shard %s failed: %s", shard.name, error)
                 continue
             done += result.cells
-            if result.resumed:
-                resumed += 1
-            else:
-                scored += result.cells
-                shards_scored += 1
+            last = tally.shard_done(result)
             elapsed = time.perf_counter() - started
             logger.info("%d of %d cells done, %.0f cells/s over this run", done, total,
-                        scored / elapsed if elapsed > 0 else 0.0)
+                        report.cells / elapsed if elapsed > 0 else 0.0)
             if progress_id is not None:
                 update_progress_artifact(progress_id, min(100.0, 100.0 * done / total))
-            left[shard.slide] -= 1
-            if left[shard.slide] == 0:
+            if last:
                 finals.append(finalize(shard.slide))
         for future in finals:
             try:
-                summaries.append(future.result())
+                report.slides.append(future.result())
             except Exception as error:
                 failed.append(f"finalize: {error}")
                 logger.error("finalizing a slide failed: %s", error)
-    return {"summaries": summaries, "cells": scored, "seconds": time.perf_counter() - started,
-            "shards_scored": shards_scored, "shards_resumed": resumed, "failed": failed,
-            "finished_elsewhere": finished_elsewhere}
+    report.seconds = time.perf_counter() - started
+    return {"report": report, "failed": failed}
 
 
 @flow(name="score", description="Score every due slide under scans/ with the serving model: "
@@ -151,9 +147,8 @@ def score_flow(data_url: str | None = None, model_path: str | None = None,
 
     ref = resolve_scoring_model(paths, model_path, threshold, tta)
     due, up_to_date = find_due(paths, ref.version)
-    outcome: dict[str, Any] = {"summaries": [], "cells": 0, "seconds": 0.0,
-                               "shards_scored": 0, "shards_resumed": 0, "failed": [],
-                               "finished_elsewhere": 0}
+    report = ScoreReport(model_version=ref.version)
+    failed: list[str] = []
     busy: list[str] = []
     started = time.perf_counter()
     if due:
@@ -171,23 +166,20 @@ def score_flow(data_url: str | None = None, model_path: str | None = None,
                 outcome = score_slides_flow.with_options(task_runner=task_runner)(
                     paths, ref, granted, shard_size, batch_size, concurrency,
                     sum(d.cells for d in due if d.slide in held), progress_id)
+                report, failed = outcome["report"], outcome["failed"]
         update_progress_artifact(progress_id, 100.0)
     seconds = time.perf_counter() - started
-    # Like malaria.scoring: a slide finished by another run after the listing is up to date.
-    up_to_date += outcome["finished_elsewhere"]
-    summaries: list[SlideSummary] = outcome["summaries"]
-    rate = outcome["cells"] / outcome["seconds"] if outcome["seconds"] else 0.0
-    line = (f"{len(summaries)} slides scored ({outcome['cells']} cells at {rate:.0f} cells/s; "
-            f"{outcome['shards_scored']} shards, {outcome['shards_resumed']} resumed from an "
-            f"earlier run), {up_to_date} up to date, {len(busy)} busy in another run")
-    summary_written = publish_scoring_report(paths, ref, summaries, line)
-    if outcome["failed"]:
-        raise RuntimeError(f"{len(outcome['failed'])} shards or slides failed (they stay due "
-                           f"for the next run): {outcome['failed'][:10]}")
-    return {"model_version": ref.version, "slides_scored": [s.slide for s in summaries],
-            "slides_due": [d.slide for d in due], "slides_busy": busy, "up_to_date": up_to_date,
-            "cells": outcome["cells"], "cells_per_s": round(rate, 1),
-            "shards_scored": outcome["shards_scored"],
-            "shards_resumed": outcome["shards_resumed"], "seconds": round(seconds, 2),
-            "summary_written": summary_written,
-            "summary": [s.to_dict() for s in summaries]}
+    # The subflow's report counts the slides that another run finished after the listing.
+    report.up_to_date += up_to_date
+    report.slides_due, report.slides_busy = [d.slide for d in due], busy
+    report.summary_written = publish_scoring_report(paths, ref, report.slides, report.line())
+    if failed:
+        raise RuntimeError(f"{len(failed)} shards or slides failed (they stay due for the "
+                           f"next run): {failed[:10]}")
+    return {"model_version": ref.version, "slides_scored": [s.slide for s in report.slides],
+            "slides_due": report.slides_due, "slides_busy": busy,
+            "up_to_date": report.up_to_date, "cells": report.cells,
+            "cells_per_s": round(report.cells_per_s, 1), "shards_scored": report.shards_scored,
+            "shards_resumed": report.shards_resumed, "seconds": round(seconds, 2),
+            "summary_written": report.summary_written,
+            "summary": [s.to_dict() for s in report.slides]}

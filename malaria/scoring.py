@@ -1009,6 +1009,50 @@ class ScoreReport:
                 f"{self.up_to_date} up to date, {len(self.slides_busy)} busy elsewhere")
 
 
+@dataclass
+class SlideTally:
+    """Which planned slides still have shards out, and the counts that go into ``report``.
+    The one piece of bookkeeping behind both the in-process scorer and the score flow."""
+
+    report: ScoreReport
+    plans: dict[str, SlidePlan] = field(default_factory=dict)
+    left: dict[str, int] = field(default_factory=dict)  # shards not yet back, per slide
+
+    def add(self, plan: SlidePlan | None) -> None:
+        """A slide's fresh plan; ``None`` (another run finished the slide after this run
+        listed it) counts as up to date."""
+        if plan is None:
+            self.report.up_to_date += 1
+            return
+        self.plans[plan.slide], self.left[plan.slide] = plan, len(plan.pending)
+        self.report.shards_resumed += len(plan.done)
+
+    def complete(self, slide: str) -> bool:
+        return self.left.get(slide) == 0
+
+    def shard_done(self, result: ShardResult) -> bool | None:
+        """Count a shard that came back: True when it was its slide's last, None when its
+        slide was dropped meanwhile (nothing counted)."""
+        if result.slide not in self.left:
+            return None
+        if result.resumed:
+            self.report.shards_resumed += 1
+        else:
+            self.report.shards_scored += 1
+            self.report.cells += result.cells
+        self.left[result.slide] -= 1
+        return self.left[result.slide] == 0
+
+    def pop(self, slide: str) -> SlidePlan:
+        """The plan of a slide whose shards are all in, to finalize."""
+        self.left.pop(slide)
+        return self.plans.pop(slide)
+
+    def drop(self, slide: str) -> None:
+        self.plans.pop(slide, None)
+        self.left.pop(slide, None)
+
+
 def run_scoring(paths: ScoringPaths, ref: ModelRef, *, shard_size: int = DEFAULT_SHARD_SIZE,
                 batch_size: int = DEFAULT_BATCH_SIZE, concurrency: int = DEFAULT_CONCURRENCY,
                 parallel_shards: int = DEFAULT_PARALLEL_SHARDS,
@@ -1051,8 +1095,7 @@ def _score_slides(paths: ScoringPaths, ref: ModelRef, slides: Sequence[str],
     """Score ``slides``. With ``confirmation`` (the claimed slides' lease check, still
     running), shards start at once and only slides it grants get parts written and
     finalized; without it every slide in ``slides`` is held already."""
-    plans: dict[str, SlidePlan] = {}  # slides with shards in flight
-    left: dict[str, int] = {}
+    tally = SlideTally(report)
     queue: deque[Shard] = deque()
     to_plan = iter(slides)
     def granted(slide: str) -> bool:  # blocks until the confirmation is in
@@ -1065,13 +1108,11 @@ def _score_slides(paths: ScoringPaths, ref: ModelRef, slides: Sequence[str],
         if not granted(slide):  # its parts came from a killed run; another run holds it
             drop(slide)
             return
-        report.slides.append(finalize_slide(paths, ref, plans.pop(slide)))
-        left.pop(slide)
+        report.slides.append(finalize_slide(paths, ref, tally.pop(slide)))
         leases.release(slide)
 
     def drop(slide: str) -> None:  # another run holds it: forget its remaining shards
-        plans.pop(slide, None)
-        left.pop(slide, None)
+        tally.drop(slide)
         remaining = [s for s in queue if s.slide != slide]
         queue.clear()
         queue.extend(remaining)
@@ -1088,13 +1129,11 @@ def _score_slides(paths: ScoringPaths, ref: ModelRef, slides: Sequence[str],
             if known_lost(slide):
                 continue
             plan = plan_slide(paths, ref.version, slide, shard_size)
+            tally.add(plan)
             if plan is None:  # finished by another run between listing and lease
                 leases.release(slide)
-                report.up_to_date += 1
                 continue
-            plans[slide], left[slide] = plan, len(plan.pending)
-            report.shards_resumed += len(plan.done)
-            if not plan.pending:
+            if tally.complete(slide):
                 finish(slide)  # every part was written by a killed run
             queue.extend(plan.pending)
 
@@ -1113,17 +1152,12 @@ def _score_slides(paths: ScoringPaths, ref: ModelRef, slides: Sequence[str],
                 if result.discarded:
                     drop(result.slide)
                     continue
-                if result.slide not in left:  # dropped while this shard was in flight
+                last = tally.shard_done(result)
+                if last is None:  # dropped while this shard was in flight
                     continue
-                if result.resumed:
-                    report.shards_resumed += 1
-                else:
-                    report.shards_scored += 1
-                    report.cells += result.cells
                 if on_shard is not None:
                     on_shard(result)
-                left[result.slide] -= 1
-                if left[result.slide] == 0:
+                if last:
                     finish(result.slide)
 
 

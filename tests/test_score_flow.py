@@ -81,8 +81,8 @@ def test_score_flow_on_seaweedfs_threads_and_dask_agree(
     paths = ScoringPaths.bucket(threads.url)
     ref = resolve_model(paths, None, None, None)
     meanwhile = score_slides_flow(paths, ref, ["601"], 16, 16, 4, SLIDES["601"])
-    assert meanwhile["finished_elsewhere"] == 1 and meanwhile["summaries"] == []
-    assert meanwhile["cells"] == 0
+    report = meanwhile["report"]
+    assert report.up_to_date == 1 and report.slides == [] and report.cells == 0
 
     # The same scans on a local Dask cluster of 2 worker processes: the same rows.
     on_dask = score_flow(data_url=dask.url, shard_size=16, batch_size=16, runner="dask",

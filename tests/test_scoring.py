@@ -25,9 +25,14 @@ from malaria.data import decode_to_array
 from malaria.scoring import (
     PREDICTION_COLUMNS,
     SUMMARY_COLUMNS,
+    Cell,
     LeaseOwner,
+    ScoreReport,
     ScoringPaths,
+    ShardResult,
     SlideLeases,
+    SlidePlan,
+    SlideTally,
     due_reason,
     fingerprint,
     prepare_cell,
@@ -124,8 +129,6 @@ def test_prepare_cell_is_the_training_preprocessing_with_one_decode() -> None:
 
 
 def test_shards_are_near_equal_and_cover_every_cell_once() -> None:
-    from malaria.scoring import Cell
-
     cells = [Cell(f"scans/1/{i:04d}.png", "e", 10) for i in range(2001)]
     shards = split_shards("1", cells, 2000)
     assert [len(s.cells) for s in shards] == [1000, 1001]
@@ -393,8 +396,6 @@ def test_sigkill_mid_run_then_rerun_scores_every_cell_exactly_once(
 
 
 def test_fingerprint_ignores_listing_order() -> None:
-    from malaria.scoring import Cell
-
     cells = [Cell("a", "1", 1), Cell("b", "2", 1)]
     assert fingerprint(cells) == fingerprint(cells[::-1])
     assert fingerprint(cells) != fingerprint([Cell("a", "1", 1), Cell("b", "3", 1)])
@@ -468,3 +469,28 @@ def test_the_recorded_operating_point_is_used(tmp_path: Path, tiny_model: Path) 
     expected = predict_probabilities(model, images, tta=True)
     np.testing.assert_allclose(frame.probability.astype(float), expected, atol=2e-6)
     assert set(frame.threshold) == {0.3}
+
+
+def test_the_slide_tally_counts_shards_and_says_when_a_slide_is_complete() -> None:
+    cells = [Cell(f"scans/9/{i}.png", f"e{i}", 10) for i in range(5)]
+    shards = split_shards("9", cells, 2)  # 3 shards
+    report = ScoreReport(model_version="v1")
+    tally = SlideTally(report)
+
+    tally.add(SlidePlan("9", "fp", 5, "new", shards, done=frozenset({0})))
+    tally.add(None)  # finished by another run meanwhile
+    tally.add(SlidePlan("8", "fp", 0, "new", (), done=frozenset()))
+
+    assert report.up_to_date == 1 and report.shards_resumed == 1
+    assert tally.complete("8") and not tally.complete("9")
+
+    def result(index: int, *, resumed: bool = False) -> ShardResult:
+        return ShardResult("9", index, 3, len(shards[index].cells), 0, 0, 0.1, resumed=resumed)
+
+    assert tally.shard_done(result(1)) is False
+    assert tally.shard_done(result(2, resumed=True)) is True
+    assert report.shards_scored == 1 and report.cells == len(shards[1].cells)
+    assert report.shards_resumed == 2
+    assert tally.pop("9").slide == "9" and not tally.complete("9")
+    tally.drop("8")
+    assert tally.shard_done(result(1)) is None and report.shards_scored == 1
