@@ -19,6 +19,10 @@ reports: the model kept is still the best validation epoch). For machines withou
 folder or TensorFlow (a GPU machine with JAX), ``--write-pack FILE`` stores the decoded
 cells of one input size with their keys, labels and slides, and ``--pack FILE`` trains from
 it instead of ``--data``, with the same split; run with ``KERAS_BACKEND=jax`` there.
+
+``--fit-on train+val --threshold-from RUN.json`` fits the final model on the validation slides
+too, with the threshold a train-only run chose on them; ``--train-slides F`` trains on a
+seeded fraction of the training slides (learning curves, with ``--eval val``).
 """
 
 from __future__ import annotations
@@ -226,6 +230,18 @@ class TimeToTarget(keras.callbacks.Callback):
                 "evaluation_seconds_left_out": round(self.overhead, 1)}
 
 
+def _some_slides(records: list[CellRecord], fraction: float, seed: int) -> list[CellRecord]:
+    """The cells of a seeded ``fraction`` of the slides in ``records`` (learning curves)."""
+    slides = sorted({r.slide for r in records})
+    rng = np.random.default_rng(seed)
+    keep = set(rng.choice(slides, size=max(1, round(fraction * len(slides))), replace=False))
+    return [r for r in records if r.slide in keep]
+
+
+def carried_threshold(path: Path, arch: str) -> float:
+    return float(json.loads(Path(path).read_text())[arch]["threshold"])
+
+
 def run_arch(arch: str, records: list, split: Any, args: argparse.Namespace,
              load: Loader) -> dict[str, Any]:
     preset = dict(PRESETS.get(arch, {}))
@@ -237,7 +253,12 @@ def run_arch(arch: str, records: list, split: Any, args: argparse.Namespace,
     for part in ("train", "val", "test"):
         if part == "test" and args.eval == "val":
             continue
-        sets[part] = load(split.of(records, part), size)
+        part_records = split.of(records, part)
+        if part == "train" and args.fit_on == "train+val":
+            part_records = part_records + split.of(records, "val")
+        if part == "train" and args.train_slides < 1.0:
+            part_records = _some_slides(part_records, args.train_slides, args.seed)
+        sets[part] = load(part_records, size)
     config = TrainConfig(arch=arch, max_minutes=args.minutes, seed=args.seed, **preset)
     workdir = Path(args.workdir) / f"{arch}-{size}-{os.getpid()}"
 
@@ -253,7 +274,10 @@ def run_arch(arch: str, records: list, split: Any, args: argparse.Namespace,
     model_bytes = save_for_serving(result.model, workdir / "model.keras")
     tta: bool | int = args.tta
     val_scores = predict_probabilities(result.model, sets["val"].images, tta=tta)
-    threshold = youden_threshold(sets["val"].labels, val_scores)
+    # Fitted on the validation slides too: they cannot choose the threshold, so it comes
+    # from a train-only run of the same recipe (its JSON).
+    threshold = (carried_threshold(args.threshold_from, arch) if args.fit_on == "train+val"
+                 else youden_threshold(sets["val"].labels, val_scores))
     target = sets[args.eval]
     scores = val_scores if args.eval == "val" else predict_probabilities(
         result.model, target.images, tta=tta)
@@ -266,6 +290,7 @@ def run_arch(arch: str, records: list, split: Any, args: argparse.Namespace,
         epochs=result.epochs_run, best_epoch=result.best_epoch, stopped=result.stopped,
         input_size=size, precision_policy=result.precision_policy, tta=tta,
         config=asdict(config), train_cells=len(sets["train"]), val_cells=len(sets["val"]),
+        train_slides=len(set(sets["train"].slides)), fit_on=args.fit_on,
     )
     if tracker is not None:
         metrics["time_to_target"] = tracker.report()
@@ -302,6 +327,13 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--seed", type=int, default=0, help="training seed")
     parser.add_argument("--tta", type=int, default=8, help="test-time views (1 = none)")
     parser.add_argument("--eval", choices=("test", "val"), default="test")
+    parser.add_argument("--train-slides", type=float, default=1.0,
+                        help="train on this seeded fraction of the training slides")
+    parser.add_argument("--fit-on", choices=("train", "train+val"), default="train",
+                        help="train+val: fit on the validation slides too (their metrics are "
+                        "then not held out) with the threshold of --threshold-from")
+    parser.add_argument("--threshold-from", type=Path,
+                        help="a train-only run's JSON whose threshold --fit-on train+val uses")
     parser.add_argument("--track-test", action="store_true",
                         help="test metrics after every epoch: time to reach the targets")
     parser.add_argument("--pack", type=Path, help="train from a pack instead of --data")
@@ -312,6 +344,10 @@ def main(argv: list[str] | None = None) -> int:
     args = parser.parse_args(argv)
     args.tta = args.tta if args.tta > 1 else False
 
+    if args.fit_on == "train+val" and args.eval == "val":
+        parser.error("--fit-on train+val trains on the validation slides: evaluate on test")
+    if args.fit_on == "train+val" and not args.threshold_from:
+        parser.error("--fit-on train+val needs --threshold-from")
     if args.track_test and args.eval == "val":
         parser.error("--track-test reads the test slides; it does not go with --eval val")
     if args.pack:

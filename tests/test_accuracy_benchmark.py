@@ -64,3 +64,29 @@ def test_time_to_target_scores_test_after_every_epoch(cells: Path, tmp_path: Pat
         assert row["met"] == all(row[k] >= v for k, v in TARGETS.items())
     assert report["reached"] == next((r for r in rows if r["met"]), None)
     assert report["evaluation_seconds_left_out"] >= 0
+
+
+def test_a_fraction_of_the_slides_keeps_whole_slides_and_the_same_ones(cells: Path) -> None:
+    from benchmarks.accuracy import _some_slides
+
+    records = records_from_folder(cells)
+    slides = {r.slide for r in records}
+
+    some = _some_slides(records, 0.5, seed=1)
+
+    kept = {r.slide for r in some}
+    assert len(kept) == round(len(slides) / 2)
+    assert some == [r for r in records if r.slide in kept]  # every cell of a kept slide
+    assert _some_slides(records, 0.5, seed=1) == some
+
+
+def test_fitting_on_the_validation_slides_needs_a_carried_threshold(cells: Path) -> None:
+    from benchmarks.accuracy import main
+
+    with pytest.raises(SystemExit) as refused:
+        main(["--data", str(cells), "--fit-on", "train+val"])
+    assert refused.value.code == 2
+    with pytest.raises(SystemExit) as refused:
+        main(["--data", str(cells), "--fit-on", "train+val", "--threshold-from", "x.json",
+              "--eval", "val"])
+    assert refused.value.code == 2
