@@ -44,6 +44,7 @@ BEST_WEIGHTS = "best.weights.h5"
 STATE = "state.json"
 
 Arrays = ArraySet | tuple[np.ndarray, np.ndarray]
+MONITORS = ("val_loss", "val_auc")
 
 
 @dataclass
@@ -73,6 +74,14 @@ class TrainConfig:
     augment: bool = True
     balance_classes: bool = True  # class weights when the classes are unbalanced
     dropout_after_sigmoid: bool = False  # the source article's mistake, for reproduction
+
+    def __post_init__(self) -> None:
+        # Refused here rather than after the first epoch, when the value is first read.
+        choices = {"monitor": MONITORS, "schedule": ("cosine", "constant"),
+                   "mixed_precision": ("auto", "float32", "mixed_bfloat16", "mixed_float16")}
+        for name, allowed in choices.items():
+            if getattr(self, name) not in allowed:
+                raise ValueError(f"{name} must be one of {allowed}, got {getattr(self, name)!r}")
 
     def resolved_input_size(self) -> int:
         return self.input_size or default_input_size(self.arch)

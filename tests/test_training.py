@@ -142,8 +142,6 @@ def test_restore_best_by_validation_auc_with_weight_averaging(
     auc = keras.metrics.AUC()
     auc.update_state(val_set.labels, probs)
     assert abs(float(auc.result()) - best["val_auc"]) < 1e-3
-    with pytest.raises(ValueError, match="monitor"):
-        train(_config(monitor="accuracy"), train_set, val_set, checkpoint_dir=tmp_path / "x")
 
 
 def test_other_backends_fit_on_the_arrays_with_sample_weights(
@@ -209,3 +207,9 @@ def test_bfloat16_tensor_cores_from_compute_capability(
               else SimpleNamespace())
 
     assert gpu_has_bf16(device) is expected
+
+
+@pytest.mark.parametrize("field", ["monitor", "schedule", "mixed_precision"])
+def test_an_unknown_setting_is_refused_before_training(field: str) -> None:
+    with pytest.raises(ValueError, match=field):
+        TrainConfig(**{field: "bogus"})  # type: ignore[arg-type]
