@@ -156,6 +156,20 @@ def _wait_for_bench_lock(lock: Path = BENCH_LOCK) -> None:
 Loader = Any  # (records, size) -> ArraySet
 
 
+def evaluate(model: keras.Model, val: ArraySet, target: ArraySet | None, tta: bool | int,
+             threshold: float | None = None) -> tuple[dict[str, Any], float, np.ndarray]:
+    """Metrics on ``target`` (validation itself when None) at ``threshold``, or else at the
+    one Youden's J picks on validation; also that threshold and the validation scores."""
+    val_scores = predict_probabilities(model, val.images, tta=tta)
+    if threshold is None:
+        threshold = youden_threshold(val.labels, val_scores)
+    if target is None:
+        target, scores = val, val_scores
+    else:
+        scores = predict_probabilities(model, target.images, tta=tta)
+    return binary_metrics(target.labels, scores, threshold, target.slides), threshold, val_scores
+
+
 def folder_loader(data: Path, cache_folder: Path) -> Loader:
     cache, read = ImageCache(cache_folder), folder_reader(data)
     return lambda records, size: load_arrays(records, cache, size, read)
@@ -207,10 +221,7 @@ class TimeToTarget(keras.callbacks.Callback):
     def on_epoch_end(self, epoch: int, logs: dict | None = None) -> None:
         began = time.perf_counter()
         seconds = began - self.started - self.overhead
-        val_scores = predict_probabilities(self.model, self.val.images, tta=self.tta)
-        threshold = youden_threshold(self.val.labels, val_scores)
-        scores = predict_probabilities(self.model, self.test.images, tta=self.tta)
-        m = binary_metrics(self.test.labels, scores, threshold, self.test.slides)
+        m, _, _ = evaluate(self.model, self.val, self.test, self.tta)
         row = {"epoch": epoch + 1, "train_seconds": round(seconds, 2),
                **{k: round(m[k], 5) for k in TARGETS},
                "met": all(m[k] >= v for k, v in TARGETS.items())}
@@ -273,15 +284,12 @@ def run_arch(arch: str, records: list, split: Any, args: argparse.Namespace,
                    on_epoch=progress, resume=False, callbacks=[tracker] if tracker else [])
     model_bytes = save_for_serving(result.model, workdir / "model.keras")
     tta: bool | int = args.tta
-    val_scores = predict_probabilities(result.model, sets["val"].images, tta=tta)
     # Fitted on the validation slides too: they cannot choose the threshold, so it comes
     # from a train-only run of the same recipe (its JSON).
-    threshold = (carried_threshold(args.threshold_from, arch) if args.fit_on == "train+val"
-                 else youden_threshold(sets["val"].labels, val_scores))
-    target = sets[args.eval]
-    scores = val_scores if args.eval == "val" else predict_probabilities(
-        result.model, target.images, tta=tta)
-    metrics = binary_metrics(target.labels, scores, threshold, target.slides)
+    carried = (carried_threshold(args.threshold_from, arch) if args.fit_on == "train+val"
+               else None)
+    metrics, threshold, val_scores = evaluate(
+        result.model, sets["val"], None if args.eval == "val" else sets["test"], tta, carried)
     metrics.update(
         evaluated_on=args.eval, threshold=threshold, val_auc=roc_auc(sets["val"].labels,
                                                                       val_scores),

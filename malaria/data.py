@@ -356,6 +356,11 @@ def load_arrays(records: Sequence[CellRecord], cache: ImageCache, size: int,
     return ArraySet(images, labels, slides)
 
 
+def sample_weights(labels: np.ndarray, weights: dict[int, float]) -> np.ndarray:
+    """Each cell's weight from its class's (``class_weights``)."""
+    return np.where(np.asarray(labels) > 0.5, weights[1], weights[0]).astype(np.float32)
+
+
 def make_dataset(images: np.ndarray, labels: np.ndarray, *, batch_size: int,
                  shuffle: bool, seed: int = 0,
                  weights: dict[int, float] | None = None) -> tf.data.Dataset:
@@ -367,8 +372,7 @@ def make_dataset(images: np.ndarray, labels: np.ndarray, *, batch_size: int,
     labels = np.asarray(labels, dtype=np.float32)
     parts: tuple[np.ndarray, ...] = (images, labels)
     if weights:
-        sample_weight = np.where(labels > 0.5, weights[1], weights[0]).astype(np.float32)
-        parts = (images, labels, sample_weight)
+        parts = (images, labels, sample_weights(labels, weights))
     ds = tf.data.Dataset.from_tensor_slices(parts)
     if shuffle:
         ds = ds.shuffle(len(labels), seed=seed, reshuffle_each_iteration=True)

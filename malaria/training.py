@@ -36,7 +36,7 @@ from typing import Any
 import keras
 import numpy as np
 
-from malaria.data import ArraySet, class_weights, make_dataset
+from malaria.data import ArraySet, class_weights, make_dataset, sample_weights
 from malaria.models import build_model, default_input_size
 
 LAST_MODEL = "last.keras"
@@ -442,9 +442,7 @@ def _fit_inputs(x_train: np.ndarray, y_train: np.ndarray, x_val: np.ndarray,
                 "validation_data": make_dataset(x_val, y_val, batch_size=max(batch, 256),
                                                 shuffle=False),
                 "shuffle": False}
-    sample_weight = None
-    if weights:
-        sample_weight = np.where(y_train > 0.5, weights[1], weights[0]).astype(np.float32)
+    sample_weight = sample_weights(y_train, weights) if weights else None
     return {"x": x_train, "y": y_train, "sample_weight": sample_weight, "batch_size": batch,
             "shuffle": True, "validation_data": (x_val, y_val),
             "validation_batch_size": max(batch, 256)}
@@ -517,7 +515,7 @@ def train(config: TrainConfig, train_arrays: Arrays, val_arrays: Arrays, *,
             model = keras.models.load_model(checkpoint_dir / LAST_MODEL)
             if jit and backend() == "jax":
                 _allow_xla_augmentation(model)
-                model.jit_compile = True
+                model.jit_compile = True  # load_model compiled it before XLA was allowed
         else:
             with dtype_policy(policy):
                 model = build_model(config.arch, size, augment=config.augment,
