@@ -164,6 +164,9 @@ class MemoryStore:
     def get_bytes(self, key: str) -> bytes:
         return self.data[key]
 
+    def get_many(self, keys: list[str]) -> list[bytes]:
+        return [self.data[key] for key in keys]
+
 
 def compute_bound(cells: list[tuple[str, bytes]], model_path: Path, batch_size: int,
                   concurrency: int, shard_size: int) -> tuple[float, dict[str, float]]:
@@ -205,10 +208,14 @@ def compute_bound(cells: list[tuple[str, bytes]], model_path: Path, batch_size: 
 
 def storage_bound(store: Any, keys: list[str], concurrency: int) -> float:
     """(c) concurrent GETs of the same objects with the scorer's own GET (the store's
-    ``get_bytes``), nothing decoded."""
+    ``get_many``, as many keys per call as a fetch thread sends together), nothing
+    decoded."""
+    from malaria.scoring import DEFAULT_PIPELINE
+
+    chunks = [keys[i:i + DEFAULT_PIPELINE] for i in range(0, len(keys), DEFAULT_PIPELINE)]
     start = time.perf_counter()
     with ThreadPoolExecutor(concurrency) as pool:
-        for _ in pool.map(store.get_bytes, keys):
+        for _ in pool.map(store.get_many, chunks):
             pass
     return len(keys) / (time.perf_counter() - start)
 
@@ -235,6 +242,7 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
         import keras
 
         from malaria.models import DEFAULT_ARCH, build_model, default_input_size
+        from malaria.scoring import DEFAULT_PIPELINE
         from malaria.training import cpu_has_bf16, dtype_policy, save_for_serving
 
         size = default_input_size(DEFAULT_ARCH)
@@ -303,7 +311,8 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
         **{k: round(v, 1) for k, v in results.items()},
         "cells": n, "cells_small": small, "slide_size": args.slide_size,
         "shard_size": args.shard_size, "batch_size": args.batch_size,
-        "concurrency": args.concurrency, "article_sample": len(files),
+        "concurrency": args.concurrency, "get_pipeline": DEFAULT_PIPELINE,
+        "article_sample": len(files),
         "compute_bound_cells": len(bound_cells),
         "compute_bound_detail": compute_detail,
         "model": f"{DEFAULT_ARCH} at {size}x{size}, {policy}, untrained weights, tf.function",

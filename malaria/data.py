@@ -25,7 +25,7 @@ from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
 from threading import Lock
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 from PIL import Image
@@ -362,11 +362,15 @@ def sample_weights(labels: np.ndarray, weights: dict[int, float]) -> np.ndarray:
 
 
 def make_dataset(images: np.ndarray, labels: np.ndarray, *, batch_size: int,
-                 shuffle: bool, seed: int = 0,
-                 weights: dict[int, float] | None = None) -> tf.data.Dataset:
+                 shuffle: bool, seed: int = 0, weights: dict[int, float] | None = None,
+                 mixup_alpha: float = 0.0) -> tf.data.Dataset:
     """A batched ``tf.data`` pipeline over in-memory uint8 arrays (the model scales and
     augments inside, so the pipeline only shuffles and batches). The real set at 64 px is
-    170 MB, so memory is not the constraint; a reshuffle each epoch is seeded."""
+    170 MB, so memory is not the constraint; a reshuffle each epoch is seeded.
+
+    ``mixup_alpha > 0`` blends each batch with a shuffled copy of itself (mixup): images,
+    labels and sample weights by the same Beta(alpha, alpha) fraction per cell, the images
+    rounded back to uint8 so the model's input stays what it serves on."""
     import tensorflow as tf
 
     labels = np.asarray(labels, dtype=np.float32)
@@ -376,4 +380,27 @@ def make_dataset(images: np.ndarray, labels: np.ndarray, *, batch_size: int,
     ds = tf.data.Dataset.from_tensor_slices(parts)
     if shuffle:
         ds = ds.shuffle(len(labels), seed=seed, reshuffle_each_iteration=True)
-    return ds.batch(batch_size).prefetch(tf.data.AUTOTUNE)
+    ds = ds.batch(batch_size)
+    if mixup_alpha > 0:
+        ds = ds.map(_mixup(mixup_alpha, seed), num_parallel_calls=tf.data.AUTOTUNE)
+    return ds.prefetch(tf.data.AUTOTUNE)
+
+
+def _mixup(alpha: float, seed: int) -> Callable[..., tuple[Any, ...]]:
+    import tensorflow as tf
+
+    def blend(images: Any, labels: Any, *weights: Any) -> tuple[Any, ...]:
+        n = tf.shape(labels)[0]
+        # Beta(a, a) from two Gamma(a) draws.
+        g1 = tf.random.gamma([n], alpha, seed=seed)
+        g2 = tf.random.gamma([n], alpha, seed=seed + 1)
+        fraction = g1 / (g1 + g2)
+        order = tf.random.shuffle(tf.range(n), seed=seed + 2)
+        mixed = (fraction[:, None, None, None] * tf.cast(images, tf.float32)
+                 + (1 - fraction[:, None, None, None])
+                 * tf.cast(tf.gather(images, order), tf.float32))
+        out = (tf.cast(tf.round(mixed), images.dtype),
+               fraction * labels + (1 - fraction) * tf.gather(labels, order))
+        return out + tuple(fraction * w + (1 - fraction) * tf.gather(w, order) for w in weights)
+
+    return blend

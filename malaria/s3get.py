@@ -22,6 +22,7 @@ import hmac
 import socket
 import ssl
 import threading
+from collections.abc import Sequence
 from datetime import UTC, datetime
 from typing import Any
 from urllib.parse import quote, urlsplit
@@ -178,6 +179,45 @@ class PathStyleGetter:
             raise ObjectNotFound(full_key)
         raise FastGetUnavailable(f"HTTP {status}")
 
+    def get_many(self, full_keys: Sequence[str]) -> list[bytes | Exception]:
+        """Each key's bytes, or the error for that key (``ObjectNotFound``, or
+        ``FastGetUnavailable`` for the caller's fallback), in order, with the requests
+        pipelined on this thread's connection: one write carries them all and the responses
+        are read back to back, so the server handles the batch in one wake-up instead of one
+        per object. A connection that breaks part-way gets the rest once more on a new one."""
+        requests = [self._request_bytes(self._base + quote(key, safe="/-_.~"))
+                    for key in full_keys]
+        results: list[bytes | Exception] = []
+        for attempt in range(2):
+            pending = requests[len(results):]
+            if not pending:
+                break
+            try:
+                sock = self._socket()
+                sock.sendall(b"".join(pending))
+                reader = _ResponseReader(sock)
+                for _ in pending:
+                    status, body, keep = reader.read()
+                    key = full_keys[len(results)]
+                    if status == 200:
+                        results.append(body)
+                    elif status == 404:
+                        results.append(ObjectNotFound(key))
+                    else:
+                        results.append(FastGetUnavailable(f"HTTP {status}"))
+                    if not keep:  # the server stops here: the rest go on a new connection
+                        self._drop_socket()
+                        break
+            except FastGetUnavailable:
+                self._drop_socket()  # out of step: the rest go through the fallback
+                break
+            except OSError:
+                self._drop_socket()
+                if attempt:
+                    break
+        unavailable = FastGetUnavailable("pipelined request not answered")
+        return results + [unavailable] * (len(full_keys) - len(results))
+
     def list_page(self, prefix: str,
                   continuation: str | None = None) -> tuple[list[ObjectInfo], str | None]:
         """One ListObjectsV2 page (up to 1,000 keys) under ``prefix``, in key order."""
@@ -189,14 +229,17 @@ class PathStyleGetter:
             raise FastGetUnavailable(f"HTTP {status}")
         return parse_list_page(body)
 
-    def _request(self, path: str, query: str = "") -> tuple[int, bytes]:
+    def _request_bytes(self, path: str, query: str = "") -> bytes:
         frozen = self._credentials.get_frozen_credentials()
         headers = self._signer.headers(self._netloc, path, frozen.access_key,
                                        frozen.secret_key, frozen.token, query=query)
         target = f"{path}?{query}" if query else path
-        request = (f"GET {target} HTTP/1.1\r\n"
-                   + "".join(f"{name}: {value}\r\n" for name, value in headers.items())
-                   + "\r\n").encode("latin-1")
+        return (f"GET {target} HTTP/1.1\r\n"
+                + "".join(f"{name}: {value}\r\n" for name, value in headers.items())
+                + "\r\n").encode("latin-1")
+
+    def _request(self, path: str, query: str = "") -> tuple[int, bytes]:
+        request = self._request_bytes(path, query)
         for attempt in range(2):  # a kept-alive connection the server closed: once more
             try:
                 status, body, keep = _exchange(self._socket(), request)
@@ -218,48 +261,68 @@ _MAX_HEADER = 64 * 1024
 
 
 def _exchange(sock: socket.socket, request: bytes) -> tuple[int, bytes, bool]:
-    """Send one request, read one response: ``(status, body, connection reusable)``.
+    """Send one request, read one response: ``(status, body, connection reusable)``."""
+    sock.sendall(request)
+    reader = _ResponseReader(sock)
+    response = reader.read()
+    if reader.buffered:  # more than the one response announced: the stream is out of step
+        raise FastGetUnavailable("body longer than Content-Length")
+    return response
+
+
+class _ResponseReader:
+    """HTTP/1.1 responses read one after the other from a socket; bytes that arrive beyond
+    one response are kept for the next (pipelining).
 
     Only what a GET of an object needs: a status line, headers and a body of
     ``Content-Length`` bytes. A chunked or unframed response, or anything malformed, is
     ``FastGetUnavailable`` (the caller drops the connection and asks boto3 instead)."""
-    sock.sendall(request)
-    buffer = bytearray()
-    while (end := buffer.find(b"\r\n\r\n")) < 0:
-        if len(buffer) > _MAX_HEADER:
-            raise FastGetUnavailable("response header too large")
-        chunk = sock.recv(65536)
+
+    def __init__(self, sock: socket.socket) -> None:
+        self._sock = sock
+        self._buffer = bytearray()
+
+    @property
+    def buffered(self) -> int:
+        return len(self._buffer)
+
+    def _fill(self, size: int = 65536) -> None:
+        chunk = self._sock.recv(size)
         if not chunk:
-            raise ConnectionResetError("closed before a response")
-        buffer += chunk
-    lines = bytes(buffer[:end]).decode("latin-1").split("\r\n")
-    version, _, rest = lines[0].partition(" ")
-    try:
-        status = int(rest[:3])
-    except ValueError:
-        raise FastGetUnavailable("malformed status line") from None
-    keep = version == "HTTP/1.1"
-    length = -1
-    for line in lines[1:]:
-        name, _, value = line.partition(":")
-        name = name.strip().lower()
-        if name == "content-length":
-            length = int(value) if value.strip().isdigit() else -2
-        elif name == "transfer-encoding":
-            raise FastGetUnavailable("transfer-encoding")
-        elif name == "connection" and value.strip().lower() == "close":
-            keep = False
-    if length < 0:
-        raise FastGetUnavailable("no usable Content-Length")
-    body = buffer[end + 4:]
-    while len(body) < length:
-        chunk = sock.recv(max(65536, length - len(body)))
-        if not chunk:
-            raise ConnectionResetError("closed in the body")
-        body += chunk
-    if len(body) != length:  # more than announced: the stream is out of step
-        raise FastGetUnavailable("body longer than Content-Length")
-    return status, bytes(body), keep
+            raise ConnectionResetError("closed before the response ended")
+        self._buffer += chunk
+
+    def read(self) -> tuple[int, bytes, bool]:
+        """``(status, body, connection reusable)`` of the next response."""
+        while (end := self._buffer.find(b"\r\n\r\n")) < 0:
+            if len(self._buffer) > _MAX_HEADER:
+                raise FastGetUnavailable("response header too large")
+            self._fill()
+        lines = bytes(self._buffer[:end]).decode("latin-1").split("\r\n")
+        version, _, rest = lines[0].partition(" ")
+        try:
+            status = int(rest[:3])
+        except ValueError:
+            raise FastGetUnavailable("malformed status line") from None
+        keep = version == "HTTP/1.1"
+        length = -1
+        for line in lines[1:]:
+            name, _, value = line.partition(":")
+            name = name.strip().lower()
+            if name == "content-length":
+                length = int(value) if value.strip().isdigit() else -2
+            elif name == "transfer-encoding":
+                raise FastGetUnavailable("transfer-encoding")
+            elif name == "connection" and value.strip().lower() == "close":
+                keep = False
+        if length < 0:
+            raise FastGetUnavailable("no usable Content-Length")
+        start = end + 4
+        while len(self._buffer) < start + length:
+            self._fill(max(65536, start + length - len(self._buffer)))
+        body = bytes(self._buffer[start:start + length])
+        del self._buffer[:start + length]
+        return status, body, keep
 
 
 _LEAN: dict[tuple[str, str, str], PathStyleGetter | None] = {}

@@ -71,6 +71,13 @@ class TrainConfig:
     mixed_precision: str = "auto"  # "auto", "float32", "mixed_bfloat16", "mixed_float16"
     xla: bool | str = "auto"  # "auto": on GPUs only (XLA convolutions lose on CPUs)
     label_smoothing: float = 0.1  # robustness to the known label noise
+    # Fraction of each training batch with the highest loss left out of the gradient
+    # (loss truncation): the dataset's known mislabelled cells are the ones the model keeps
+    # getting confidently "wrong", so they stop pulling the weights. 0: off.
+    drop_highest_loss: float = 0.0
+    # Mixup (blend each batch with a shuffled copy, labels alike) with Beta(alpha, alpha)
+    # fractions; 0: off. TensorFlow's input pipeline only.
+    mixup_alpha: float = 0.0
     augment: bool = True
     balance_classes: bool = True  # class weights when the classes are unbalanced
     dropout_after_sigmoid: bool = False  # the source article's mistake, for reproduction
@@ -82,6 +89,8 @@ class TrainConfig:
         for name, allowed in choices.items():
             if getattr(self, name) not in allowed:
                 raise ValueError(f"{name} must be one of {allowed}, got {getattr(self, name)!r}")
+        if not 0.0 <= self.drop_highest_loss < 0.5:
+            raise ValueError(f"drop_highest_loss must be in [0, 0.5), got {self.drop_highest_loss}")
 
     def resolved_input_size(self) -> int:
         return self.input_size or default_input_size(self.arch)
@@ -433,15 +442,17 @@ def _allow_xla_augmentation(model: keras.Model) -> None:
 
 def _fit_inputs(x_train: np.ndarray, y_train: np.ndarray, x_val: np.ndarray,
                 y_val: np.ndarray, *, batch: int, seed: int,
-                weights: dict[int, float] | None) -> dict[str, Any]:
+                weights: dict[int, float] | None, mixup_alpha: float = 0.0) -> dict[str, Any]:
     """``model.fit`` arguments for the data: a tf.data pipeline under TensorFlow, the arrays
     themselves (Keras batches and shuffles them) under other backends."""
     if backend() == "tensorflow":
         return {"x": make_dataset(x_train, y_train, batch_size=batch, shuffle=True, seed=seed,
-                                  weights=weights),
+                                  weights=weights, mixup_alpha=mixup_alpha),
                 "validation_data": make_dataset(x_val, y_val, batch_size=max(batch, 256),
                                                 shuffle=False),
                 "shuffle": False}
+    if mixup_alpha > 0:
+        raise ValueError("mixup needs TensorFlow's input pipeline (KERAS_BACKEND=tensorflow)")
     sample_weight = sample_weights(y_train, weights) if weights else None
     return {"x": x_train, "y": y_train, "sample_weight": sample_weight, "batch_size": batch,
             "shuffle": True, "validation_data": (x_val, y_val),
@@ -457,10 +468,48 @@ def _compile(model: keras.Model, config: TrainConfig, jit: bool) -> None:
                                        ema_momentum=config.ema_momentum if ema else 0.99)
     model.compile(
         optimizer=optimizer,
-        loss=keras.losses.BinaryCrossentropy(label_smoothing=config.label_smoothing),
+        loss=TruncatedBinaryCrossentropy(label_smoothing=config.label_smoothing,
+                                         drop_fraction=config.drop_highest_loss),
         metrics=[keras.metrics.BinaryAccuracy(name="accuracy"), keras.metrics.AUC(name="auc")],
         jit_compile=jit,
     )
+
+
+@keras.saving.register_keras_serializable(package="malaria")
+class TruncatedBinaryCrossentropy(keras.losses.Loss):
+    """Binary cross-entropy (with label smoothing) that leaves out of each batch the
+    ``drop_fraction`` of samples with the highest loss.
+
+    With ``drop_fraction=0`` it is ``keras.losses.BinaryCrossentropy``. The left-out samples
+    get a loss of 0 (so no gradient); the batch mean still divides by the whole batch, a
+    constant factor the learning rate absorbs. Written with ``keras.ops`` only, so it runs
+    under every backend, and the cut is found by sorting, so a short last batch works too.
+    """
+
+    def __init__(self, label_smoothing: float = 0.0, drop_fraction: float = 0.0,
+                 name: str = "truncated_binary_crossentropy", **kwargs: Any) -> None:
+        super().__init__(name=name, **kwargs)
+        self.label_smoothing = float(label_smoothing)
+        self.drop_fraction = float(drop_fraction)
+
+    def call(self, y_true: Any, y_pred: Any) -> Any:
+        ops = keras.ops
+        # One probability per cell; labels may come as (n,) or (n, 1).
+        y_true, y_pred = ops.reshape(y_true, (-1, 1)), ops.reshape(y_pred, (-1, 1))
+        losses = keras.losses.binary_crossentropy(y_true, y_pred,
+                                                  label_smoothing=self.label_smoothing)
+        if self.drop_fraction <= 0.0:
+            return losses
+        n = ops.shape(losses)[0]
+        keep = ops.cast(ops.ceil(ops.cast(n, "float32") * (1.0 - self.drop_fraction)),
+                        "int32")
+        # The keep-th smallest loss is the cut: everything above it is left out.
+        cut = ops.take(ops.sort(losses), keep - 1)
+        return ops.where(losses <= cut, losses, ops.zeros_like(losses))
+
+    def get_config(self) -> dict[str, Any]:
+        return {**super().get_config(), "label_smoothing": self.label_smoothing,
+                "drop_fraction": self.drop_fraction}
 
 
 def _fresh_state(config: TrainConfig) -> dict[str, Any]:
@@ -526,7 +575,8 @@ def train(config: TrainConfig, train_arrays: Arrays, val_arrays: Arrays, *,
     batch = config.batch_size * strategy.num_replicas_in_sync
     weights = class_weights(y_train) if config.balance_classes else None
     fit_inputs = _fit_inputs(x_train, y_train, x_val, y_val, batch=batch,
-                             seed=config.seed + resumed_from, weights=weights)
+                             seed=config.seed + resumed_from, weights=weights,
+                             mixup_alpha=config.mixup_alpha)
     steps = math.ceil(len(y_train) / batch)
     state["train_images_per_epoch"] = len(y_train)
     # Time already spent in this call (building, probing precision) counts against the budget.

@@ -201,3 +201,22 @@ def test_make_dataset_batches_and_weights() -> None:
     batches = list(ds.as_numpy_iterator())
     assert [len(b[0]) for b in batches] == [4, 4, 2]
     assert len(batches[0]) == 3 and batches[0][0].dtype == np.uint8
+
+
+def test_mixup_blends_images_labels_and_weights_by_the_same_fraction() -> None:
+    """Uninfected cells all 0, parasitized all 200: after mixup a cell's pixel value / 200
+    is its label (to rounding), and its weight is blended the same way."""
+    from malaria.data import make_dataset
+
+    labels = np.array([0, 1] * 32, np.float32)
+    images = (labels[:, None, None, None] * 200 * np.ones((64, 4, 4, 3))).astype(np.uint8)
+    dataset = make_dataset(images, labels, batch_size=16, shuffle=True, seed=5,
+                           weights={0: 1.0, 1: 2.0}, mixup_alpha=0.4)
+    blended = 0
+    for batch_images, batch_labels, batch_weights in dataset:
+        x, y, w = batch_images.numpy(), batch_labels.numpy(), batch_weights.numpy()
+        assert x.dtype == np.uint8
+        assert np.abs(x.astype(np.float32) / 200 - y[:, None, None, None]).max() <= 0.5 / 200 + 1e-6
+        assert np.allclose(w, 1 + y, atol=1e-5)
+        blended += int(((y > 0.01) & (y < 0.99)).sum())
+    assert blended > 0  # some cells really were mixed

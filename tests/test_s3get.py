@@ -144,3 +144,68 @@ def test_listing_falls_back_to_boto3_after_the_last_key(
 
     monkeypatch.setattr(PathStyleGetter, "list_page", one_page_then_fail)
     assert [o.key for o in seaweed_bucket.list("scans/")] == keys
+
+
+def test_pipelined_get_many_matches_boto3_and_marks_missing_keys(seaweed_bucket: S3Store) -> None:
+    """Twenty requests in one write on one connection: every answer in order, a missing key
+    in the middle answered as missing without upsetting the ones after it."""
+    keys = [f"scans/7/cell {n:02d}+é.png" for n in range(20)]
+    for number, key in enumerate(keys):
+        seaweed_bucket.put_bytes(key, bytes([number]) * (700 + 997 * number))
+    asked = [*keys[:10], "scans/7/missing.png", *keys[10:]]
+    lean = path_style_client(seaweed_bucket.client, seaweed_bucket.bucket)
+    assert lean is not None
+    answers = lean.get_many(asked)
+    assert isinstance(answers[10], ObjectNotFound)
+    assert [a for i, a in enumerate(answers) if i != 10] == [
+        boto3_bytes(seaweed_bucket, key) for key in keys]
+    through_store = seaweed_bucket.get_many(asked)
+    assert isinstance(through_store[10], ObjectNotFound)
+    assert str(through_store[10]) == repr("scans/7/missing.png")
+    assert [a for i, a in enumerate(through_store) if i != 10] == answers[:10] + answers[11:]
+
+
+def test_pipelined_get_many_survives_a_dropped_connection(seaweed_bucket: S3Store) -> None:
+    seaweed_bucket.put_bytes("scans/1/a.png", b"first")
+    seaweed_bucket.put_bytes("scans/1/b.png", b"second")
+    lean = path_style_client(seaweed_bucket.client, seaweed_bucket.bucket)
+    assert lean is not None
+    assert lean.get_many(["scans/1/a.png"]) == [b"first"]
+    lean._local.sock.close()  # the server went away between two batches
+    assert lean.get_many(["scans/1/a.png", "scans/1/b.png"]) == [b"first", b"second"]
+
+
+def test_refused_pipelined_gets_fall_back_to_boto3(seaweed_bucket: S3Store,
+                                                   monkeypatch: pytest.MonkeyPatch) -> None:
+    """403s on the pipelined path are not answers: each key is read through boto3."""
+    seaweed_bucket.put_bytes("scans/1/a.png", b"cell a")
+    seaweed_bucket.put_bytes("scans/1/b.png", b"cell b")
+    client = s3_client()
+    getter = PathStyleGetter(client.meta.endpoint_url, seaweed_bucket.bucket,
+                             client.meta.region_name, Credentials("AKIDWRONG", "nope"))
+    assert all(isinstance(a, FastGetUnavailable)
+               for a in getter.get_many(["scans/1/a.png", "scans/1/b.png"]))
+    monkeypatch.setattr("malaria.s3get.path_style_client", lambda *_: getter)
+    answers = seaweed_bucket.get_many(["scans/1/a.png", "scans/1/missing", "scans/1/b.png"])
+    assert answers[0] == b"cell a" and answers[2] == b"cell b"
+    assert isinstance(answers[1], ObjectNotFound)
+
+
+def test_response_reader_splits_back_to_back_responses() -> None:
+    """Two responses arriving in one read, the second split across reads: each body is
+    framed by its own Content-Length; a response without one is refused."""
+    import socket
+
+    from malaria.s3get import _ResponseReader
+
+    ours, theirs = socket.socketpair()
+    with ours, theirs:
+        first = b"HTTP/1.1 200 OK\r\nContent-Length: 5\r\n\r\nhello"
+        second = b"HTTP/1.1 404 Not Found\r\ncontent-length: 3\r\nConnection: close\r\n\r\nno!"
+        theirs.sendall(first + second[:20])
+        reader = _ResponseReader(ours)
+        assert reader.read() == (200, b"hello", True)
+        theirs.sendall(second[20:] + b"HTTP/1.1 200 OK\r\n\r\n")
+        assert reader.read() == (404, b"no!", False)
+        with pytest.raises(FastGetUnavailable):
+            reader.read()

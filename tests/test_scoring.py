@@ -494,3 +494,31 @@ def test_the_slide_tally_counts_shards_and_says_when_a_slide_is_complete() -> No
     assert tally.pop("9").slide == "9" and not tally.complete("9")
     tally.drop("8")
     assert tally.shard_done(result(1)) is None and report.shards_scored == 1
+
+
+def test_pipelined_fetch_keeps_every_cell_in_its_place(s3_store: S3Store,
+                                                       tiny_model: Path) -> None:
+    """Cells fetched a few per round trip: chunks that do not divide the cells or the batch,
+    an empty object (refused from the listing, never fetched) and a missing one inside a
+    chunk all land on their own row, as they do one cell per request."""
+    from malaria.scoring import Cell, ModelRef, load_model, score_cells
+
+    cells = []
+    for n, cell in enumerate(generate_scan_cells(9, slide_id=701, seed=2)):
+        key = f"scans/701/c{n}.png"
+        s3_store.put_bytes(key, cell.data)
+        cells.append(Cell(key, "e", len(cell.data)))
+    s3_store.put_bytes("scans/701/empty.png", b"")
+    cells.insert(4, Cell("scans/701/empty.png", "e", 0))
+    cells.insert(7, Cell("scans/701/gone.png", "e", 99))
+    model = load_model(ModelRef("t", 0.5, "file", str(tiny_model)))
+    one_by_one = score_cells(s3_store, cells, model, batch_size=4, pipeline=1)
+    assert one_by_one[4][0] is None and one_by_one[4][1] != ""
+    assert one_by_one[7] == (None, "missing_object")
+    assert sum(p is not None for p, _ in one_by_one) == 9
+    for pipeline in (3, 8, 32):
+        pipelined = score_cells(s3_store, cells, model, batch_size=4, pipeline=pipeline)
+        assert [e for _, e in pipelined] == [e for _, e in one_by_one]
+        assert [p is None for p, _ in pipelined] == [p is None for p, _ in one_by_one]
+        assert [p for p, _ in pipelined if p is not None] == pytest.approx(
+            [p for p, _ in one_by_one if p is not None], abs=1e-6)

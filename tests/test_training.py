@@ -213,3 +213,26 @@ def test_bfloat16_tensor_cores_from_compute_capability(
 def test_an_unknown_setting_is_refused_before_training(field: str) -> None:
     with pytest.raises(ValueError, match=field):
         TrainConfig(**{field: "bogus"})  # type: ignore[arg-type]
+
+
+def test_truncated_loss_leaves_out_the_worst_cells_of_a_batch() -> None:
+    """With nothing to drop it is Keras's binary cross-entropy (label smoothing included);
+    with a quarter to drop, the one cell of four with the highest loss adds nothing."""
+    import keras
+
+    from malaria.training import TrainConfig, TruncatedBinaryCrossentropy
+
+    labels = np.array([1, 0, 1, 0], np.float32)  # (n,), as the input pipeline gives them
+    probabilities = np.array([[0.9], [0.2], [0.05], [0.6]], np.float32)
+    plain = keras.losses.BinaryCrossentropy(label_smoothing=0.1)(labels[:, None], probabilities)
+    assert float(TruncatedBinaryCrossentropy(0.1)(labels, probabilities)) == pytest.approx(
+        float(plain), rel=1e-6)
+    each = keras.losses.binary_crossentropy(labels[:, None], probabilities,
+                                            label_smoothing=0.1).numpy()
+    truncated = TruncatedBinaryCrossentropy(0.1, drop_fraction=0.25)(labels, probabilities)
+    assert float(truncated) == pytest.approx((each.sum() - each.max()) / 4, rel=1e-5)
+    restored = TruncatedBinaryCrossentropy.from_config(
+        TruncatedBinaryCrossentropy(0.1, drop_fraction=0.25).get_config())
+    assert (restored.label_smoothing, restored.drop_fraction) == (0.1, 0.25)
+    with pytest.raises(ValueError, match="drop_highest_loss"):
+        TrainConfig(drop_highest_loss=0.5)
