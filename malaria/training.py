@@ -254,22 +254,38 @@ def distribution_strategy() -> Any:
 # ------------------------------------------------------------------------------ schedule
 
 
-def learning_rate_at(step: int, total_steps: int, warmup_steps: int, config: TrainConfig) -> float:
+def learning_rate_at(step: int, total_steps: int, warmup_steps: int, config: TrainConfig,
+                     anchor: tuple[int, float] | None = None) -> float:
     """Linear warm-up to the peak, then cosine decay to ``min_lr_fraction`` of it.
 
     Warm-up keeps the first steps of Adam (with BN statistics still settling) from
     overshooting; cosine decay lets a short, time-boxed run finish at a low learning rate,
     where most of the final accuracy is gained.
+
+    ``anchor = (step0, progress0)``: the decay had reached ``progress0`` (0 to 1) at
+    ``step0`` under an earlier plan, and goes on from there to 1 at ``total_steps``. A time
+    budget re-plans ``total_steps`` as epochs speed up or slow down; going on from where the
+    decay is keeps the rate from ever stepping back up (or jumping down) at a re-plan.
     """
     peak = config.learning_rate
     if config.schedule == "constant":
         return peak
     if warmup_steps and step < warmup_steps:
         return peak * (step + 1) / warmup_steps
-    span = max(1, total_steps - warmup_steps)
-    progress = min(1.0, (step - warmup_steps) / span)
+    start, done = anchor if anchor is not None else (warmup_steps, 0.0)
+    span = max(1, total_steps - start)
+    progress = min(1.0, done + (1.0 - done) * max(0, step - start) / span)
     floor = config.min_lr_fraction
     return peak * (floor + (1 - floor) * 0.5 * (1 + math.cos(math.pi * progress)))
+
+
+def decay_progress(step: int, total_steps: int, warmup_steps: int,
+                   anchor: tuple[int, float] | None = None) -> float:
+    """How far (0 to 1) the cosine decay of :func:`learning_rate_at` is at ``step``."""
+    if step <= warmup_steps:
+        return 0.0
+    start, done = anchor if anchor is not None else (warmup_steps, 0.0)
+    return min(1.0, done + (1.0 - done) * max(0, step - start) / max(1, total_steps - start))
 
 
 # ---------------------------------------------------------------------------- callbacks
@@ -323,9 +339,13 @@ class _Trainer(keras.callbacks.Callback):
     def elapsed(self) -> float:
         return self.state["seconds"] + time.perf_counter() - self.started
 
+    def _anchor(self) -> tuple[int, float] | None:
+        anchor = self.state.get("decay_anchor")
+        return (int(anchor[0]), float(anchor[1])) if anchor else None
+
     def _set_lr(self) -> None:
         total = self.state["planned_epochs"] * self.steps_per_epoch
-        lr = learning_rate_at(self.step, total, self.warmup_steps, self.config)
+        lr = learning_rate_at(self.step, total, self.warmup_steps, self.config, self._anchor())
         # JAX's fit loop carries the variables in a state tuple between steps; sync them
         # back first, or the next step would run with the old rate.
         sync = getattr(self.model, "jax_state_sync", None)
@@ -360,7 +380,13 @@ class _Trainer(keras.callbacks.Callback):
         per_epoch = max(float(np.mean(recent)), recent[-1])
         remaining = budget - self.elapsed()
         fits = self.state["epoch"] + max(0, int(remaining // per_epoch))
-        self.state["planned_epochs"] = max(self.state["epoch"], min(self.config.epochs, fits))
+        planned = max(self.state["epoch"], min(self.config.epochs, fits))
+        if planned != self.state["planned_epochs"] and self.step > self.warmup_steps:
+            # The decay goes on from where it is, over the new number of steps.
+            total = self.state["planned_epochs"] * self.steps_per_epoch
+            done = decay_progress(self.step, total, self.warmup_steps, self._anchor())
+            self.state["decay_anchor"] = [self.step, done]
+        self.state["planned_epochs"] = planned
 
     def on_epoch_end(self, epoch: int, logs: dict | None = None) -> None:
         now = time.perf_counter()

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import itertools
 import json
+import time
 from pathlib import Path
 
 import keras
@@ -53,6 +54,41 @@ def test_schedule_warms_up_then_decays() -> None:
     assert all(a >= b for a, b in itertools.pairwise(lrs[9:]))
     assert lrs[-1] == pytest.approx(0.1, abs=1e-3)
     assert learning_rate_at(500, 100, 10, config) == pytest.approx(0.1)
+
+
+def test_a_replanned_decay_goes_on_from_where_it_was() -> None:
+    """Epochs speed up half-way and the time budget plans twice as many: the rate goes on
+    from its current value, down to the floor at the new end, and never steps back up."""
+    from malaria.training import decay_progress
+
+    config = TrainConfig(learning_rate=1.0, min_lr_fraction=0.1)
+    before = [learning_rate_at(step, 100, 10, config) for step in range(50)]
+    anchor = (50, decay_progress(50, 100, 10))
+    after = [learning_rate_at(step, 200, 10, config, anchor) for step in range(50, 200)]
+    assert after[0] == pytest.approx(learning_rate_at(50, 100, 10, config))
+    assert all(a >= b for a, b in itertools.pairwise(before[9:] + after))
+    assert after[-1] == pytest.approx(0.1, abs=1e-3)
+    # Without the anchor the longer plan would have put the rate back up.
+    assert learning_rate_at(50, 200, 10, config) > before[-1]
+
+
+def test_the_trainer_anchors_the_decay_when_the_budget_replans(tmp_path: Path) -> None:
+    from malaria.training import _fresh_state, _Trainer
+
+    config = _config(epochs=200, max_minutes=1.0)
+    state = _fresh_state(config)
+    state.update(epoch=3, planned_epochs=10)
+    trainer = _Trainer(config, state, steps_per_epoch=10, checkpoint_dir=tmp_path,
+                       on_epoch=None, started=time.perf_counter())
+    trainer.step = 30
+    rate_before = learning_rate_at(30, 100, trainer.warmup_steps, config)
+    trainer.epoch_seconds = [5.0, 1.0, 1.0]  # about 57 more epochs fit in the minute
+    trainer._replan()
+    assert state["planned_epochs"] > 50
+    assert state["decay_anchor"][0] == 30
+    total = state["planned_epochs"] * 10
+    assert learning_rate_at(30, total, trainer.warmup_steps, config,
+                            tuple(state["decay_anchor"])) == pytest.approx(rate_before)
 
 
 class Interrupted(RuntimeError):
