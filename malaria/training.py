@@ -42,6 +42,7 @@ from malaria.models import build_model, default_input_size
 LAST_MODEL = "last.keras"
 BEST_WEIGHTS = "best.weights.h5"
 STATE = "state.json"
+AVERAGE_WEIGHTS = "average.npz"
 
 Arrays = ArraySet | tuple[np.ndarray, np.ndarray]
 MONITORS = ("val_loss", "val_auc")
@@ -78,6 +79,11 @@ class TrainConfig:
     # Mixup (blend each batch with a shuffled copy, labels alike) with Beta(alpha, alpha)
     # fractions; 0: off. TensorFlow's input pipeline only.
     mixup_alpha: float = 0.0
+    # Weight averaging over the tail of the decay (stochastic weight averaging): the weights
+    # at the end of every epoch in the last ``average_tail`` of the cosine (0.25: its last
+    # quarter), BatchNorm statistics included, are averaged, and the average is the model
+    # returned instead of the best epoch. 0: off.
+    average_tail: float = 0.0
     augment: bool = True
     balance_classes: bool = True  # class weights when the classes are unbalanced
     dropout_after_sigmoid: bool = False  # the source article's mistake, for reproduction
@@ -89,6 +95,8 @@ class TrainConfig:
         for name, allowed in choices.items():
             if getattr(self, name) not in allowed:
                 raise ValueError(f"{name} must be one of {allowed}, got {getattr(self, name)!r}")
+        if not 0.0 <= self.average_tail <= 1.0:
+            raise ValueError(f"average_tail must be in [0, 1], got {self.average_tail}")
         if not 0.0 <= self.drop_highest_loss < 0.5:
             raise ValueError(f"drop_highest_loss must be in [0, 0.5), got {self.drop_highest_loss}")
 
@@ -388,6 +396,28 @@ class _Trainer(keras.callbacks.Callback):
             self.state["decay_anchor"] = [self.step, done]
         self.state["planned_epochs"] = planned
 
+    def _average_tail(self) -> None:
+        """Fold this epoch's weights into the running average once the decay is in its
+        tail; the average is written beside the checkpoint so that a resumed run keeps it."""
+        if self.config.average_tail <= 0:
+            return
+        total = self.state["planned_epochs"] * self.steps_per_epoch
+        done = decay_progress(self.step, total, self.warmup_steps, self._anchor())
+        if done < 1.0 - self.config.average_tail - 1e-9:
+            return
+        path = self.checkpoint_dir / AVERAGE_WEIGHTS
+        count = int(self.state.get("averaged_epochs", 0))
+        weights = [np.asarray(w, dtype=np.float64) for w in self.model.get_weights()]
+        if count and path.exists():
+            with np.load(path) as saved:
+                previous = [saved[f"w{i}"] for i in range(len(weights))]
+            weights = [p + (w - p) / (count + 1) for p, w in zip(previous, weights, strict=True)]
+        tmp = path.with_name(".tmp-" + path.name)
+        with open(tmp, "wb") as handle:
+            np.savez(handle, **{f"w{i}": w for i, w in enumerate(weights)})
+        os.replace(tmp, path)
+        self.state["averaged_epochs"] = count + 1
+
     def on_epoch_end(self, epoch: int, logs: dict | None = None) -> None:
         now = time.perf_counter()
         train_time = self.last_batch_end - self.epoch_start
@@ -411,6 +441,7 @@ class _Trainer(keras.callbacks.Callback):
             _save_weights(self.model, self.checkpoint_dir / BEST_WEIGHTS)
         else:
             state["wait"] += 1
+        self._average_tail()
         self._replan()
         _save_model(self.model, self.checkpoint_dir / LAST_MODEL)
         state["seconds"] = self.elapsed()
@@ -620,7 +651,12 @@ def train(config: TrainConfig, train_arrays: Arrays, val_arrays: Arrays, *,
         trainer.stopped = "epochs"
 
     best = checkpoint_dir / BEST_WEIGHTS
-    if best.exists() and state["best_epoch"]:
+    average = checkpoint_dir / AVERAGE_WEIGHTS
+    if config.average_tail > 0 and state.get("averaged_epochs") and average.exists():
+        with np.load(average) as saved:
+            current = model.get_weights()
+            model.set_weights([saved[f"w{i}"].astype(w.dtype) for i, w in enumerate(current)])
+    elif best.exists() and state["best_epoch"]:
         model.load_weights(best)
     seconds = time.perf_counter() - started
     return TrainResult(
@@ -634,7 +670,8 @@ def train(config: TrainConfig, train_arrays: Arrays, val_arrays: Arrays, *,
         precision_policy=policy,
         stopped=trainer.stopped,
         extra={"planned_epochs": state["planned_epochs"], "class_weights": weights,
-               "total_seconds": state["seconds"]},
+               "total_seconds": state["seconds"],
+               "averaged_epochs": int(state.get("averaged_epochs", 0))},
     )
 
 

@@ -272,3 +272,29 @@ def test_truncated_loss_leaves_out_the_worst_cells_of_a_batch() -> None:
     assert (restored.label_smoothing, restored.drop_fraction) == (0.1, 0.25)
     with pytest.raises(ValueError, match="drop_highest_loss"):
         TrainConfig(drop_highest_loss=0.5)
+
+
+def test_tail_averaging_returns_the_mean_of_the_tail_epochs(
+        synthetic: tuple[ArraySet, ArraySet], tmp_path: Path) -> None:
+    """With the whole decay as its tail, every epoch's end-of-epoch weights (BatchNorm
+    statistics included) are averaged, and a run resumed after a crash keeps the average."""
+    train_set, val_set = synthetic
+    config = _config(epochs=3, average_tail=1.0)
+    snapshots: list[list[np.ndarray]] = []
+
+    class Snapshot(keras.callbacks.Callback):
+        def on_epoch_end(self, epoch: int, logs: dict | None = None) -> None:
+            snapshots.append([np.array(w) for w in self.model.get_weights()])
+
+    class CrashAtTwo(keras.callbacks.Callback):
+        def on_epoch_end(self, epoch: int, logs: dict | None = None) -> None:
+            if epoch + 1 == 2:  # after the checkpoint and the snapshot of epoch 2
+                raise Interrupted("worker killed")
+
+    with pytest.raises(Interrupted):
+        train(config, train_set, val_set, checkpoint_dir=tmp_path,
+              callbacks=[Snapshot(), CrashAtTwo()])
+    result = train(config, train_set, val_set, checkpoint_dir=tmp_path, callbacks=[Snapshot()])
+    assert len(snapshots) == 3 and result.extra["averaged_epochs"] == 3
+    for got, *epochs in zip(result.model.get_weights(), *snapshots, strict=True):
+        np.testing.assert_allclose(got, np.mean(epochs, axis=0), rtol=1e-5, atol=1e-6)
