@@ -762,22 +762,19 @@ class ShardResult:
 
 def _fetch_prepare(store: Store, cells: Sequence[Cell], size: int,
                    limits: ImageLimits) -> list[tuple[np.ndarray | None, str]]:
-    """A few cells fetched in one pipelined round trip (``Store.get_many``), then decoded."""
-    prepared: list[tuple[np.ndarray | None, str] | None] = []
-    wanted: list[str] = []
-    for cell in cells:
-        early = check_size(cell.size, limits)  # empty or huge: known from the listing, no GET
-        prepared.append(None if early is None else (None, str(early.reason)))
-        if early is None:
-            wanted.append(cell.key)
-    fetched = iter(store.get_many(wanted) if wanted else [])
-    results = []
-    for item in prepared:
-        if item is None:
-            data = next(fetched)
-            item = ((None, MISSING_OBJECT) if isinstance(data, ObjectNotFound)
-                    else prepare_cell(data, size, limits))
-        results.append(item)
+    """A few cells fetched in one pipelined round trip (``Store.get_many``), then decoded.
+    An empty or huge object is known from the listing and not fetched."""
+    refusals = [check_size(cell.size, limits) for cell in cells]
+    fetched = iter(store.get_many([cell.key for cell, refused in zip(cells, refusals, strict=True)
+                                   if refused is None]))
+    results: list[tuple[np.ndarray | None, str]] = []
+    for refused in refusals:
+        if refused is not None:
+            results.append((None, str(refused.reason)))
+            continue
+        data = next(fetched)
+        results.append((None, MISSING_OBJECT) if isinstance(data, ObjectNotFound)
+                       else prepare_cell(data, size, limits))
     return results
 
 

@@ -13,7 +13,7 @@ import json
 import os
 import tempfile
 import threading
-from collections.abc import Iterator, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass, replace
 from datetime import UTC, datetime
 from pathlib import Path
@@ -61,9 +61,10 @@ class Store(Protocol):
     def uri(self, key: str) -> str: ...
 
 
-def _get_or_missing(store: Store, key: str) -> bytes | ObjectNotFound:
+def _get_or_missing(read: Callable[[str], bytes], key: str) -> bytes | ObjectNotFound:
+    """``read(key)``, with a missing object as a value rather than raised (``get_many``)."""
     try:
-        return store.get_bytes(key)
+        return read(key)
     except ObjectNotFound as missing:
         return missing
 
@@ -216,6 +217,10 @@ class S3Store:
                 raise ObjectNotFound(key) from None
             except FastGetUnavailable:
                 pass
+        return self._boto3_get(key)
+
+    def _boto3_get(self, key: str) -> bytes:
+        """The regular client's GET, with its retries: the fallback of the lean paths."""
         try:
             response = self.client.get_object(Bucket=self.bucket, Key=self._key(key))
         except ClientError as error:
@@ -231,13 +236,13 @@ class S3Store:
     def get_many(self, keys: Sequence[str]) -> list[bytes | ObjectNotFound]:
         """Each key's bytes, or ``ObjectNotFound`` for a missing one, in order. Through the
         lean GET with the requests pipelined on one connection (the server then spends about
-        half the CPU per object: see ``benchmarks/README.md``); a key the fast path cannot
-        answer is read through ``get_bytes`` and its fallback."""
-        from malaria.s3get import FastGetUnavailable, path_style_client
+        0.6 of the CPU per object: see ``benchmarks/README.md``); a key the fast path cannot
+        answer goes straight to boto3 (not to the lean path once more)."""
+        from malaria.s3get import path_style_client
 
         lean = path_style_client(self.client, self.bucket)
         if lean is None:
-            return [_get_or_missing(self, key) for key in keys]
+            return [_get_or_missing(self._boto3_get, key) for key in keys]
         answers = lean.get_many([self._key(key) for key in keys])
         results: list[bytes | ObjectNotFound] = []
         for key, answer in zip(keys, answers, strict=True):
@@ -245,9 +250,8 @@ class S3Store:
                 results.append(answer)
             elif isinstance(answer, ObjectNotFound):
                 results.append(ObjectNotFound(key))
-            else:
-                assert isinstance(answer, FastGetUnavailable)
-                results.append(_get_or_missing(self, key))
+            else:  # FastGetUnavailable: throttled, refused, out of step
+                results.append(_get_or_missing(self._boto3_get, key))
         return results
 
     def put_bytes(self, key: str, data: bytes, *, content_type: str | None = None,
@@ -369,7 +373,7 @@ class LocalStore:
             raise ObjectNotFound(key) from error
 
     def get_many(self, keys: Sequence[str]) -> list[bytes | ObjectNotFound]:
-        return [_get_or_missing(self, key) for key in keys]
+        return [_get_or_missing(self.get_bytes, key) for key in keys]
 
     def put_bytes(self, key: str, data: bytes, *, content_type: str | None = None,
                   metadata: dict[str, str] | None = None) -> None:

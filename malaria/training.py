@@ -280,9 +280,7 @@ def learning_rate_at(step: int, total_steps: int, warmup_steps: int, config: Tra
         return peak
     if warmup_steps and step < warmup_steps:
         return peak * (step + 1) / warmup_steps
-    start, done = anchor if anchor is not None else (warmup_steps, 0.0)
-    span = max(1, total_steps - start)
-    progress = min(1.0, done + (1.0 - done) * max(0, step - start) / span)
+    progress = decay_progress(step, total_steps, warmup_steps, anchor)
     floor = config.min_lr_fraction
     return peak * (floor + (1 - floor) * 0.5 * (1 + math.cos(math.pi * progress)))
 
@@ -338,6 +336,7 @@ class _Trainer(keras.callbacks.Callback):
         self.train_images = 0
         self.epoch_seconds: list[float] = []
         self.stopped = "epochs"
+        self._average: list[np.ndarray] | None = None  # tail average so far (average_tail)
 
     @property
     def budget_seconds(self) -> float | None:
@@ -408,10 +407,13 @@ class _Trainer(keras.callbacks.Callback):
         path = self.checkpoint_dir / AVERAGE_WEIGHTS
         count = int(self.state.get("averaged_epochs", 0))
         weights = [np.asarray(w, dtype=np.float64) for w in self.model.get_weights()]
-        if count and path.exists():
+        if count and self._average is None and path.exists():  # resumed: read it back
             with np.load(path) as saved:
-                previous = [saved[f"w{i}"] for i in range(len(weights))]
-            weights = [p + (w - p) / (count + 1) for p, w in zip(previous, weights, strict=True)]
+                self._average = [saved[f"w{i}"] for i in range(len(weights))]
+        if count and self._average is not None:
+            weights = [a + (w - a) / (count + 1)
+                       for a, w in zip(self._average, weights, strict=True)]
+        self._average = weights
         tmp = path.with_name(".tmp-" + path.name)
         with open(tmp, "wb") as handle:
             np.savez(handle, **{f"w{i}": w for i, w in enumerate(weights)})
