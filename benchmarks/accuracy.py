@@ -22,7 +22,9 @@ it instead of ``--data``, with the same split; run with ``KERAS_BACKEND=jax`` th
 
 ``--fit-on train+val --threshold-from RUN.json`` fits the final model on the validation slides
 too, with the threshold a train-only run chose on them; ``--train-slides F`` trains on a
-seeded fraction of the training slides (learning curves, with ``--eval val``).
+seeded fraction of the training slides (learning curves, with ``--eval val``);
+``--exclude-keys CSV`` leaves listed cells (``benchmarks.label_review --below P``) out of
+training only.
 """
 
 from __future__ import annotations
@@ -249,6 +251,20 @@ def _some_slides(records: list[CellRecord], fraction: float, seed: int) -> list[
     return [r for r in records if r.slide in keep]
 
 
+def _without(records: list[CellRecord], listing: Path) -> list[CellRecord]:
+    """``records`` less the keys in ``listing`` (a CSV with a ``key`` column, such as
+    ``benchmarks.label_review --csv`` writes). Only ever applied to the cells trained on:
+    evaluation always scores every cell of its slides as labelled."""
+    import csv
+
+    with listing.open(newline="") as handle:
+        keys = {row["key"] for row in csv.DictReader(handle)}
+    kept = [r for r in records if r.key not in keys]
+    print(f"left {len(records) - len(kept)} listed cells out of training "
+          f"({len(keys)} listed)", flush=True)
+    return kept
+
+
 def carried_threshold(path: Path, arch: str) -> float:
     return float(json.loads(Path(path).read_text())[arch]["threshold"])
 
@@ -267,6 +283,8 @@ def run_arch(arch: str, records: list, split: Any, args: argparse.Namespace,
         part_records = split.of(records, part)
         if part == "train" and args.fit_on == "train+val":
             part_records = part_records + split.of(records, "val")
+        if part == "train" and args.exclude_keys:
+            part_records = _without(part_records, args.exclude_keys)
         if part == "train" and args.train_slides < 1.0:
             part_records = _some_slides(part_records, args.train_slides, args.seed)
         sets[part] = load(part_records, size)
@@ -342,6 +360,9 @@ def main(argv: list[str] | None = None) -> int:
                         "then not held out) with the threshold of --threshold-from")
     parser.add_argument("--threshold-from", type=Path,
                         help="a train-only run's JSON whose threshold --fit-on train+val uses")
+    parser.add_argument("--exclude-keys", type=Path,
+                        help="a CSV whose key column lists cells to leave out of training "
+                        "(suspected label errors); evaluation still scores every cell")
     parser.add_argument("--track-test", action="store_true",
                         help="test metrics after every epoch: time to reach the targets")
     parser.add_argument("--pack", type=Path, help="train from a pack instead of --data")

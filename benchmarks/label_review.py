@@ -60,12 +60,14 @@ def score_models(models: dict[str, Path], data: Path, cache: Path, part: str
     return chosen, labels, probabilities
 
 
-def contradicted(labels: np.ndarray, probabilities: dict[str, np.ndarray], top: int
-                 ) -> list[int]:
-    """Indices of the ``top`` cells whose label the most generous model finds least likely."""
+def contradicted(labels: np.ndarray, probabilities: dict[str, np.ndarray], top: int,
+                 below: float = 1.0) -> list[int]:
+    """Indices of the ``top`` cells whose label the most generous model finds least likely,
+    only those where it gives the label less than ``below``."""
     stacked = np.stack(list(probabilities.values()))
     of_label = np.where(labels == 1, stacked, 1 - stacked).max(axis=0)
-    return [int(i) for i in np.argsort(of_label, kind="stable")[:top]]
+    order = np.argsort(of_label, kind="stable")[:top]
+    return [int(i) for i in order if of_label[i] < below]
 
 
 def read_verdicts(path: Path) -> dict[str, str]:
@@ -107,6 +109,8 @@ def main(argv: list[str] | None = None) -> int:
                         help="a saved .keras model (repeat for several)")
     parser.add_argument("--part", choices=("train", "val", "test"), default="test")
     parser.add_argument("--top", type=int, default=20)
+    parser.add_argument("--below", type=float, default=1.0,
+                        help="list only cells whose label every model gives less than this")
     parser.add_argument("--csv", type=Path, help="write the listed cells here")
     parser.add_argument("--montage", type=Path, help="draw them here (outside the repository)")
     parser.add_argument("--judged", type=Path, help="a CSV of key,verdict from a reviewer")
@@ -124,7 +128,7 @@ def main(argv: list[str] | None = None) -> int:
 
     records, labels, probabilities = score_models(models, args.data, args.cache, args.part)
     rows = []
-    for i in contradicted(labels, probabilities, args.top):
+    for i in contradicted(labels, probabilities, args.top, args.below):
         per_model = {name: round(float(p[i]), 4) for name, p in probabilities.items()}
         rows.append({"key": records[i].key, "slide": records[i].slide,
                      "label": int(labels[i]), **{f"p_{k}": v for k, v in per_model.items()},
@@ -132,7 +136,8 @@ def main(argv: list[str] | None = None) -> int:
     if args.csv:
         args.csv.parent.mkdir(parents=True, exist_ok=True)
         with args.csv.open("w", newline="") as handle:
-            writer = csv.DictWriter(handle, fieldnames=[*rows[0], "verdict"])
+            columns = ["key", "slide", "label", *(f"p_{k}" for k in probabilities), "mean_p"]
+            writer = csv.DictWriter(handle, fieldnames=[*columns, "verdict"])
             writer.writeheader()
             writer.writerows(rows)
     if args.montage:

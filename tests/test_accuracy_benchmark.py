@@ -90,3 +90,16 @@ def test_fitting_on_the_validation_slides_needs_a_carried_threshold(cells: Path)
         main(["--data", str(cells), "--fit-on", "train+val", "--threshold-from", "x.json",
               "--eval", "val"])
     assert refused.value.code == 2
+
+
+def test_listed_cells_are_left_out_of_training_only(cells: Path, tmp_path: Path) -> None:
+    from benchmarks.accuracy import _without
+
+    records = records_from_folder(cells)
+    listing = tmp_path / "flagged.csv"
+    listing.write_text("key,mean_p\n" + "".join(f"{r.key},0.01\n" for r in records[:3])
+                       + "Parasitized/not_a_cell_here.png,0.02\n")
+
+    kept = _without(records, listing)
+
+    assert kept == records[3:]

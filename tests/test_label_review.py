@@ -27,6 +27,8 @@ def test_a_cell_is_listed_by_the_most_generous_model() -> None:
     }
 
     assert contradicted(labels, probabilities, top=3) == [2, 1, 0]
+    # Only cells whose label every model gives less than 0.5: cell 0 has one that agrees.
+    assert contradicted(labels, probabilities, top=4, below=0.5) == [2, 1]
 
 
 @pytest.fixture(scope="module")
