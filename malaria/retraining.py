@@ -38,12 +38,15 @@ from malaria.evaluation import (
     plot_learning_curves,
     plot_roc,
     plot_worst_misclassified,
+    worst_misclassified,
 )
+from malaria.labels import PARASITIZED, UNINFECTED
 from malaria.registry import GateDecision, ModelRegistry, decide_promotion, hash_manifest
 from malaria.storage import Store
 
 Reader = Callable[[str], bytes]
 MODEL_FILE = "model.keras"
+REVIEW_LIMIT = 16  # as many cells as the worst-mistakes montage shows
 
 
 @dataclass
@@ -149,6 +152,7 @@ class CandidateEvaluation:
     test_probabilities: np.ndarray
     plots: dict[str, bytes]
     validation_distribution: dict[str, Any] = field(default_factory=dict)
+    label_review: list[dict[str, Any]] = field(default_factory=list)
 
 
 def evaluate_candidate(model: Any, data: PreparedData, history: list[dict[str, Any]], *,
@@ -172,7 +176,22 @@ def evaluate_candidate(model: Any, data: PreparedData, history: list[dict[str, A
     }
     return CandidateEvaluation(threshold, validation, test, test_prob,
                                {k: v for k, v in plots.items() if v},
-                               reference_distribution(val_prob, threshold))
+                               reference_distribution(val_prob, threshold),
+                               cells_to_review(data.test_records, data.test.labels, test_prob,
+                                               threshold))
+
+
+def cells_to_review(records: Sequence[CellRecord], labels: np.ndarray, probabilities: np.ndarray,
+                    threshold: float, *, limit: int = REVIEW_LIMIT) -> list[dict[str, Any]]:
+    """The held-out cells the model contradicts most confidently, worst first: the same
+    cells as the worst-mistakes montage, by key, for a person to check the label. On the
+    real data most of these turned out to be doubtful labels rather than model errors
+    (benchmarks/README.md, "Label noise on the test slides"), and a few of them cost the
+    test AUC more than all the other mistakes together."""
+    chosen = worst_misclassified(labels, probabilities, threshold, limit=limit)
+    return [{"key": records[i].key, "slide": records[i].slide,
+             "label": PARASITIZED if labels[i] == 1 else UNINFECTED,
+             "probability": round(float(probabilities[i]), 4)} for i in chosen]
 
 
 def metrics_document(config: RetrainConfig, data: PreparedData, evaluation: CandidateEvaluation,
@@ -184,6 +203,7 @@ def metrics_document(config: RetrainConfig, data: PreparedData, evaluation: Cand
         "threshold_rule": config.threshold_rule,
         # The reference for drift notes when this model scores new slides.
         "validation_distribution": evaluation.validation_distribution,
+        "label_review": evaluation.label_review,
         "tta": config.tta,
         "architecture": config.arch,
         "input_size": data.input_size,
@@ -245,6 +265,16 @@ def metrics_table(report: EvaluationReport) -> str:
     c = report.confusion
     lines += ["", "| | predicted Uninfected | predicted Parasitized |", "|---|---|---|",
               f"| true Uninfected | {c.tn} | {c.fp} |", f"| true Parasitized | {c.fn} | {c.tp} |"]
+    return "\n".join(lines)
+
+
+def review_table(cells: Sequence[dict[str, Any]]) -> str:
+    """A markdown table of ``cells_to_review``: what a person should look at first."""
+    if not cells:
+        return "No misclassified cells on the test slides."
+    lines = ["| cell | slide | labelled | P(parasitized) |", "|---|---|---|---|"]
+    lines += [f"| `{c['key']}` | {c['slide']} | {c['label']} | {c['probability']:.3f} |"
+              for c in cells]
     return "\n".join(lines)
 
 

@@ -31,6 +31,7 @@ from malaria.retraining import (
     metrics_document,
     metrics_table,
     prepare_data,
+    review_table,
     upload_folder,
 )
 from malaria.storage import open_store
@@ -143,7 +144,11 @@ def publish_training_report(data_url: str, version: str, evaluation: CandidateEv
             f"# Model {version}\n\n{data.describe()}\n\n"
             f"Decision threshold {evaluation.threshold:.3f}, chosen on the validation slides.\n\n"
             f"## Held-out test slides\n\n{metrics_table(evaluation.test)}\n\n"
-            f"## Gate: {verdict}\n\n{decision.reason}\n\n## Plots\n\n{plots}\n"),
+            f"## Gate: {verdict}\n\n{decision.reason}\n\n## Plots\n\n{plots}\n\n"
+            "## Cells to review\n\nThe test cells this model contradicts most confidently "
+            "(`label_review` in metrics.json). Check their labels before reading its "
+            "errors as the model's: on the real data most such cells looked mislabelled.\n\n"
+            f"{review_table(evaluation.label_review)}\n"),
     )
     create_table_artifact(
         key="per-slide-accuracy",

@@ -29,6 +29,17 @@ def test_train_writes_model_card_and_plots(trained: tuple[Path, Path]) -> None:
     assert 0 < card["threshold"] < 1
     assert not set(card["slides"]["test"]) & set(card["slides"]["train"])
     assert model.with_name("model.roc.png").read_bytes().startswith(b"\x89PNG")
+    # The cells to review are the test cells it got wrong, most confident first.
+    review = card["label_review"]
+    assert len(review) <= 16
+    assert {c["slide"] for c in review} <= set(card["slides"]["test"])
+    threshold = card["threshold"]
+    for cell in review:
+        wrong_side = (cell["probability"] < threshold if cell["label"] == "Parasitized"
+                      else cell["probability"] >= threshold)
+        assert wrong_side, cell
+    margins = [abs(c["probability"] - threshold) for c in review]
+    assert margins == sorted(margins, reverse=True)
 
 
 def test_evaluate_prints_and_writes_metrics(trained: tuple[Path, Path], tmp_path: Path,
@@ -79,3 +90,27 @@ def test_models_commands_on_a_local_bucket(trained: tuple[Path, Path], tmp_path:
     assert main(["models", "rollback", *url]) == 0
     assert registry.champion_version() == "20260101T000000Z-aaaaaa"
     assert main(["models", "promote", "nope", *url]) == 1
+
+
+def test_cells_to_review_are_the_confident_mistakes_by_key() -> None:
+    import numpy as np
+
+    from malaria.data import CellRecord
+    from malaria.retraining import cells_to_review, review_table
+
+    records = [CellRecord(key=f"dataset/x/{i}.png", label=0, slide=str(i % 2), content_id=str(i))
+               for i in range(5)]
+    labels = np.array([1, 1, 0, 0, 1], dtype=np.float32)
+    probabilities = np.array([0.02, 0.9, 0.97, 0.3, 0.45])
+
+    review = cells_to_review(records, labels, probabilities, threshold=0.5)
+
+    # Wrong: cell 0 (parasitized at 0.02), 2 (uninfected at 0.97), 4 (parasitized at 0.45).
+    assert [c["key"] for c in review] == ["dataset/x/0.png", "dataset/x/2.png",
+                                          "dataset/x/4.png"]
+    assert review[1] == {"key": "dataset/x/2.png", "slide": "0", "label": "Uninfected",
+                         "probability": 0.97}
+    assert cells_to_review(records, labels, probabilities, 0.5, limit=1) == review[:1]
+    table = review_table(review)
+    assert table.count("\n") == 4 and "`dataset/x/0.png` | 0 | Parasitized | 0.020" in table
+    assert "No misclassified" in review_table([])

@@ -52,6 +52,8 @@ def test_train_flow_registers_evaluates_and_gates(seaweed_bucket: S3Store, prefe
                 "ece", "confusion"):
         assert key in metrics
     assert list(store.list(layout.CHECKPOINTS)), "checkpoints are mirrored to the bucket"
+    assert isinstance(record["label_review"], list)
+    assert all(set(c) == {"key", "slide", "label", "probability"} for c in record["label_review"])
 
     # The same data and settings again: resumes from the bucket's checkpoint (nothing left to
     # train), and the gate compares it with the champion re-scored on the same slides.
