@@ -50,6 +50,7 @@ from malaria.data import (
     ArraySet,
     CellRecord,
     ImageCache,
+    SlideSplit,
     folder_reader,
     load_arrays,
     records_from_folder,
@@ -265,6 +266,12 @@ def _without(records: list[CellRecord], listing: Path) -> list[CellRecord]:
     return kept
 
 
+def benchmark_split(records: list[CellRecord]) -> SlideSplit:
+    """The benchmark's fixed split by slide: the same test slides in every run."""
+    return split_by_slide(records, seed=SPLIT_SEED, val_fraction=VAL_FRACTION,
+                          test_fraction=TEST_FRACTION)
+
+
 def carried_threshold(path: Path, arch: str) -> float:
     return float(json.loads(Path(path).read_text())[arch]["threshold"])
 
@@ -389,8 +396,7 @@ def main(argv: list[str] | None = None) -> int:
         write_pack(args.write_pack, records, load, args.size or 80)
         print(f"wrote {len(records)} cells to {args.write_pack}")
         return 0
-    split = split_by_slide(records, seed=SPLIT_SEED, val_fraction=VAL_FRACTION,
-                           test_fraction=TEST_FRACTION)
+    split = benchmark_split(records)
     print(f"{len(records)} cells; slides train/val/test = {len(split.train)}/"
           f"{len(split.val)}/{len(split.test)}", flush=True)
 

@@ -32,8 +32,8 @@ os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
 import numpy as np
 
 from benchmarks import emit
-from benchmarks.accuracy import SPLIT_SEED, TEST_FRACTION, VAL_FRACTION, folder_loader
-from malaria.data import records_from_folder, split_by_slide
+from benchmarks.accuracy import benchmark_split, folder_loader
+from malaria.data import records_from_folder
 from malaria.evaluation import roc_auc
 
 VERDICTS = ("mislabelled", "ambiguous", "correct")
@@ -47,9 +47,7 @@ def score_models(models: dict[str, Path], data: Path, cache: Path, part: str
     from malaria.training import predict_probabilities
 
     records = records_from_folder(data)
-    split = split_by_slide(records, seed=SPLIT_SEED, val_fraction=VAL_FRACTION,
-                           test_fraction=TEST_FRACTION)
-    chosen = split.of(records, part)
+    chosen = benchmark_split(records).of(records, part)
     load = folder_loader(data, cache)
     probabilities: dict[str, np.ndarray] = {}
     labels = np.array([r.label for r in chosen], dtype=np.float32)

@@ -350,9 +350,17 @@ class _Trainer(keras.callbacks.Callback):
         anchor = self.state.get("decay_anchor")
         return (int(anchor[0]), float(anchor[1])) if anchor else None
 
+    def _planned_steps(self) -> int:
+        return self.state["planned_epochs"] * self.steps_per_epoch
+
+    def _decay_progress(self) -> float:
+        """How far the cosine decay is now, under the current plan and anchor."""
+        return decay_progress(self.step, self._planned_steps(), self.warmup_steps,
+                              self._anchor())
+
     def _set_lr(self) -> None:
-        total = self.state["planned_epochs"] * self.steps_per_epoch
-        lr = learning_rate_at(self.step, total, self.warmup_steps, self.config, self._anchor())
+        lr = learning_rate_at(self.step, self._planned_steps(), self.warmup_steps, self.config,
+                              self._anchor())
         # JAX's fit loop carries the variables in a state tuple between steps; sync them
         # back first, or the next step would run with the old rate.
         sync = getattr(self.model, "jax_state_sync", None)
@@ -390,9 +398,7 @@ class _Trainer(keras.callbacks.Callback):
         planned = max(self.state["epoch"], min(self.config.epochs, fits))
         if planned != self.state["planned_epochs"] and self.step > self.warmup_steps:
             # The decay goes on from where it is, over the new number of steps.
-            total = self.state["planned_epochs"] * self.steps_per_epoch
-            done = decay_progress(self.step, total, self.warmup_steps, self._anchor())
-            self.state["decay_anchor"] = [self.step, done]
+            self.state["decay_anchor"] = [self.step, self._decay_progress()]
         self.state["planned_epochs"] = planned
 
     def _average_tail(self) -> None:
@@ -400,9 +406,7 @@ class _Trainer(keras.callbacks.Callback):
         tail; the average is written beside the checkpoint so that a resumed run keeps it."""
         if self.config.average_tail <= 0:
             return
-        total = self.state["planned_epochs"] * self.steps_per_epoch
-        done = decay_progress(self.step, total, self.warmup_steps, self._anchor())
-        if done < 1.0 - self.config.average_tail - 1e-9:
+        if self._decay_progress() < 1.0 - self.config.average_tail - 1e-9:
             return
         path = self.checkpoint_dir / AVERAGE_WEIGHTS
         count = int(self.state.get("averaged_epochs", 0))
