@@ -46,7 +46,7 @@ import numpy as np
 import pandas as pd
 
 from benchmarks import BENCH_LOCK
-from malaria.data import (
+from malaria.dataset.records import (
     ArraySet,
     CellRecord,
     ImageCache,
@@ -56,8 +56,8 @@ from malaria.data import (
     records_from_folder,
     split_by_slide,
 )
-from malaria.models import DEFAULT_ARCH, classifier_params, default_input_size
-from malaria.training import (
+from malaria.model.architectures import DEFAULT_ARCH, classifier_params, default_input_size
+from malaria.model.trainer import (
     TrainConfig,
     backend,
     gpus,

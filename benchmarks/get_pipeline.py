@@ -36,10 +36,10 @@ def process_cpu_seconds(pid: int) -> float:
 
 def run(args: argparse.Namespace) -> dict[str, Any]:
     os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
-    from malaria.models import DEFAULT_ARCH, build_model, default_input_size
-    from malaria.stack import StackConfig, load_stack_env, stack_down, stack_up
-    from malaria.storage import S3Store, reset_clients
-    from malaria.training import cpu_has_bf16, dtype_policy, save_for_serving
+    from malaria.io.store import S3Store, reset_clients
+    from malaria.model.architectures import DEFAULT_ARCH, build_model, default_input_size
+    from malaria.model.trainer import cpu_has_bf16, dtype_policy, save_for_serving
+    from malaria_dev.stack import StackConfig, load_stack_env, stack_down, stack_up
 
     depths = [int(d) for d in args.depths.split(",")]
     state = Path(tempfile.mkdtemp(prefix="malaria-bench-pipeline-"))

@@ -4,7 +4,7 @@
     python -m benchmarks.ingest --n 1000 --latency-ms 20 --json benchmarks/results/ingest-20ms.json
 
 Measures, on the same n synthetic images each time (fresh buckets):
-- ``images_per_s``: the project's ingest (malaria.ingest.ingest: list, get, hash, decode and
+- ``images_per_s``: the project's ingest (malaria.ingest.chunks.ingest: list, get, hash, decode and
   validate, de-duplicate, put into dataset/, ledger and manifest);
 - ``baseline_images_per_s``: a plain sequential boto3 loop: get, check with PIL, put;
 - ``io_bound_images_per_s``: concurrent get+put with the same concurrency, no validation.
@@ -26,11 +26,11 @@ from PIL import Image
 
 from benchmarks import emit
 from benchmarks.latency_proxy import LatencyProxy
-from malaria import layout
-from malaria.ingest import ingest
-from malaria.stack import StackConfig, load_stack_env, stack_down, stack_up
-from malaria.storage import S3Store, reset_clients
-from malaria.synthetic import generate_cells
+from malaria.core import layout
+from malaria.ingest.chunks import ingest
+from malaria.io.store import S3Store, reset_clients
+from malaria_dev.stack import StackConfig, load_stack_env, stack_down, stack_up
+from malaria_dev.synthetic import generate_cells
 
 
 def _fill(store: S3Store, cells: list[tuple[str, bytes]], concurrency: int) -> None:

@@ -33,8 +33,8 @@ import numpy as np
 
 from benchmarks import emit
 from benchmarks.accuracy import benchmark_split, folder_loader
-from malaria.data import records_from_folder
-from malaria.evaluation import roc_auc
+from malaria.dataset.records import records_from_folder
+from malaria.evaluation.metrics import roc_auc
 
 VERDICTS = ("mislabelled", "ambiguous", "correct")
 
@@ -44,7 +44,7 @@ def score_models(models: dict[str, Path], data: Path, cache: Path, part: str
     """(records of the split, labels, P(parasitized) per model name)."""
     import keras
 
-    from malaria.training import predict_probabilities
+    from malaria.model.trainer import predict_probabilities
 
     records = records_from_folder(data)
     chosen = benchmark_split(records).of(records, part)

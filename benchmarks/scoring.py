@@ -6,7 +6,7 @@ Puts n synthetic scan cells (slides of ``--slide-size`` cells) in a throwaway Se
 measures, with the default architecture at its default input size (untrained weights: speed
 does not depend on them):
 
-- ``cells_per_s``: the project's scoring (malaria.scoring.run_scoring, what ``malaria score``
+- ``cells_per_s``: the project's scoring (malaria.scoring.pipeline.run_scoring, what ``malaria score``
   and each flow worker run): list, due rule, leases, fetch + decode + batched inference,
   per-shard parts, per-slide CSVs, markers and summary.csv, all in the bucket. Run in a
   child process per size, with the model already loaded (a worker's steady state), which
@@ -53,7 +53,7 @@ TARGETS = {"vs_article": 50.0, "vs_keras_download": 1.3, "vs_lower_bound": 0.7,
 
 
 def _cells_of_slide(args: tuple[int, int, int]) -> list[tuple[str, bytes]]:
-    from malaria.synthetic import generate_scan_cells
+    from malaria_dev.synthetic import generate_scan_cells
 
     slide, n, seed = args
     return [(f"{slide}/{c.file_name}", c.data)
@@ -85,7 +85,7 @@ def _upload(store: Any, items: list[tuple[str, bytes]], concurrency: int) -> Non
 def child_score(data_url: str, model: str, shard_size: int, batch_size: int,
                 concurrency: int) -> dict[str, Any]:
     """Runs in a fresh process: the project's scoring of every due slide in ``data_url``."""
-    from malaria.scoring import ScoringPaths, load_model, resolve_model, run_scoring
+    from malaria.scoring.pipeline import ScoringPaths, load_model, resolve_model, run_scoring
 
     paths = ScoringPaths.bucket(data_url)
     ref = resolve_model(paths, model)
@@ -176,7 +176,7 @@ def compute_bound(cells: list[tuple[str, bytes]], model_path: Path, batch_size: 
     bound gets the same overlap between shards that the project has."""
     from itertools import groupby
 
-    from malaria.scoring import (
+    from malaria.scoring.pipeline import (
         DEFAULT_PARALLEL_SHARDS,
         Cell,
         ModelRef,
@@ -210,7 +210,7 @@ def storage_bound(store: Any, keys: list[str], concurrency: int) -> float:
     """(c) concurrent GETs of the same objects with the scorer's own GET (the store's
     ``get_many``, as many keys per call as a fetch thread sends together), nothing
     decoded."""
-    from malaria.scoring import DEFAULT_PIPELINE
+    from malaria.scoring.pipeline import DEFAULT_PIPELINE
 
     chunks = [keys[i:i + DEFAULT_PIPELINE] for i in range(0, len(keys), DEFAULT_PIPELINE)]
     start = time.perf_counter()
@@ -225,8 +225,8 @@ def storage_bound(store: Any, keys: list[str], concurrency: int) -> float:
 
 def run(args: argparse.Namespace) -> dict[str, Any]:
     os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
-    from malaria.stack import StackConfig, load_stack_env, stack_down, stack_up
-    from malaria.storage import S3Store, reset_clients
+    from malaria.io.store import S3Store, reset_clients
+    from malaria_dev.stack import StackConfig, load_stack_env, stack_down, stack_up
 
     n, small = args.cells, min(args.small, args.cells)
     state = Path(tempfile.mkdtemp(prefix="malaria-bench-scoring-"))
@@ -241,9 +241,9 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
     try:
         import keras
 
-        from malaria.models import DEFAULT_ARCH, build_model, default_input_size
-        from malaria.scoring import DEFAULT_PIPELINE
-        from malaria.training import cpu_has_bf16, dtype_policy, save_for_serving
+        from malaria.model.architectures import DEFAULT_ARCH, build_model, default_input_size
+        from malaria.model.trainer import cpu_has_bf16, dtype_policy, save_for_serving
+        from malaria.scoring.pipeline import DEFAULT_PIPELINE
 
         size = default_input_size(DEFAULT_ARCH)
         model_path = state / "model.keras"

@@ -16,7 +16,7 @@ from prefect.events.actions import RunDeployment
 from prefect.events.schemas.automations import EventTrigger, Posture
 from prefect.exceptions import ObjectNotFound
 
-from malaria.stack import StackConfig, start_worker
+from malaria_dev.stack import StackConfig, start_worker
 
 PROJECT_DIR = Path(__file__).resolve().parent.parent
 PREFECT_FILE = PROJECT_DIR / "deployments" / "prefect.yaml"
@@ -108,9 +108,10 @@ def upload_demo_data(data_url: str, *, labelled: int, slides: int, seed: int,
     synthetic new scans into scans/<slide>/."""
     import tempfile
 
-    from malaria import datasets, layout
-    from malaria.storage import open_store
-    from malaria.synthetic import bad_inputs, generate_scan_cells, write_labelled_tree
+    from malaria.core import layout
+    from malaria.io.store import open_store
+    from malaria_dev import datasets
+    from malaria_dev.synthetic import bad_inputs, generate_scan_cells, write_labelled_tree
 
     store = open_store(data_url)
     with tempfile.TemporaryDirectory() as folder:

@@ -18,9 +18,9 @@ from prefect import flow, get_run_logger
 from prefect.artifacts import create_markdown_artifact
 from prefect.client.orchestration import get_client
 
-from malaria.config import data_url as resolve_data_url
-from malaria.config import redact
-from malaria.storage import open_store
+from malaria.core.settings import data_url as resolve_data_url
+from malaria.core.settings import redact
+from malaria.io.store import open_store
 
 
 def _failed_run(resource_id: str) -> dict[str, Any]:

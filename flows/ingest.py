@@ -5,10 +5,10 @@ from __future__ import annotations
 from prefect import flow, get_run_logger
 from prefect.utilities.annotations import quote
 
-from malaria import layout
-from malaria.config import data_url as resolve_data_url
-from malaria.ingest import IngestSummary, ManifestWriter, iter_chunks, new_run_id
-from malaria.storage import open_store
+from malaria.core import layout
+from malaria.core.settings import data_url as resolve_data_url
+from malaria.ingest.chunks import IngestSummary, ManifestWriter, iter_chunks, new_run_id
+from malaria.io.store import open_store
 from tasks.ingest import ingest_chunk, load_ingest_state, publish_ingest_report
 
 

@@ -10,9 +10,9 @@ from prefect.runtime import flow_run
 
 from flows.ingest import ingest_flow
 from flows.train import train_flow
-from malaria import layout
-from malaria.config import data_url as resolve_data_url
-from malaria.storage import open_store
+from malaria.core import layout
+from malaria.core.settings import data_url as resolve_data_url
+from malaria.io.store import open_store
 from tasks.reports import publish_cell_gifs, publish_nightly_report
 
 

@@ -2,7 +2,7 @@
 predictions/<slide>.csv, with a per-slide summary in predictions/summary.csv.
 
 Which slides are due, how a killed run resumes, and why a lease in the bucket keeps two runs
-off the same slide: see malaria.scoring. The task runner is a parameter: threads in this
+off the same slide: see malaria.scoring.pipeline. The task runner is a parameter: threads in this
 process by default, or Dask (a running cluster's address, or a local cluster of n worker
 processes) through prefect-dask. Shards run as a subflow so that its runner can be chosen
 per run, from a deployment's parameters too.
@@ -19,8 +19,8 @@ from prefect.artifacts import create_progress_artifact, update_progress_artifact
 from prefect.futures import PrefectFuture, as_completed
 from prefect.task_runners import TaskRunner, ThreadPoolTaskRunner
 
-from malaria.config import data_url as resolve_data_url
-from malaria.scoring import (
+from malaria.core.settings import data_url as resolve_data_url
+from malaria.scoring.pipeline import (
     DEFAULT_BATCH_SIZE,
     DEFAULT_CONCURRENCY,
     DEFAULT_LEASE_TTL,

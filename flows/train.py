@@ -7,9 +7,9 @@ from typing import Any
 from prefect import flow
 from prefect.utilities.annotations import quote
 
-from malaria.config import cache_dir as resolve_cache_dir
-from malaria.config import data_url as resolve_data_url
-from malaria.retraining import RetrainConfig
+from malaria.core.settings import cache_dir as resolve_cache_dir
+from malaria.core.settings import data_url as resolve_data_url
+from malaria.model.run import RetrainConfig
 from tasks.training import (
     evaluate_on_test_slides,
     gate_candidate,

@@ -1,4 +1,4 @@
-"""Prefect tasks around malaria.ingest: retries, logs and artifacts, nothing more."""
+"""Prefect tasks around malaria.ingest.chunks: retries, logs and artifacts, nothing more."""
 
 from __future__ import annotations
 
@@ -6,8 +6,9 @@ from prefect import get_run_logger, task
 from prefect.artifacts import create_markdown_artifact, create_table_artifact
 from prefect.cache_policies import NO_CACHE
 
-from malaria.config import redact
-from malaria.ingest import (
+from malaria.core.labels import LabelEntry
+from malaria.core.settings import redact
+from malaria.ingest.chunks import (
     ChunkResult,
     IngestChunk,
     IngestSummary,
@@ -16,8 +17,7 @@ from malaria.ingest import (
     load_labels,
     load_ledger,
 )
-from malaria.labels import LabelEntry
-from malaria.storage import ObjectInfo, open_store
+from malaria.io.store import ObjectInfo, open_store
 
 
 @task(name="load-ingest-state", retries=2, retry_delay_seconds=5, cache_policy=NO_CACHE)

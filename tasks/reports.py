@@ -8,8 +8,8 @@ from prefect import get_run_logger, task
 from prefect.artifacts import create_markdown_artifact
 from prefect.cache_policies import NO_CACHE
 
-from malaria.reports import class_gifs
-from malaria.storage import open_store
+from malaria.io.store import open_store
+from malaria.reports.gifs import class_gifs
 
 
 @task(name="publish-cell-gifs", retries=1, cache_policy=NO_CACHE)

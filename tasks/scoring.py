@@ -1,4 +1,4 @@
-"""Prefect tasks around malaria.scoring: retries, logs and artifacts, nothing more."""
+"""Prefect tasks around malaria.scoring.pipeline: retries, logs and artifacts, nothing more."""
 
 from __future__ import annotations
 
@@ -8,10 +8,11 @@ from prefect import get_run_logger, task
 from prefect.artifacts import create_markdown_artifact, create_table_artifact
 from prefect.cache_policies import NO_CACHE
 
-from malaria.config import redact
-from malaria.drift import DriftReport, drift_of_predictions
-from malaria.registry import ModelRegistry
-from malaria.scoring import (
+from malaria.core.settings import redact
+from malaria.evaluation.drift import DriftReport, drift_of_predictions
+from malaria.io.store import open_store
+from malaria.registry.registry import ModelRegistry
+from malaria.scoring.pipeline import (
     DueSlide,
     ModelRef,
     ScoringPaths,
@@ -26,7 +27,6 @@ from malaria.scoring import (
     resolve_model,
     score_shard,
 )
-from malaria.storage import open_store
 
 
 @task(name="resolve-scoring-model", retries=2, retry_delay_seconds=5, cache_policy=NO_CACHE)

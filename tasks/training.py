@@ -1,4 +1,4 @@
-"""Prefect tasks around malaria.retraining: logging, checkpoints to the bucket, artifacts."""
+"""Prefect tasks around malaria.model.run: logging, checkpoints to the bucket, artifacts."""
 
 from __future__ import annotations
 
@@ -15,11 +15,11 @@ from prefect.artifacts import (
 )
 from prefect.cache_policies import NO_CACHE
 
-from malaria import layout
-from malaria.data import ImageCache, records_from_store, store_reader
-from malaria.models import default_input_size
-from malaria.registry import GateDecision, ModelRegistry, new_version
-from malaria.retraining import (
+from malaria.core import layout
+from malaria.dataset.records import ImageCache, records_from_store, store_reader
+from malaria.io.store import open_store
+from malaria.model.architectures import default_input_size
+from malaria.model.run import (
     MODEL_FILE,
     CandidateEvaluation,
     PreparedData,
@@ -34,7 +34,7 @@ from malaria.retraining import (
     review_table,
     upload_folder,
 )
-from malaria.storage import open_store
+from malaria.registry.registry import GateDecision, ModelRegistry, new_version
 
 
 @task(name="load-training-data", retries=2, retry_delay_seconds=10, cache_policy=NO_CACHE)
@@ -54,7 +54,7 @@ def load_training_data(data_url: str, config: RetrainConfig, cache_dir: str) -> 
 def train_candidate(data_url: str, config: RetrainConfig, data: PreparedData) -> dict[str, Any]:
     """Train with a checkpoint every epoch mirrored to the bucket; a re-run of the same data
     and settings resumes from the last checkpoint there."""
-    from malaria.training import train
+    from malaria.model.trainer import train
 
     logger = get_run_logger()
     store = open_store(data_url)
@@ -105,7 +105,7 @@ def evaluate_on_test_slides(trained: dict[str, Any], data: PreparedData,
 @task(name="register-candidate", retries=2, retry_delay_seconds=5, cache_policy=NO_CACHE)
 def register_candidate(data_url: str, trained: dict[str, Any], data: PreparedData,
                        evaluation: CandidateEvaluation, config: RetrainConfig) -> str:
-    from malaria.training import save_for_serving
+    from malaria.model.trainer import save_for_serving
 
     registry = ModelRegistry(open_store(data_url))
     version = new_version()

@@ -10,7 +10,7 @@ from pathlib import Path
 
 import pytest
 
-from malaria.storage import LocalStore, S3Store, reset_clients
+from malaria.io.store import LocalStore, S3Store, reset_clients
 
 # Tests never talk to a real AWS account, and Prefect never phones home.
 os.environ.setdefault("AWS_ACCESS_KEY_ID", "testing-access-key")
@@ -67,7 +67,7 @@ def any_store(request: pytest.FixtureRequest, moto_endpoint: str, tmp_path: Path
 def seaweedfs(tmp_path_factory: pytest.TempPathFactory) -> Iterator[dict[str, str]]:
     """A real SeaweedFS S3 server on loopback for the whole test session; yields the env a
     client needs (endpoint and the stack's generated credentials)."""
-    from malaria.stack import StackConfig, stack_down, stack_env, stack_up
+    from malaria_dev.stack import StackConfig, stack_down, stack_env, stack_up
 
     cfg = StackConfig.with_free_ports(tmp_path_factory.mktemp("stack"))
     stack_up(cfg, services=("s3",))

@@ -9,9 +9,9 @@ import numpy as np
 import pytest
 
 from benchmarks.accuracy import TARGETS, TimeToTarget, folder_loader, read_pack, write_pack
-from malaria.data import records_from_folder, split_by_slide
-from malaria.synthetic import write_labelled_tree
-from malaria.training import TrainConfig, train
+from malaria.dataset.records import records_from_folder, split_by_slide
+from malaria.model.trainer import TrainConfig, train
+from malaria_dev.synthetic import write_labelled_tree
 
 SIZE = 32
 

@@ -8,7 +8,7 @@ from pathlib import Path
 
 import pytest
 
-from flows.cli import main
+from malaria_cli.main import main
 
 
 def test_synthetic_upload_ingest(tmp_path: Path, monkeypatch: pytest.MonkeyPatch,
@@ -40,6 +40,6 @@ def test_building_the_command_line_does_not_import_prefect() -> None:
     import subprocess
     import sys
 
-    code = ("import sys; from flows.cli import build_parser; build_parser(); "
+    code = ("import sys; from malaria_cli.main import build_parser; build_parser(); "
             "assert 'prefect' not in sys.modules, 'prefect imported too early'")
     subprocess.run([sys.executable, "-c", code], check=True, timeout=120)

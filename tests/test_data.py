@@ -11,7 +11,8 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 from PIL import Image
 
-from malaria.data import (
+from malaria.core.layout import dataset_key
+from malaria.dataset.records import (
     CellRecord,
     ImageCache,
     class_weights,
@@ -26,9 +27,8 @@ from malaria.data import (
     store_reader,
     to_square,
 )
-from malaria.layout import dataset_key
-from malaria.storage import LocalStore, S3Store
-from malaria.synthetic import generate_cells, write_labelled_tree
+from malaria.io.store import LocalStore, S3Store
+from malaria_dev.synthetic import generate_cells, write_labelled_tree
 
 
 @pytest.fixture(scope="module")
@@ -206,7 +206,7 @@ def test_make_dataset_batches_and_weights() -> None:
 def test_mixup_blends_images_labels_and_weights_by_the_same_fraction() -> None:
     """Uninfected cells all 0, parasitized all 200: after mixup a cell's pixel value / 200
     is its label (to rounding), and its weight is blended the same way."""
-    from malaria.data import make_dataset
+    from malaria.dataset.records import make_dataset
 
     labels = np.array([0, 1] * 32, np.float32)
     images = (labels[:, None, None, None] * 200 * np.ones((64, 4, 4, 3))).astype(np.uint8)

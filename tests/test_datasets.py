@@ -22,7 +22,8 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from malaria.datasets import (
+from malaria.io.store import open_store, reset_clients
+from malaria_dev.datasets import (
     ArchiveError,
     ChecksumError,
     DownloadError,
@@ -31,7 +32,6 @@ from malaria.datasets import (
     download_nih_dataset,
     upload_tree,
 )
-from malaria.storage import open_store, reset_clients
 
 # ---------------------------------------------------------------------------------- helpers
 

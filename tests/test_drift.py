@@ -4,8 +4,8 @@ from __future__ import annotations
 
 import numpy as np
 
-from malaria.drift import compare, drift_of_predictions, psi, reference_distribution
-from malaria.storage import LocalStore
+from malaria.evaluation.drift import compare, drift_of_predictions, psi, reference_distribution
+from malaria.io.store import LocalStore
 
 
 def _rows(probabilities: np.ndarray, threshold: float) -> list[dict[str, str]]:

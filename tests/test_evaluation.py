@@ -13,7 +13,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 from PIL import Image
 
-from malaria.evaluation import (
+from malaria.evaluation.metrics import (
     Confusion,
     choose_threshold,
     evaluate,
@@ -292,7 +292,7 @@ def test_learning_curves_png_from_history_list_and_dict() -> None:
     # A first epoch without validation, and Keras 3's "learning_rate" name.
     _decode_png(plot_learning_curves([{"loss": 1.0, "learning_rate": 0.01},
                                       {"loss": 0.5, "val_loss": 0.6, "learning_rate": 0.01}]))
-    # What malaria.training records: 1-based epochs and timings that are not curves.
+    # What malaria.model.trainer records: 1-based epochs and timings that are not curves.
     _decode_png(plot_learning_curves([
         {**logs, "epoch": i + 1, "epoch_seconds": 12.5, "images_per_s": 480.0}
         for i, logs in enumerate(history)

@@ -8,8 +8,8 @@ import numpy as np
 import pytest
 from PIL import Image, ImageFile
 
-from malaria.images import ImageLimits, validate_image
-from malaria.synthetic import bad_inputs, render_cell
+from malaria.core.images import ImageLimits, validate_image
+from malaria_dev.synthetic import bad_inputs, render_cell
 
 # Outcomes that depend on the key or on other objects are tested in test_ingest.py.
 KEY_DEPENDENT = {"no_label", "label_conflict"}

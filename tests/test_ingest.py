@@ -9,15 +9,15 @@ import json
 import pandas as pd
 import pytest
 
-from malaria import layout
-from malaria.ingest import (
+from malaria.core import layout
+from malaria.ingest.chunks import (
     ALREADY_INGESTED,
     ingest,
     iter_chunks,
     load_ledger,
 )
-from malaria.storage import LocalStore, ObjectInfo, S3Store
-from malaria.synthetic import bad_inputs, generate_cells
+from malaria.io.store import LocalStore, ObjectInfo, S3Store
+from malaria_dev.synthetic import bad_inputs, generate_cells
 
 Store = S3Store | LocalStore
 

@@ -10,9 +10,9 @@ from concurrent.futures import ThreadPoolExecutor
 import pandas as pd
 import pytest
 
-from malaria import layout
-from malaria.storage import S3Store
-from malaria.synthetic import bad_inputs, generate_cells
+from malaria.core import layout
+from malaria.io.store import S3Store
+from malaria_dev.synthetic import bad_inputs, generate_cells
 
 pytestmark = pytest.mark.integration
 

@@ -12,9 +12,9 @@ import pytest
 from PIL import Image
 
 from benchmarks.label_review import contradicted, main
-from malaria.models import build_model
-from malaria.synthetic import write_labelled_tree
-from malaria.training import save_for_serving
+from malaria.model.architectures import build_model
+from malaria.model.trainer import save_for_serving
+from malaria_dev.synthetic import write_labelled_tree
 
 
 def test_a_cell_is_listed_by_the_most_generous_model() -> None:

@@ -6,7 +6,7 @@ import pytest
 from hypothesis import given
 from hypothesis import strategies as st
 
-from malaria.labels import (
+from malaria.core.labels import (
     LabelEntry,
     LabelsFileError,
     canonical_class,
@@ -15,7 +15,7 @@ from malaria.labels import (
     parse_labels_csv,
     slide_from_name,
 )
-from malaria.layout import quarantine_key, safe_file_name
+from malaria.core.layout import quarantine_key, safe_file_name
 
 
 @pytest.mark.parametrize(("name", "expected"), [

@@ -7,8 +7,8 @@ from pathlib import Path
 
 import pytest
 
-from flows.cli import main
-from malaria.synthetic import bad_inputs, write_labelled_tree
+from malaria_cli.main import main
+from malaria_dev.synthetic import bad_inputs, write_labelled_tree
 
 
 @pytest.fixture(scope="module")
@@ -72,8 +72,8 @@ def test_predict_one_line_per_image(trained: tuple[Path, Path], tmp_path: Path,
 
 def test_models_commands_on_a_local_bucket(trained: tuple[Path, Path], tmp_path: Path,
                                            capsys: pytest.CaptureFixture[str]) -> None:
-    from malaria.registry import ModelRegistry
-    from malaria.storage import LocalStore
+    from malaria.io.store import LocalStore
+    from malaria.registry.registry import ModelRegistry
 
     _, model = trained
     bucket = LocalStore(tmp_path / "bucket")
@@ -95,8 +95,8 @@ def test_models_commands_on_a_local_bucket(trained: tuple[Path, Path], tmp_path:
 def test_cells_to_review_are_the_confident_mistakes_by_key() -> None:
     import numpy as np
 
-    from malaria.data import CellRecord
-    from malaria.retraining import cells_to_review, review_table
+    from malaria.dataset.records import CellRecord
+    from malaria.model.run import cells_to_review, review_table
 
     records = [CellRecord(key=f"dataset/x/{i}.png", label=0, slide=str(i % 2), content_id=str(i))
                for i in range(5)]

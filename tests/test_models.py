@@ -8,7 +8,7 @@ import keras
 import numpy as np
 import pytest
 
-from malaria.models import (
+from malaria.model.architectures import (
     ARCHITECTURES,
     build_model,
     classifier_params,

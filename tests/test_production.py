@@ -23,10 +23,10 @@ from typing import Any
 import httpx
 import pytest
 
-from malaria import layout
-from malaria.stack import StackConfig, stack_down, stack_env, stack_up
-from malaria.storage import S3Store, get_csv, reset_clients
-from malaria.synthetic import generate_cells, generate_scan_cells
+from malaria.core import layout
+from malaria.io.store import S3Store, get_csv, reset_clients
+from malaria_dev.stack import StackConfig, stack_down, stack_env, stack_up
+from malaria_dev.synthetic import generate_cells, generate_scan_cells
 
 pytestmark = pytest.mark.integration
 
@@ -91,7 +91,7 @@ def production(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Production]
         with ThreadPoolExecutor(16) as pool:
             list(pool.map(lambda kv: store.put_bytes(*kv), uploads.items()))
 
-        deployed = subprocess.run([sys.executable, "-m", "flows.cli", "deploy"], cwd=PROJECT,
+        deployed = subprocess.run([sys.executable, "-m", "malaria_cli.main", "deploy"], cwd=PROJECT,
                                   env=env, text=True, capture_output=True, timeout=300)
         assert deployed.returncode == 0, deployed.stdout + deployed.stderr
         runs = {

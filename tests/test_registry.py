@@ -10,8 +10,9 @@ from typing import Any
 
 import pytest
 
-from malaria.layout import CHAMPION_KEY
-from malaria.registry import (
+from malaria.core.layout import CHAMPION_KEY
+from malaria.io.store import LocalStore, S3Store
+from malaria.registry.registry import (
     GateDecision,
     ModelRegistry,
     RegistryError,
@@ -22,7 +23,6 @@ from malaria.registry import (
     new_version,
     package_versions,
 )
-from malaria.storage import LocalStore, S3Store
 
 PNG = b"\x89PNG\r\n\x1a\nnot-really-but-bytes"
 

@@ -10,7 +10,7 @@ from botocore.auth import S3SigV4Auth
 from botocore.awsrequest import AWSRequest
 from botocore.credentials import Credentials
 
-from malaria.s3get import (
+from malaria.io.s3get import (
     EMPTY_SHA256,
     FastGetUnavailable,
     PathStyleGetter,
@@ -18,7 +18,7 @@ from malaria.s3get import (
     canonical_query,
     path_style_client,
 )
-from malaria.storage import ObjectNotFound, S3Store, s3_client
+from malaria.io.store import ObjectNotFound, S3Store, s3_client
 
 MOMENT = datetime(2026, 11, 27, 8, 30, 15, tzinfo=UTC)
 
@@ -83,7 +83,7 @@ def test_refused_fast_get_falls_back_to_boto3(seaweed_bucket: S3Store,
     wrong = Credentials("AKIDWRONG", "not-the-secret")
     getter = PathStyleGetter(client.meta.endpoint_url, seaweed_bucket.bucket,
                              client.meta.region_name, wrong)
-    monkeypatch.setattr("malaria.s3get.path_style_client", lambda *_: getter)
+    monkeypatch.setattr("malaria.io.s3get.path_style_client", lambda *_: getter)
     assert seaweed_bucket.get_bytes("scans/1/a.png") == b"cell"
 
 
@@ -185,7 +185,7 @@ def test_refused_pipelined_gets_fall_back_to_boto3(seaweed_bucket: S3Store,
                              client.meta.region_name, Credentials("AKIDWRONG", "nope"))
     assert all(isinstance(a, FastGetUnavailable)
                for a in getter.get_many(["scans/1/a.png", "scans/1/b.png"]))
-    monkeypatch.setattr("malaria.s3get.path_style_client", lambda *_: getter)
+    monkeypatch.setattr("malaria.io.s3get.path_style_client", lambda *_: getter)
     answers = seaweed_bucket.get_many(["scans/1/a.png", "scans/1/missing", "scans/1/b.png"])
     assert answers[0] == b"cell a" and answers[2] == b"cell b"
     assert isinstance(answers[1], ObjectNotFound)
@@ -196,7 +196,7 @@ def test_response_reader_splits_back_to_back_responses() -> None:
     framed by its own Content-Length; a response without one is refused."""
     import socket
 
-    from malaria.s3get import _ResponseReader
+    from malaria.io.s3get import _ResponseReader
 
     ours, theirs = socket.socketpair()
     with ours, theirs:

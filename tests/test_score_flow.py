@@ -11,11 +11,11 @@ from pathlib import Path
 import pandas as pd
 import pytest
 
-from malaria import layout
-from malaria.registry import ModelRegistry
-from malaria.scoring import PREDICTION_COLUMNS
-from malaria.storage import S3Store
-from malaria.synthetic import generate_scan_cells
+from malaria.core import layout
+from malaria.io.store import S3Store
+from malaria.registry.registry import ModelRegistry
+from malaria.scoring.pipeline import PREDICTION_COLUMNS
+from malaria_dev.synthetic import generate_scan_cells
 
 pytestmark = pytest.mark.integration
 
@@ -46,9 +46,9 @@ def test_score_flow_on_seaweedfs_threads_and_dask_agree(
     from prefect.client.schemas.filters import ArtifactFilter, ArtifactFilterKey
 
     from flows.score import score_flow, score_slides_flow
-    from malaria.models import build_model
-    from malaria.scoring import ScoringPaths, resolve_model
-    from malaria.training import save_for_serving
+    from malaria.model.architectures import build_model
+    from malaria.model.trainer import save_for_serving
+    from malaria.scoring.pipeline import ScoringPaths, resolve_model
 
     model = tmp_path / "model.keras"
     save_for_serving(build_model("cellnet-tiny", 32), model)

@@ -1,4 +1,4 @@
-"""Bulk scoring (malaria.scoring) against moto S3 and local folders, with a tiny model:
+"""Bulk scoring (malaria.scoring.pipeline) against moto S3 and local folders, with a tiny model:
 CSV schema and counts, error rows, idempotence, the due rule, leases, two runs at once and
 resuming after a SIGKILLed run."""
 
@@ -20,9 +20,10 @@ import pandas as pd
 import pytest
 from PIL import Image
 
-from malaria import layout
-from malaria.data import decode_to_array
-from malaria.scoring import (
+from malaria.core import layout
+from malaria.dataset.records import decode_to_array
+from malaria.io.store import LocalStore, ObjectInfo, S3Store, put_json, reset_clients
+from malaria.scoring.pipeline import (
     PREDICTION_COLUMNS,
     SUMMARY_COLUMNS,
     Cell,
@@ -41,8 +42,7 @@ from malaria.scoring import (
     score,
     split_shards,
 )
-from malaria.storage import LocalStore, ObjectInfo, S3Store, put_json, reset_clients
-from malaria.synthetic import generate_scan_cells
+from malaria_dev.synthetic import generate_scan_cells
 
 Store = S3Store | LocalStore
 ROOT = Path(__file__).resolve().parents[1]
@@ -64,8 +64,8 @@ def _clients_find_moto(moto_endpoint: str, monkeypatch: pytest.MonkeyPatch) -> I
 
 @pytest.fixture(scope="module")
 def tiny_model(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    from malaria.models import build_model
-    from malaria.training import save_for_serving
+    from malaria.model.architectures import build_model
+    from malaria.model.trainer import save_for_serving
 
     path = tmp_path_factory.mktemp("model") / "model.keras"
     save_for_serving(build_model("cellnet-tiny", 32), path)
@@ -214,7 +214,7 @@ def test_due_rule_function() -> None:
 
 def test_new_cells_and_new_champion_make_slides_due(s3_store: S3Store,
                                                     tiny_model: Path) -> None:
-    from malaria.registry import ModelRegistry
+    from malaria.registry.registry import ModelRegistry
 
     registry = ModelRegistry(s3_store)
     metrics = {"threshold": 0.4, "input_size": 32, "architecture": "cellnet-tiny"}
@@ -339,7 +339,7 @@ def test_a_slide_lost_during_the_settle_gets_nothing_written(
 
 KILLED_RUN = textwrap.dedent("""
     import sys, time
-    import malaria.scoring as scoring
+    import malaria.scoring.pipeline as scoring
 
     real = scoring.score_cells
 
@@ -403,7 +403,7 @@ def test_fingerprint_ignores_listing_order() -> None:
 
 def test_a_cell_deleted_after_listing_is_an_error_row(s3_store: S3Store,
                                                       tiny_model: Path) -> None:
-    from malaria.scoring import Cell, ModelRef, load_model, score_cells
+    from malaria.scoring.pipeline import Cell, ModelRef, load_model, score_cells
 
     cell = next(generate_scan_cells(1, slide_id=700, seed=1))
     s3_store.put_bytes("scans/700/ok.png", cell.data)
@@ -417,7 +417,7 @@ def test_a_cell_deleted_after_listing_is_an_error_row(s3_store: S3Store,
 def test_score_command_on_folders(tmp_path: Path, tiny_model: Path) -> None:
     import argparse
 
-    from flows.score_command import add_score_command
+    from malaria_cli.score import add_score_command
 
     upload_scans(LocalStore(tmp_path / "scans"), prefix="", slides={"801": 3, "802": 2})
     parser = argparse.ArgumentParser(prog="malaria")
@@ -451,7 +451,7 @@ def test_the_recorded_operating_point_is_used(tmp_path: Path, tiny_model: Path) 
 
     import keras
 
-    from malaria.training import predict_probabilities
+    from malaria.model.trainer import predict_probabilities
 
     model_path = tmp_path / "m.keras"
     shutil.copy(tiny_model, model_path)
@@ -501,7 +501,7 @@ def test_pipelined_fetch_keeps_every_cell_in_its_place(s3_store: S3Store,
     """Cells fetched a few per round trip: chunks that do not divide the cells or the batch,
     an empty object (refused from the listing, never fetched) and a missing one inside a
     chunk all land on their own row, as they do one cell per request."""
-    from malaria.scoring import Cell, ModelRef, load_model, score_cells
+    from malaria.scoring.pipeline import Cell, ModelRef, load_model, score_cells
 
     cells = []
     for n, cell in enumerate(generate_scan_cells(9, slide_id=701, seed=2)):

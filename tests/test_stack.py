@@ -15,8 +15,8 @@ from typing import Any
 
 import pytest
 
-from malaria import stack
-from malaria.stack import (
+from malaria_dev import stack
+from malaria_dev.stack import (
     GRPC_OFFSET,
     StackConfig,
     StackError,

@@ -8,7 +8,7 @@ from pathlib import Path
 import pandas as pd
 import pytest
 
-from malaria.storage import (
+from malaria.io.store import (
     LocalStore,
     ObjectNotFound,
     S3Store,

@@ -1,4 +1,4 @@
-"""Unit tests for malaria.synthetic: the stand-in for the real NIH cell images."""
+"""Unit tests for malaria_dev.synthetic: the stand-in for the real NIH cell images."""
 
 from __future__ import annotations
 
@@ -12,7 +12,7 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from malaria.synthetic import (
+from malaria_dev.synthetic import (
     CLASS_NAMES,
     BadInput,
     SyntheticCell,

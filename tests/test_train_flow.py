@@ -9,10 +9,10 @@ from pathlib import Path
 
 import pytest
 
-from malaria import layout
-from malaria.registry import ModelRegistry
-from malaria.storage import S3Store
-from malaria.synthetic import generate_cells
+from malaria.core import layout
+from malaria.io.store import S3Store
+from malaria.registry.registry import ModelRegistry
+from malaria_dev.synthetic import generate_cells
 
 pytestmark = pytest.mark.integration
 

@@ -11,10 +11,15 @@ import keras
 import numpy as np
 import pytest
 
-from malaria.data import ArraySet, ImageCache, folder_reader, load_arrays, records_from_folder
-from malaria.data import split_by_slide as split
-from malaria.synthetic import write_labelled_tree
-from malaria.training import (
+from malaria.dataset.records import (
+    ArraySet,
+    ImageCache,
+    folder_reader,
+    load_arrays,
+    records_from_folder,
+)
+from malaria.dataset.records import split_by_slide as split
+from malaria.model.trainer import (
     LAST_MODEL,
     STATE,
     TrainConfig,
@@ -23,6 +28,7 @@ from malaria.training import (
     save_for_serving,
     train,
 )
+from malaria_dev.synthetic import write_labelled_tree
 
 SIZE = 40
 
@@ -59,7 +65,7 @@ def test_schedule_warms_up_then_decays() -> None:
 def test_a_replanned_decay_goes_on_from_where_it_was() -> None:
     """Epochs speed up half-way and the time budget plans twice as many: the rate goes on
     from its current value, down to the floor at the new end, and never steps back up."""
-    from malaria.training import decay_progress
+    from malaria.model.trainer import decay_progress
 
     config = TrainConfig(learning_rate=1.0, min_lr_fraction=0.1)
     before = [learning_rate_at(step, 100, 10, config) for step in range(50)]
@@ -73,7 +79,7 @@ def test_a_replanned_decay_goes_on_from_where_it_was() -> None:
 
 
 def test_the_trainer_anchors_the_decay_when_the_budget_replans(tmp_path: Path) -> None:
-    from malaria.training import _fresh_state, _Trainer
+    from malaria.model.trainer import _fresh_state, _Trainer
 
     config = _config(epochs=200, max_minutes=1.0)
     state = _fresh_state(config)
@@ -182,7 +188,7 @@ def test_restore_best_by_validation_auc_with_weight_averaging(
 
 def test_other_backends_fit_on_the_arrays_with_sample_weights(
         monkeypatch: pytest.MonkeyPatch) -> None:
-    import malaria.training as training
+    import malaria.model.trainer as training
 
     monkeypatch.setattr(training, "backend", lambda: "jax")
     x = np.zeros((4, SIZE, SIZE, 3), np.uint8)
@@ -198,8 +204,8 @@ def test_other_backends_fit_on_the_arrays_with_sample_weights(
 
 
 def test_xla_is_allowed_for_the_geometric_augmentation_under_jax() -> None:
-    from malaria.models import build_model
-    from malaria.training import _allow_xla_augmentation
+    from malaria.model.architectures import build_model
+    from malaria.model.trainer import _allow_xla_augmentation
 
     model = build_model("cellnet-tiny", SIZE, augment=True)
     geometric = [layer for layer in model._flatten_layers()
@@ -234,7 +240,7 @@ def test_bfloat16_tensor_cores_from_compute_capability(
 
     import tensorflow as tf
 
-    from malaria.training import gpu_has_bf16
+    from malaria.model.trainer import gpu_has_bf16
 
     # A JAX device carries "9.0"; TensorFlow answers (9, 0) through get_device_details.
     monkeypatch.setattr(tf.config.experimental, "get_device_details",
@@ -256,7 +262,7 @@ def test_truncated_loss_leaves_out_the_worst_cells_of_a_batch() -> None:
     with a quarter to drop, the one cell of four with the highest loss adds nothing."""
     import keras
 
-    from malaria.training import TrainConfig, TruncatedBinaryCrossentropy
+    from malaria.model.trainer import TrainConfig, TruncatedBinaryCrossentropy
 
     labels = np.array([1, 0, 1, 0], np.float32)  # (n,), as the input pipeline gives them
     probabilities = np.array([[0.9], [0.2], [0.05], [0.6]], np.float32)

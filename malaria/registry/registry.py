@@ -15,7 +15,7 @@ champion and ``history``: every promotion and rollback in order, append-only. Ro
 replays that history as a stack (a promotion pushes, a rollback pops), so rolling back twice
 goes two champions back rather than bouncing between the last two.
 
-All writes are whole objects (see :mod:`malaria.storage`). ``champion.json`` is a
+All writes are whole objects (see :mod:`malaria.io.store`). ``champion.json`` is a
 read-modify-write: run promotions from one flow at a time (a Prefect concurrency limit),
 since not every S3-compatible server offers conditional writes.
 
@@ -42,8 +42,8 @@ from typing import Any
 
 import numpy as np
 
-from malaria.layout import CHAMPION_KEY, MODELS, model_prefix
-from malaria.storage import ObjectNotFound, Store, get_json, put_json
+from malaria.core.layout import CHAMPION_KEY, MODELS, model_prefix
+from malaria.io.store import ObjectNotFound, Store, get_json, put_json
 
 METRICS_FILE = "metrics.json"
 GATE_FILE = "gate.json"

@@ -63,14 +63,14 @@ Speed and memory
     validates and resizes, the same preprocessing as training), at most two batches ahead of
     the inference, which runs in large batches in the calling thread: a bounded
     producer/consumer pipeline, so memory holds two batches of images whatever the size of
-    the run. On S3 a fetch thread sends ``DEFAULT_PIPELINE`` (64) of ``malaria.s3get``'s
+    the run. On S3 a fetch thread sends ``DEFAULT_PIPELINE`` (64) of ``malaria.io.s3get``'s
     signed GETs at once, pipelined on its kept-alive socket, and reads the answers back to
     back: a tenth of boto3's client CPU per object, and the server wakes once per batch of
     requests rather than per object (+30% end to end where it shares the cores;
     ``MALARIA_GET_PIPELINE=1`` sends one at a time, for a server that mishandles
     pipelining). The model is loaded once per process and kept in a module-level cache
     keyed by (registry, version). Inference is a ``tf.function`` around the Keras model
-    (``malaria.training.predict_probabilities``), at the operating point the model was
+    (``malaria.model.trainer.predict_probabilities``), at the operating point the model was
     evaluated at (its threshold, and its test-time augmentation if it was evaluated with
     it); ONNX Runtime and XLA were measured against it and were slower here (see
     benchmarks/README.md).
@@ -102,13 +102,12 @@ from typing import Any
 import numpy as np
 from PIL import Image, UnidentifiedImageError
 
-from malaria import layout
-from malaria.data import model_input
-from malaria.images import DEFAULT_LIMITS, ImageLimits, check_size, validate_open_image
-from malaria.labels import PARASITIZED, UNINFECTED
-from malaria.processes import pid_alive
-from malaria.registry import ModelRegistry, sha256_file
-from malaria.storage import (
+from malaria.core import layout
+from malaria.core.images import DEFAULT_LIMITS, ImageLimits, check_size, validate_open_image
+from malaria.core.labels import PARASITIZED, UNINFECTED
+from malaria.dataset.records import model_input
+from malaria.io.processes import pid_alive
+from malaria.io.store import (
     ObjectInfo,
     ObjectNotFound,
     Store,
@@ -118,6 +117,7 @@ from malaria.storage import (
     put_csv,
     put_json,
 )
+from malaria.registry.registry import ModelRegistry, sha256_file
 
 log = logging.getLogger(__name__)
 
@@ -263,7 +263,7 @@ def resolve_model(paths: ScoringPaths, model_path: str | Path | None = None,
     with another file makes every slide due again, as a new champion does.
     """
     if model_path is not None:
-        from malaria.retraining import load_model_card
+        from malaria.model.run import load_model_card
 
         path = Path(model_path).resolve()
         if not path.is_file():
@@ -327,8 +327,8 @@ def load_model(ref: ModelRef) -> LoadedModel:
             return cached
         import keras
 
-        from malaria.models import input_size_of
-        from malaria.training import predict_probabilities
+        from malaria.model.architectures import input_size_of
+        from malaria.model.trainer import predict_probabilities
 
         model = keras.models.load_model(_model_file(ref), compile=False)
         size = input_size_of(model)
@@ -1184,7 +1184,7 @@ def score(scans: str | Path, out: str | Path, *, model_path: str | Path | None =
     """One-off scoring (``malaria score``): ``scans`` (a URL or folder of ``<slide>/<file>``)
     to ``out`` (``<slide>.csv`` and ``summary.csv``), with ``model_path`` or, without it,
     the champion of ``registry_url`` (default: ``$MALARIA_DATA_URL``)."""
-    from malaria.config import data_url
+    from malaria.core.settings import data_url
 
     paths = ScoringPaths.folders(scans, out, registry_url=registry_url)
     if paths.registry_url is None and model_path is None:

@@ -7,11 +7,11 @@ from collections.abc import Iterable
 
 from PIL import Image
 
-from malaria import layout
-from malaria.data import to_square
-from malaria.images import decode_rgb
-from malaria.labels import CLASS_NAMES
-from malaria.storage import Store
+from malaria.core import layout
+from malaria.core.images import decode_rgb
+from malaria.core.labels import CLASS_NAMES
+from malaria.dataset.records import to_square
+from malaria.io.store import Store
 
 GIF_SIDE = 300
 GIF_FRAME_MS = 700  # slow enough to look at each cell

@@ -126,7 +126,7 @@ def s3_client(endpoint_url: str | None = None, *, pool_size: int = DEFAULT_POOL_
 
 def reset_clients() -> None:
     """Forget cached clients (tests switch endpoints and credentials)."""
-    from malaria.s3get import reset_lean_clients
+    from malaria.io.s3get import reset_lean_clients
 
     with _client_lock:
         _clients.clear()
@@ -165,10 +165,10 @@ class S3Store:
     def list(self, prefix: str = "") -> Iterator[ObjectInfo]:
         """Stream the objects under ``prefix`` in key order, a page (1,000) at a time.
 
-        Pages come through ``malaria.s3get``'s lean signed request (a fifth of botocore's
+        Pages come through ``malaria.io.s3get``'s lean signed request (a fifth of botocore's
         client CPU per listed object: scoring lists every scan twice); on anything unusual
         the listing goes on through boto3, after the last key already yielded."""
-        from malaria.s3get import FastGetUnavailable, path_style_client
+        from malaria.io.s3get import FastGetUnavailable, path_style_client
 
         full_prefix = _join(self.prefix, prefix) if prefix else (
             f"{self.prefix}/" if self.prefix else "")
@@ -202,12 +202,12 @@ class S3Store:
                 )
 
     def get_bytes(self, key: str) -> bytes:
-        """The object's bytes. Through ``malaria.s3get``'s lean signed GET over a kept-alive
+        """The object's bytes. Through ``malaria.io.s3get``'s lean signed GET over a kept-alive
         socket per thread (a tenth of botocore's client CPU per object, which matters when
         scoring fetches on the cores that decode and infer); anything but a 200 or a 404
         (throttling, a 5xx, a dropped connection) is asked again through boto3 and its
         retries."""
-        from malaria.s3get import FastGetUnavailable, path_style_client
+        from malaria.io.s3get import FastGetUnavailable, path_style_client
 
         lean = path_style_client(self.client, self.bucket)
         if lean is not None:
@@ -238,7 +238,7 @@ class S3Store:
         lean GET with the requests pipelined on one connection (the server then spends about
         0.6 of the CPU per object: see ``benchmarks/README.md``); a key the fast path cannot
         answer goes straight to boto3 (not to the lean path once more)."""
-        from malaria.s3get import path_style_client
+        from malaria.io.s3get import path_style_client
 
         lean = path_style_client(self.client, self.bucket)
         if lean is None:

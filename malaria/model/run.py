@@ -19,8 +19,9 @@ from typing import Any
 
 import numpy as np
 
-from malaria import layout
-from malaria.data import (
+from malaria.core import layout
+from malaria.core.labels import PARASITIZED, UNINFECTED
+from malaria.dataset.records import (
     ArraySet,
     CellRecord,
     ImageCache,
@@ -28,8 +29,8 @@ from malaria.data import (
     load_arrays,
     split_by_slide,
 )
-from malaria.drift import reference_distribution
-from malaria.evaluation import (
+from malaria.evaluation.drift import reference_distribution
+from malaria.evaluation.metrics import (
     EvaluationReport,
     ThresholdRule,
     choose_threshold,
@@ -40,9 +41,8 @@ from malaria.evaluation import (
     plot_worst_misclassified,
     worst_misclassified,
 )
-from malaria.labels import PARASITIZED, UNINFECTED
-from malaria.registry import GateDecision, ModelRegistry, decide_promotion, hash_manifest
-from malaria.storage import Store
+from malaria.io.store import Store
+from malaria.registry.registry import GateDecision, ModelRegistry, decide_promotion, hash_manifest
 
 Reader = Callable[[str], bytes]
 MODEL_FILE = "model.keras"
@@ -71,7 +71,7 @@ class RetrainConfig:
     extra_train_options: dict[str, Any] = field(default_factory=dict)
 
     def train_config(self) -> Any:
-        from malaria.training import TrainConfig
+        from malaria.model.trainer import TrainConfig
 
         return TrainConfig(arch=self.arch, input_size=self.input_size, epochs=self.epochs,
                            max_minutes=self.max_minutes, batch_size=self.batch_size,
@@ -158,7 +158,7 @@ class CandidateEvaluation:
 def evaluate_candidate(model: Any, data: PreparedData, history: list[dict[str, Any]], *,
                        threshold_rule: ThresholdRule = "youden",
                        tta: bool = True) -> CandidateEvaluation:
-    from malaria.training import predict_probabilities
+    from malaria.model.trainer import predict_probabilities
 
     val_prob = predict_probabilities(model, data.val.images, tta=tta)
     threshold = choose_threshold(data.val.labels, val_prob, rule=threshold_rule)
@@ -220,7 +220,7 @@ def score_registered(registry: ModelRegistry, version: str, records: Sequence[Ce
     """Score a registered model on ``records`` with its own input size and threshold."""
     import keras
 
-    from malaria.training import predict_probabilities
+    from malaria.model.trainer import predict_probabilities
 
     record = registry.get(version)
     size = int(record["input_size"])
@@ -290,9 +290,9 @@ def train_local(data_dir: Path, out: Path, config: RetrainConfig, *, cache_dir: 
                 on_epoch: Callable[[int, dict[str, Any]], None] | None = None,
                 ) -> dict[str, Any]:
     """``malaria train``: a folder with class subfolders in, a model file and its card out."""
-    from malaria.data import folder_reader, records_from_folder
-    from malaria.models import default_input_size
-    from malaria.training import save_for_serving, train
+    from malaria.dataset.records import folder_reader, records_from_folder
+    from malaria.model.architectures import default_input_size
+    from malaria.model.trainer import save_for_serving, train
 
     records = records_from_folder(data_dir)
     size = config.input_size or default_input_size(config.arch)
@@ -336,8 +336,8 @@ def load_serving_model(model_path: Path) -> tuple[Any, int, float]:
 def evaluate_local(model_path: Path, data_dir: Path, *, cache_dir: Path,
                    tta: bool = False) -> EvaluationReport:
     """``malaria evaluate``: every cell of a class-folder tree, slide from the file name."""
-    from malaria.data import folder_reader, records_from_folder
-    from malaria.training import predict_probabilities
+    from malaria.dataset.records import folder_reader, records_from_folder
+    from malaria.model.trainer import predict_probabilities
 
     model, size, threshold = load_serving_model(model_path)
     records = records_from_folder(data_dir)
@@ -359,10 +359,10 @@ class Prediction:
 def predict_files(model_path: Path, paths: Sequence[Path]) -> list[Prediction]:
     """``malaria predict``: one line per image, like the source article's last step; an
     unreadable file gets an error instead of a probability."""
-    from malaria.data import decode_to_array
-    from malaria.images import validate_image
-    from malaria.labels import PARASITIZED, UNINFECTED
-    from malaria.training import predict_probabilities
+    from malaria.core.images import validate_image
+    from malaria.core.labels import PARASITIZED, UNINFECTED
+    from malaria.dataset.records import decode_to_array
+    from malaria.model.trainer import predict_probabilities
 
     model, size, threshold = load_serving_model(model_path)
     results: list[Prediction | None] = []

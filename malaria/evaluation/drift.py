@@ -18,8 +18,8 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from malaria.labels import PARASITIZED
-from malaria.storage import Store
+from malaria.core.labels import PARASITIZED
+from malaria.io.store import Store
 
 BINS = 20
 PSI_WARN = 0.1

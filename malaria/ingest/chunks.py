@@ -33,8 +33,8 @@ from dataclasses import asdict, dataclass, field, fields
 from datetime import UTC, datetime
 from pathlib import Path, PurePosixPath
 
-from malaria import layout
-from malaria.images import (
+from malaria.core import layout
+from malaria.core.images import (
     CONTENT_TYPES,
     DEFAULT_LIMITS,
     ImageLimits,
@@ -42,7 +42,7 @@ from malaria.images import (
     check_size,
     validate_image,
 )
-from malaria.labels import (
+from malaria.core.labels import (
     CLASS_NAMES,
     UNKNOWN_SLIDE,
     LabelEntry,
@@ -51,7 +51,7 @@ from malaria.labels import (
     parse_labels_csv,
     slide_from_name,
 )
-from malaria.storage import ObjectInfo, ObjectNotFound, Store
+from malaria.io.store import ObjectInfo, ObjectNotFound, Store
 
 log = logging.getLogger(__name__)
 

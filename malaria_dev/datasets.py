@@ -27,9 +27,9 @@ from typing import BinaryIO
 import httpx
 from tqdm import tqdm
 
-from malaria.labels import CLASS_NAMES, canonical_class
-from malaria.layout import INCOMING
-from malaria.storage import open_store
+from malaria.core.labels import CLASS_NAMES, canonical_class
+from malaria.core.layout import INCOMING
+from malaria.io.store import open_store
 
 log = logging.getLogger(__name__)
 

@@ -36,8 +36,8 @@ from typing import Any
 import keras
 import numpy as np
 
-from malaria.data import ArraySet, class_weights, make_dataset, sample_weights
-from malaria.models import build_model, default_input_size
+from malaria.dataset.records import ArraySet, class_weights, make_dataset, sample_weights
+from malaria.model.architectures import build_model, default_input_size
 
 LAST_MODEL = "last.keras"
 BEST_WEIGHTS = "best.weights.h5"

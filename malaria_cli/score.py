@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import argparse
 
-from malaria.scoring import (
+from malaria.scoring.pipeline import (
     DEFAULT_BATCH_SIZE,
     DEFAULT_CONCURRENCY,
     DEFAULT_SHARD_SIZE,
@@ -20,7 +20,7 @@ from malaria.scoring import (
 def cmd_score(args: argparse.Namespace) -> int:
     """Score once, in this process, without Prefect (same library code as the flow)."""
     if any(str(u).startswith("s3://") for u in (args.scans, args.out, args.registry or "")):
-        from malaria.stack import use_local_stack_if_configured
+        from malaria_dev.stack import use_local_stack_if_configured
 
         use_local_stack_if_configured()
 

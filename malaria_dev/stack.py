@@ -38,7 +38,7 @@ from typing import Any
 
 import httpx
 
-from malaria.processes import finished_zombie, pid_alive, reap
+from malaria.io.processes import finished_zombie, pid_alive, reap
 
 __all__ = [
     "SERVICES",

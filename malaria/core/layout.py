@@ -92,7 +92,7 @@ def model_prefix(version: str) -> str:
     return f"{MODELS}{version}/"
 
 
-# Scoring bookkeeping (see malaria.scoring): leases, per-shard partial results, and a marker
+# Scoring bookkeeping (see malaria.scoring.pipeline): leases, per-shard partial results, and a marker
 # per scored slide whose NAME says which cells (fingerprint) and model version it covers, so
 # finding due slides needs listings only. ``state`` lets a one-off run keep the same layout
 # under another folder.

@@ -28,7 +28,7 @@ from typing import Any
 from urllib.parse import quote, urlsplit
 from xml.etree import ElementTree
 
-from malaria.storage import ObjectInfo, ObjectNotFound
+from malaria.io.store import ObjectInfo, ObjectNotFound
 
 EMPTY_SHA256 = hashlib.sha256(b"").hexdigest()
 _SIGNED_HEADERS = "host;x-amz-content-sha256;x-amz-date"
@@ -135,7 +135,7 @@ class PathStyleGetter:
     """``get(full_key) -> bytes`` against ``endpoint/bucket/key``, one connection per thread.
 
     Built from a boto3 S3 client configured for path-style addressing (what
-    ``malaria.storage.s3_client`` makes); ``credentials`` is anything with
+    ``malaria.io.store.s3_client`` makes); ``credentials`` is anything with
     ``get_frozen_credentials()`` (botocore's credential objects).
     """
 
@@ -331,7 +331,7 @@ _LEAN_LOCK = threading.Lock()
 
 def path_style_client(client: Any, bucket: str) -> PathStyleGetter | None:
     """The lean client for ``bucket`` through ``client``'s endpoint and region, with
-    credentials from boto3's default chain (the chain ``malaria.storage.s3_client`` built the
+    credentials from boto3's default chain (the chain ``malaria.io.store.s3_client`` built the
     client from), or None when the client is not a path-style SigV4 client or there are no
     credentials (anonymous access goes through boto3). One per (endpoint, region, bucket)
     and process: resolving credentials builds a boto3 session, which costs milliseconds."""

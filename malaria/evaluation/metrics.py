@@ -392,7 +392,7 @@ def plot_learning_curves(
 
     ``history`` is a list of per-epoch dicts with keys such as ``loss``, ``val_loss``,
     ``accuracy``, ``val_accuracy`` and ``lr`` or ``learning_rate`` (Keras 3's name). An
-    ``epoch`` key, if present, is the x axis as given (1-based, as :mod:`malaria.training`
+    ``epoch`` key, if present, is the x axis as given (1-based, as :mod:`malaria.model.trainer`
     records it); otherwise epochs count from 1. Other keys are drawn only when they have a
     ``val_`` twin, which leaves out bookkeeping such as ``epoch_seconds``. The epoch with the lowest ``val_loss`` (the
     one early stopping restores) is marked.

@@ -30,19 +30,19 @@ from typing import TYPE_CHECKING, Any
 import numpy as np
 from PIL import Image
 
-from malaria.labels import (
+from malaria.core.labels import (
     PARASITIZED,
     UNKNOWN_SLIDE,
     canonical_class,
     class_from_key,
     slide_from_name,
 )
-from malaria.layout import DATASET
+from malaria.core.layout import DATASET
 
 if TYPE_CHECKING:
     import tensorflow as tf
 
-    from malaria.storage import Store  # boto3 only where a store is used
+    from malaria.io.store import Store  # boto3 only where a store is used
 
 IMAGE_SUFFIXES = frozenset({".png", ".jpg", ".jpeg", ".tif", ".tiff", ".bmp", ".webp"})
 

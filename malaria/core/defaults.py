@@ -1,0 +1,38 @@
+"""Every default the product uses, declared once: the CLI, the flows, the deployments and the
+benchmarks read them from here, so a figure measured with a default is the product's."""
+
+from __future__ import annotations
+
+# ---- promotion gate: a candidate is promoted only above the floors and not worse than the
+# champion's figure minus the tolerance (on the same held-out slides).
+GATE_MIN_AUC = 0.90
+GATE_MIN_ACCURACY = 0.85
+GATE_TOLERANCE = 0.005
+
+# ---- training
+DEFAULT_ARCH = "cellnet"
+TRAIN_EPOCHS = 30
+TRAIN_BATCH_SIZE = 128
+TRAIN_SEED = 0
+TRAIN_LEARNING_RATE = 4e-3  # peak, after warm-up (tuned on validation slides)
+TRAIN_LABEL_SMOOTHING = 0.1  # robustness to the known label noise
+TRAIN_PATIENCE: int | None = 8  # epochs without a better val_loss before stopping
+TEST_TIME_AUGMENTATION = True
+TRAIN_MAX_MINUTES: float | None = None  # no time budget unless one is given
+VAL_FRACTION = 0.15
+TEST_FRACTION = 0.2
+# The decision threshold is chosen on the validation slides by this rule.
+THRESHOLD_RULE = "youden"
+DEFAULT_THRESHOLD = 0.5  # a model without a recorded threshold
+
+# ---- ingest
+INGEST_CHUNK_SIZE = 500
+INGEST_CONCURRENCY = 16
+
+# ---- scoring
+SCORE_SHARD_SIZE = 2000
+SCORE_BATCH_SIZE = 256
+SCORE_CONCURRENCY = 16
+SCORE_PARALLEL_SHARDS = 2
+SCORE_LEASE_TTL_S = 900.0
+SCORE_LEASE_SETTLE_S = 1.0
