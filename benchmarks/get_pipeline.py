@@ -26,6 +26,7 @@ from typing import Any
 
 from benchmarks import emit
 from benchmarks.scoring import _upload, generate, project
+from malaria.core import layout
 
 
 def process_cpu_seconds(pid: int) -> float:
@@ -38,7 +39,8 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
     os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
     from malaria.io.store import S3Store, reset_clients
     from malaria.model.architectures import DEFAULT_ARCH, build_model, default_input_size
-    from malaria.model.trainer import cpu_has_bf16, dtype_policy, save_for_serving
+    from malaria.model.checkpoints import save_for_serving
+    from malaria.model.precision import cpu_has_bf16, dtype_policy
     from malaria_dev.stack import StackConfig, load_stack_env, stack_down, stack_up
 
     depths = [int(d) for d in args.depths.split(",")]
@@ -57,12 +59,12 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
         model_path = state / "model.keras"
         save_for_serving(model, model_path)
         store = S3Store("bench-pipeline")
-        _upload(store, [(f"scans/{k}", d) for k, d in generate(args.cells, 1000)], 16)
+        _upload(store, [(f"{layout.SCANS}{k}", d) for k, d in generate(args.cells, 1000)], 16)
         child_args = argparse.Namespace(shard_size=2000, batch_size=256, concurrency=16)
         for round_number in range(args.rounds):
             for depth in depths:
                 for info in list(store.list("")):
-                    if not info.key.startswith("scans/"):
+                    if not info.key.startswith(layout.SCANS):
                         store.delete(info.key)  # earlier outputs: score everything again
                 os.environ["MALARIA_GET_PIPELINE"] = str(depth)  # the child reads it
                 weed_before = process_cpu_seconds(weed_pid)

@@ -46,13 +46,14 @@ def naive_loop(store: S3Store, keys: list[str]) -> float:
         data = client.get_object(Bucket=bucket, Key=key)["Body"].read()
         with Image.open(io.BytesIO(data)) as image:
             image.load()
-        client.put_object(Bucket=bucket, Key=key.replace("incoming/", "dataset/", 1), Body=data)
+        client.put_object(Bucket=bucket, Key=key.replace(layout.INCOMING, layout.DATASET, 1),
+                          Body=data)
     return time.perf_counter() - start
 
 
 def io_bound(store: S3Store, keys: list[str], concurrency: int) -> float:
     def move(key: str) -> None:
-        store.put_bytes(key.replace("incoming/", "dataset/", 1), store.get_bytes(key))
+        store.put_bytes(key.replace(layout.INCOMING, layout.DATASET, 1), store.get_bytes(key))
 
     start = time.perf_counter()
     with ThreadPoolExecutor(concurrency) as pool:

@@ -44,7 +44,7 @@ def score_models(models: dict[str, Path], data: Path, cache: Path, part: str
     """(records of the split, labels, P(parasitized) per model name)."""
     import keras
 
-    from malaria.model.trainer import predict_probabilities
+    from malaria.model.predict import predict_probabilities
 
     records = records_from_folder(data)
     chosen = benchmark_split(records).of(records, part)

@@ -1,4 +1,5 @@
-"""Scoring throughput against a real local SeaweedFS, with its baselines in the same run.
+"""Scoring throughput of the score flow against a real local SeaweedFS, with its baselines in
+the same run.
 
     python -m benchmarks.scoring --cells 20000 --json benchmarks/results/scoring.json
 
@@ -6,11 +7,16 @@ Puts n synthetic scan cells (slides of ``--slide-size`` cells) in a throwaway Se
 measures, with the default architecture at its default input size (untrained weights: speed
 does not depend on them):
 
-- ``cells_per_s``: the project's scoring (malaria.scoring.pipeline.run_scoring, what ``malaria score``
-  and each flow worker run): list, due rule, leases, fetch + decode + batched inference,
-  per-shard parts, per-slide CSVs, markers and summary.csv, all in the bucket. Run in a
-  child process per size, with the model already loaded (a worker's steady state), which
-  also gives the peak RSS at ``--small`` and at n cells;
+- ``cells_per_s``: the score flow (flows/score.py: what the ``bulk-scoring`` deployment and
+  ``malaria score`` run) with its default thread runner: list, due rule, leases (with their
+  settle), fetch + decode + batched inference per shard task, per-shard parts, per-slide
+  CSVs, markers, summary.csv, drift and artifacts, all in the bucket. The flow function runs
+  in a child process per size against a Prefect API started beforehand (``prefect_api`` in
+  the JSON), with the model already loaded (a worker's steady state); the child also gives
+  the peak RSS at ``--small`` and at n cells;
+- ``dask_cells_per_s``: the same flow on the same n cells with ``runner="dask"``: a local
+  Dask cluster of ``--dask-workers`` processes x 1 thread (the deployment's Dask setting),
+  started and with the model loaded in every worker before the timed region;
 - ``article_loop_cells_per_s`` (a): the source article's loop on local copies: per file
   ``load_img`` at the input size, ``img_to_array``, a batch axis, ``model.predict`` on one
   image (no second /255: the model rescales inside); timed on ``--article-sample`` files;
@@ -18,14 +24,16 @@ does not depend on them):
   a folder, ``image_dataset_from_directory`` + ``model.predict``, a CSV per slide written with
   pandas and uploaded with boto3;
 - ``compute_bound_cells_per_s`` (c): decode + resize + inference from bytes in memory, with
-  the project's own pipeline (the same threads and batches, no storage), the better of one
-  pipeline over all cells and the run's shards scheduled as the project runs them;
-- ``storage_bound_cells_per_s`` (c): concurrent GETs of the same objects (same concurrency),
-  no decoding.
+  the project's own shard scorer (the same threads and batches, no storage), the better of
+  one pipeline over all cells and the run's shards run ``SCORE_PARALLEL_SHARDS`` at a time,
+  as the flow's thread runner runs them;
+- ``storage_bound_cells_per_s`` (c): concurrent GETs of the same objects (same concurrency,
+  the scorer's ``get_many`` batches), no decoding.
 
-The model is built under the dtype policy the accuracy benchmark trains the default model
-with (mixed_bfloat16 on a CPU with native bf16, float32 elsewhere), because that is what a
-champion trained here serves with; the baselines use the same file.
+The model is built under the precision the product's training chooses on this CPU
+(``malaria.model.precision.resolve_precision``: float32 without native bf16, bf16 only where a
+timed probe says it is faster), because that is what a champion trained here serves with;
+the JSON records the choice and the CPU flags it was made on. The baselines use the same file.
 
 Creates /tmp/malaria-bench.lock while it runs (training on this machine pauses meanwhile).
 """
@@ -46,6 +54,8 @@ from pathlib import Path
 from typing import Any
 
 from benchmarks import BENCH_LOCK, emit
+from malaria.core import layout
+from malaria.core.labels import PARASITIZED, UNINFECTED
 
 LOCK = BENCH_LOCK
 TARGETS = {"vs_article": 50.0, "vs_keras_download": 1.3, "vs_lower_bound": 0.7,
@@ -135,7 +145,7 @@ def keras_download(store: Any, out: Any, model: Any, size: int, batch_size: int,
     client = store.client
     start = time.perf_counter()
     paginator = client.get_paginator("list_objects_v2")
-    for page in paginator.paginate(Bucket=store.bucket, Prefix="scans/"):
+    for page in paginator.paginate(Bucket=store.bucket, Prefix=layout.SCANS):
         for item in page.get("Contents", []):
             path = folder / item["Key"]
             path.parent.mkdir(parents=True, exist_ok=True)
@@ -147,11 +157,11 @@ def keras_download(store: Any, out: Any, model: Any, size: int, batch_size: int,
     frame = pd.DataFrame({"file": dataset.file_paths, "probability": probabilities})
     frame["slide"] = frame.file.map(lambda p: Path(p).parent.name)
     frame["predicted_class"] = (frame.probability >= 0.5).map(
-        {True: "Parasitized", False: "Uninfected"})
+        {True: PARASITIZED, False: UNINFECTED})
     for slide, rows in frame.groupby("slide"):
         path = folder / f"{slide}.csv"
         rows.to_csv(path, index=False)
-        out.client.upload_file(str(path), out.bucket, f"predictions/{slide}.csv")
+        out.client.upload_file(str(path), out.bucket, layout.prediction_key(str(slide)))
     return len(frame) / (time.perf_counter() - start), len(frame)
 
 
@@ -242,7 +252,8 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
         import keras
 
         from malaria.model.architectures import DEFAULT_ARCH, build_model, default_input_size
-        from malaria.model.trainer import cpu_has_bf16, dtype_policy, save_for_serving
+        from malaria.model.checkpoints import save_for_serving
+        from malaria.model.precision import cpu_has_bf16, dtype_policy
         from malaria.scoring.pipeline import DEFAULT_PIPELINE
 
         size = default_input_size(DEFAULT_ARCH)
@@ -260,8 +271,9 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
         cells = generate(n, args.slide_size)
         print(f"generated {n} cells in {time.perf_counter() - t0:.1f} s", flush=True)
         large, small_store = S3Store("bench-large"), S3Store("bench-small")
-        _upload(large, [(f"scans/{k}", d) for k, d in cells], args.concurrency)
-        _upload(small_store, [(f"scans/{k}", d) for k, d in cells[:small]], args.concurrency)
+        _upload(large, [(f"{layout.SCANS}{k}", d) for k, d in cells], args.concurrency)
+        _upload(small_store, [(f"{layout.SCANS}{k}", d) for k, d in cells[:small]],
+                args.concurrency)
         local = state / "local"
         sample = cells[:: max(1, n // args.article_sample)][: args.article_sample]
         files = []
@@ -292,7 +304,7 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
         results["compute_bound_cells_per_s"], compute_detail = compute_bound(
             bound_cells, model_path, args.batch_size, args.concurrency, args.shard_size)
         results["storage_bound_cells_per_s"] = storage_bound(
-            large, [f"scans/{k}" for k, _ in cells], args.concurrency)
+            large, [f"{layout.SCANS}{k}" for k, _ in cells], args.concurrency)
         results["peak_rss_mb_small"] = small_run["peak_rss_mb"]
         results["peak_rss_mb_large"] = large_run["peak_rss_mb"]
     finally:

@@ -18,6 +18,7 @@ from prefect import flow, get_run_logger
 from prefect.artifacts import create_markdown_artifact
 from prefect.client.orchestration import get_client
 
+from malaria.core import layout
 from malaria.core.settings import data_url as resolve_data_url
 from malaria.core.settings import redact
 from malaria.io.store import open_store
@@ -36,7 +37,8 @@ def _failed_run(resource_id: str) -> dict[str, Any]:
 @flow(name="failure-alert", description="Record and forward a pipeline failure.")
 def failure_alert_flow(failed_run: str = "", data_url: str | None = None) -> dict[str, Any]:
     logger = get_run_logger()
-    alert: dict[str, Any] = {"at": datetime.now(UTC).isoformat(), "failed_run": failed_run}
+    now = datetime.now(UTC)
+    alert: dict[str, Any] = {"at": now.isoformat(), "failed_run": failed_run}
     try:
         alert.update(_failed_run(failed_run))
     except Exception as error:  # the run may be gone; still raise the alarm
@@ -44,7 +46,7 @@ def failure_alert_flow(failed_run: str = "", data_url: str | None = None) -> dic
     logger.error("pipeline failure: %s", json.dumps(alert))
     try:
         store = open_store(resolve_data_url(data_url))
-        key = f"alerts/{alert['at'][:19].replace(':', '')}-{alert.get('flow_run_id', 'x')}.json"
+        key = layout.alert_key(now, alert.get("flow_run_id", "x"))
         store.put_bytes(key, json.dumps(alert, indent=2).encode(),
                         content_type="application/json")
         alert["bucket_key"] = key

@@ -10,7 +10,7 @@ from prefect.runtime import flow_run
 
 from flows.ingest import ingest_flow
 from flows.train import train_flow
-from malaria.core import layout
+from malaria.core import defaults, layout
 from malaria.core.settings import data_url as resolve_data_url
 from malaria.io.store import open_store
 from tasks.reports import publish_cell_gifs, publish_nightly_report
@@ -18,11 +18,13 @@ from tasks.reports import publish_cell_gifs, publish_nightly_report
 
 @flow(name="nightly", description="Ingest new labelled cells, retrain, evaluate by slide, "
       "promote only a model at least as good as the champion, and report.")
-def nightly_flow(data_url: str | None = None, arch: str = "cellnet",
-                 input_size: int | None = None, epochs: int = 30,
-                 max_minutes: float | None = 45.0, seed: int = 0, tta: bool = True,
-                 batch_size: int = 128, gif_cells: int = 100, min_auc: float = 0.90,
-                 min_accuracy: float = 0.85) -> dict[str, Any]:
+def nightly_flow(data_url: str | None = None, arch: str = defaults.DEFAULT_ARCH,
+                 input_size: int | None = None, epochs: int = defaults.TRAIN_EPOCHS,
+                 max_minutes: float | None = defaults.NIGHTLY_TRAIN_MINUTES,
+                 seed: int = defaults.TRAIN_SEED, tta: bool = defaults.TEST_TIME_AUGMENTATION,
+                 batch_size: int = defaults.TRAIN_BATCH_SIZE, gif_cells: int = 100,
+                 min_auc: float = defaults.GATE_MIN_AUC,
+                 min_accuracy: float = defaults.GATE_MIN_ACCURACY) -> dict[str, Any]:
     data_url = resolve_data_url(data_url)
     ingested = ingest_flow(data_url=data_url)
     has_data = next(iter(open_store(data_url).list(layout.DATASET)), None) is not None

@@ -1,11 +1,18 @@
 """Score flow: every due slide under scans/ is scored by the serving model into
 predictions/<slide>.csv, with a per-slide summary in predictions/summary.csv.
 
-Which slides are due, how a killed run resumes, and why a lease in the bucket keeps two runs
-off the same slide: see malaria.scoring.pipeline. The task runner is a parameter: threads in this
-process by default, or Dask (a running cluster's address, or a local cluster of n worker
-processes) through prefect-dask. Shards run as a subflow so that its runner can be chosen
-per run, from a deployment's parameters too.
+The one scoring orchestrator: the ``bulk-scoring`` deployment, ``malaria score`` (folders or
+URLs, a model file) and ``benchmarks.scoring`` all run this flow. Which slides are due, how a
+killed run resumes, and why a lease in the bucket keeps two runs off the same slide: see
+malaria.scoring. The task runner is a parameter: threads in this process by default, or Dask
+(a running cluster's address, or a local cluster of n worker processes) through prefect-dask.
+Shards run as a subflow so that its runner can be chosen per run, from a deployment's
+parameters too.
+
+Scheduling: the flow claims the due slides' leases and waits for the settle (one second by
+default, once per run) before the first shard, so nothing is fetched or scored for a slide
+another run holds. Each slide's CSV is written, in the flow's process, as soon as its last
+shard is in.
 """
 
 from __future__ import annotations
@@ -16,24 +23,23 @@ from uuid import UUID
 
 from prefect import flow, get_run_logger
 from prefect.artifacts import create_progress_artifact, update_progress_artifact
-from prefect.futures import PrefectFuture, as_completed
+from prefect.futures import as_completed
 from prefect.task_runners import TaskRunner, ThreadPoolTaskRunner
 
-from malaria.core.settings import data_url as resolve_data_url
-from malaria.scoring.pipeline import (
-    DEFAULT_BATCH_SIZE,
-    DEFAULT_CONCURRENCY,
-    DEFAULT_LEASE_TTL,
-    DEFAULT_PARALLEL_SHARDS,
-    DEFAULT_SHARD_SIZE,
-    ModelRef,
-    ScoreReport,
-    ScoringPaths,
-    ShardResult,
-    SlideLeases,
-    SlideSummary,
-    SlideTally,
+from malaria.core.defaults import (
+    SCORE_BATCH_SIZE,
+    SCORE_CONCURRENCY,
+    SCORE_LEASE_SETTLE_S,
+    SCORE_LEASE_TTL_S,
+    SCORE_PARALLEL_SHARDS,
+    SCORE_SHARD_SIZE,
 )
+from malaria.core.settings import data_url as resolve_data_url
+from malaria.scoring.leases import SlideLeases
+from malaria.scoring.model import ModelRef
+from malaria.scoring.paths import ScoringPaths
+from malaria.scoring.report import ScoreReport, SlideTally
+from malaria.scoring.shards import ShardResult
 from tasks.scoring import (
     finalize_slide_task,
     find_due,
@@ -49,7 +55,7 @@ SLIDES_PER_GROUP = 64
 
 def build_task_runner(runner: str = "threads", *, dask_address: str | None = None,
                       dask_workers: int = 2,
-                      parallel_shards: int = DEFAULT_PARALLEL_SHARDS) -> TaskRunner[Any]:
+                      parallel_shards: int = SCORE_PARALLEL_SHARDS) -> TaskRunner[Any]:
     """``threads``: shards in this process, ``parallel_shards`` at a time (two overlap one
     shard's fetching with the other's inference). ``dask``: a running cluster at
     ``dask_address``, or a local cluster of ``dask_workers`` processes with one thread each
@@ -91,10 +97,16 @@ def score_slides_flow(paths: ScoringPaths, ref: ModelRef, slides: list[str], sha
             tally.add(planned.get(slide))
         done += sum(len(s.cells) for p in planned.values() for s in p.shards if s.index in p.done)
 
-        def finalize(slide: str) -> PrefectFuture[SlideSummary]:
-            return finalize_slide_task.submit(paths, ref, tally.pop(slide), slide)
+        def finalize(slide: str) -> None:
+            # In this process, at once: the CSV does not wait behind queued shards.
+            try:
+                report.slides.append(finalize_slide_task(paths, ref, tally.pop(slide), slide))
+            except Exception as error:  # the slide stays due; its parts are kept
+                failed.append(f"finalize {slide}: {error}")
+                logger.error("finalizing slide %s failed: %s", slide, error)
 
-        finals = [finalize(slide) for slide in planned if tally.complete(slide)]
+        for slide in [s for s in planned if tally.complete(s)]:
+            finalize(slide)  # every part was written by an earlier, killed run
         # Shards go unquoted: prefect's quote() does not survive pickling to Dask workers
         # (it comes back wrapping a 1-tuple), and walking a shard's small dataclasses
         # costs milliseconds.
@@ -117,13 +129,7 @@ def score_slides_flow(paths: ScoringPaths, ref: ModelRef, slides: list[str], sha
             if progress_id is not None:
                 update_progress_artifact(progress_id, min(100.0, 100.0 * done / total))
             if last:
-                finals.append(finalize(shard.slide))
-        for future in finals:
-            try:
-                report.slides.append(future.result())
-            except Exception as error:
-                failed.append(f"finalize: {error}")
-                logger.error("finalizing a slide failed: %s", error)
+                finalize(shard.slide)
     report.seconds = time.perf_counter() - started
     return {"report": report, "failed": failed}
 
@@ -134,16 +140,23 @@ def score_flow(data_url: str | None = None, model_path: str | None = None,
                threshold: float | None = None, tta: int | None = None,
                runner: str = "threads",
                dask_address: str | None = None, dask_workers: int = 2,
-               shard_size: int = DEFAULT_SHARD_SIZE, batch_size: int = DEFAULT_BATCH_SIZE,
-               concurrency: int = DEFAULT_CONCURRENCY,
-               parallel_shards: int = DEFAULT_PARALLEL_SHARDS,
-               lease_ttl_s: float = DEFAULT_LEASE_TTL) -> dict[str, Any]:
+               shard_size: int = SCORE_SHARD_SIZE, batch_size: int = SCORE_BATCH_SIZE,
+               concurrency: int = SCORE_CONCURRENCY,
+               parallel_shards: int = SCORE_PARALLEL_SHARDS,
+               lease_ttl_s: float = SCORE_LEASE_TTL_S,
+               lease_settle_s: float = SCORE_LEASE_SETTLE_S,
+               scans_url: str | None = None, out_url: str | None = None,
+               registry_url: str | None = None) -> dict[str, Any]:
+    """Scores the bucket layout of ``data_url`` (scans/ -> predictions/), or, with
+    ``scans_url`` and ``out_url`` (URLs or folders), ``<slide>/<file>`` under one into
+    ``<slide>.csv`` under the other. The model: ``model_path`` (a .keras file), or the
+    champion of ``registry_url`` (default: the data URL)."""
     data_url = resolve_data_url(data_url)
-    paths = ScoringPaths.bucket(data_url)
+    paths = ScoringPaths.for_run(data_url, scans_url, out_url, registry_url)
     logger = get_run_logger()
     task_runner = build_task_runner(runner, dask_address=dask_address,
                                     dask_workers=dask_workers, parallel_shards=parallel_shards)
-    logger.info("score run on %s, task runner %s", data_url, runner)
+    logger.info("score run: %s -> %s, task runner %s", paths.scans_url, paths.out_url, runner)
 
     ref = resolve_scoring_model(paths, model_path, threshold, tta)
     due, up_to_date = find_due(paths, ref.version)
@@ -155,7 +168,7 @@ def score_flow(data_url: str | None = None, model_path: str | None = None,
         progress_id = create_progress_artifact(
             0.0, key="score-progress", description=f"Cells of due slides scored by {ref.version}")
         # The leases live in this process for the whole run (a heartbeat renews them).
-        with SlideLeases(paths, ttl=lease_ttl_s) as leases:
+        with SlideLeases(paths, ttl=lease_ttl_s, settle=lease_settle_s) as leases:
             granted = leases.acquire(d.slide for d in due)
             held = set(granted)
             busy = [d.slide for d in due if d.slide not in held]
@@ -172,6 +185,7 @@ def score_flow(data_url: str | None = None, model_path: str | None = None,
     # The subflow's report counts the slides that another run finished after the listing.
     report.up_to_date += up_to_date
     report.slides_due, report.slides_busy = [d.slide for d in due], busy
+    report.seconds = seconds
     report.summary_written = publish_scoring_report(paths, ref, report.slides, report.line())
     if failed:
         raise RuntimeError(f"{len(failed)} shards or slides failed (they stay due for the "
@@ -181,5 +195,5 @@ def score_flow(data_url: str | None = None, model_path: str | None = None,
             "up_to_date": report.up_to_date, "cells": report.cells,
             "cells_per_s": round(report.cells_per_s, 1), "shards_scored": report.shards_scored,
             "shards_resumed": report.shards_resumed, "seconds": round(seconds, 2),
-            "summary_written": report.summary_written,
+            "summary_written": report.summary_written, "line": report.line(),
             "summary": [s.to_dict() for s in report.slides]}

@@ -7,9 +7,10 @@ from typing import Any
 from prefect import flow
 from prefect.utilities.annotations import quote
 
+from malaria.core import defaults
 from malaria.core.settings import cache_dir as resolve_cache_dir
 from malaria.core.settings import data_url as resolve_data_url
-from malaria.model.run import RetrainConfig
+from malaria.model.config import RetrainConfig
 from tasks.training import (
     evaluate_on_test_slides,
     gate_candidate,
@@ -22,10 +23,14 @@ from tasks.training import (
 
 @flow(name="train", description="Train the CNN on dataset/, evaluate it on held-out slides, "
       "register it and promote it only if it is at least as good as the champion.")
-def train_flow(data_url: str | None = None, arch: str = "cellnet", input_size: int | None = None,
-               epochs: int = 30, max_minutes: float | None = None, seed: int = 0,
-               batch_size: int = 128, tta: bool = True, cache_dir: str | None = None,
-               min_auc: float = 0.90, min_accuracy: float = 0.85, tolerance: float = 0.005,
+def train_flow(data_url: str | None = None, arch: str = defaults.DEFAULT_ARCH,
+               input_size: int | None = None, epochs: int = defaults.TRAIN_EPOCHS,
+               max_minutes: float | None = defaults.TRAIN_MAX_MINUTES,
+               seed: int = defaults.TRAIN_SEED, batch_size: int = defaults.TRAIN_BATCH_SIZE,
+               tta: bool = defaults.TEST_TIME_AUGMENTATION, cache_dir: str | None = None,
+               min_auc: float = defaults.GATE_MIN_AUC,
+               min_accuracy: float = defaults.GATE_MIN_ACCURACY,
+               tolerance: float = defaults.GATE_TOLERANCE,
                ) -> dict[str, Any]:
     data_url = resolve_data_url(data_url)
     cache = resolve_cache_dir(cache_dir)

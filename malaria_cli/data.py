@@ -7,7 +7,7 @@ import os
 from pathlib import Path
 
 from malaria.core import settings
-from malaria_cli.common import use_local_stack_if_configured
+from malaria_cli.common import stack_options, use_local_stack_if_configured
 
 
 def cmd_data(args: argparse.Namespace) -> int:
@@ -31,7 +31,6 @@ def cmd_data(args: argparse.Namespace) -> int:
     return 0
 
 
-
 def add_data_command(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
     data = sub.add_parser("data", help="get images onto disk and into the bucket")
     data_sub = data.add_subparsers(dest="action", required=True)
@@ -44,6 +43,7 @@ def add_data_command(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -
     upload.add_argument("--to", help="s3://bucket[/prefix] or file:///dir "
                         "(default $MALARIA_DATA_URL or the local stack)")
     upload.add_argument("--concurrency", type=int, default=16)
+    stack_options(upload)
     synthetic = data_sub.add_parser("synthetic", help="write synthetic labelled cells")
     synthetic.add_argument("--to", required=True)
     synthetic.add_argument("--n", type=int, default=400)

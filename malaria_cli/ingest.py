@@ -5,6 +5,7 @@ from __future__ import annotations
 import argparse
 import json
 
+from malaria.core.defaults import INGEST_CHUNK_SIZE, INGEST_CONCURRENCY
 from malaria_cli.common import use_local_stack_if_configured
 
 
@@ -18,10 +19,9 @@ def cmd_ingest(args: argparse.Namespace) -> int:
     return 0 if result["balanced"] else 1
 
 
-
 def add_ingest_command(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
     ingest = sub.add_parser("ingest", help="run the ingest flow once")
     ingest.add_argument("--data-url")
-    ingest.add_argument("--chunk-size", type=int, default=500)
-    ingest.add_argument("--concurrency", type=int, default=16)
+    ingest.add_argument("--chunk-size", type=int, default=INGEST_CHUNK_SIZE)
+    ingest.add_argument("--concurrency", type=int, default=INGEST_CONCURRENCY)
     ingest.set_defaults(func=cmd_ingest)

@@ -2,7 +2,7 @@
 
 Each group of commands has its own module in this package; this one builds the parser.
 Prefect is imported only inside the commands that need it, after the local stack's
-settings are in the environment.
+settings (--state-dir and the port options included) are in the environment.
 """
 
 from __future__ import annotations
@@ -13,6 +13,7 @@ import sys
 from collections.abc import Sequence
 
 from malaria.core import settings
+from malaria_cli.common import apply_stack_options, stack_options
 from malaria_cli.data import add_data_command
 from malaria_cli.ingest import add_ingest_command
 from malaria_cli.models import add_model_commands
@@ -28,6 +29,10 @@ def build_parser() -> argparse.ArgumentParser:
     add_ingest_command(sub)
     add_model_commands(sub)
     add_score_command(sub)
+    # Every command that reads the bucket, the Prefect server or the state folder's cache
+    # takes the stack options (stack, deploy, demo and data upload add their own).
+    for name in ("ingest", "train", "evaluate", "predict", "models", "score"):
+        stack_options(sub.choices[name])
     return parser
 
 
@@ -35,6 +40,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
     os.environ.setdefault("PREFECT_SERVER_ANALYTICS_ENABLED", "false")
     args = build_parser().parse_args(argv)
+    # Before anything reads settings: the flags become MALARIA_* variables, seen by this
+    # process and by every process it starts.
+    apply_stack_options(args)
     try:
         return int(args.func(args) or 0)
     except KeyboardInterrupt:

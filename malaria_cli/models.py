@@ -6,12 +6,12 @@ import argparse
 import json
 from pathlib import Path
 
-from malaria.core import settings
+from malaria.core import defaults, settings
 from malaria_cli.common import use_local_stack_if_configured
 
 
 def _retrain_config(args: argparse.Namespace):  # type: ignore[no-untyped-def]
-    from malaria.model.run import RetrainConfig
+    from malaria.model.config import RetrainConfig
 
     return RetrainConfig(arch=args.arch, input_size=args.input_size, epochs=args.epochs,
                          max_minutes=args.minutes, seed=args.seed, batch_size=args.batch_size,
@@ -19,7 +19,8 @@ def _retrain_config(args: argparse.Namespace):  # type: ignore[no-untyped-def]
 
 
 def cmd_train(args: argparse.Namespace) -> int:
-    from malaria.model.run import model_card_path, train_local
+    from malaria.model.local import model_card_path, train_local
+    from malaria.model.precision import describe_precision
 
     def progress(epoch: int, metrics: dict) -> None:  # type: ignore[type-arg]
         shown = ", ".join(f"{k} {v:.4f}" for k, v in metrics.items() if isinstance(v, float))
@@ -29,6 +30,7 @@ def cmd_train(args: argparse.Namespace) -> int:
     card = train_local(Path(args.data), out, _retrain_config(args),
                        cache_dir=Path(settings.cache_dir()), on_epoch=progress)
     m = card["metrics"]
+    print(describe_precision(card["training"]["precision_policy"]))
     print(f"saved {out} ({card['model_bytes'] / 1e6:.2f} MB) and {model_card_path(out)}")
     print(f"held-out slides {card['slides']['test']}: accuracy {m['accuracy']:.4f}, "
           f"AUC {m['roc_auc']:.4f}, sensitivity {m['sensitivity']:.4f}, specificity "
@@ -37,7 +39,8 @@ def cmd_train(args: argparse.Namespace) -> int:
 
 
 def cmd_evaluate(args: argparse.Namespace) -> int:
-    from malaria.model.run import evaluate_local, metrics_table
+    from malaria.model.candidate import metrics_table
+    from malaria.model.local import evaluate_local
 
     report = evaluate_local(Path(args.model), Path(args.data),
                             cache_dir=Path(settings.cache_dir()), tta=args.tta)
@@ -51,7 +54,8 @@ def cmd_evaluate(args: argparse.Namespace) -> int:
 def _champion_model_file() -> Path:
     """Download the serving model and its threshold from the bucket into the cache."""
     from malaria.io.store import open_store
-    from malaria.model.run import MODEL_FILE, model_card_path
+    from malaria.model.local import model_card_path
+    from malaria.model.promotion import MODEL_FILE
     from malaria.registry.registry import ModelRegistry
 
     use_local_stack_if_configured()
@@ -68,7 +72,7 @@ def _champion_model_file() -> Path:
 
 
 def cmd_predict(args: argparse.Namespace) -> int:
-    from malaria.model.run import predict_files
+    from malaria.model.local import predict_files
 
     model = Path(args.model) if args.model else _champion_model_file()
     failed = 0
@@ -110,16 +114,17 @@ def cmd_models(args: argparse.Namespace) -> int:
     return 0
 
 
-
 def add_model_commands(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
     def training_options(p: argparse.ArgumentParser) -> None:
-        p.add_argument("--arch", default="cellnet",
-                       help="cellnet (default), seed-augmented, seed-baseline, ...")
+        p.add_argument("--arch", default=defaults.DEFAULT_ARCH,
+                       help=f"{defaults.DEFAULT_ARCH} (default), seed-augmented, "
+                       "seed-baseline, ...")
         p.add_argument("--input-size", type=int)
-        p.add_argument("--epochs", type=int, default=30)
-        p.add_argument("--minutes", type=float, help="training time budget")
-        p.add_argument("--batch-size", type=int, default=128)
-        p.add_argument("--seed", type=int, default=0)
+        p.add_argument("--epochs", type=int, default=defaults.TRAIN_EPOCHS)
+        p.add_argument("--minutes", type=float, default=defaults.TRAIN_MAX_MINUTES,
+                       help="training time budget")
+        p.add_argument("--batch-size", type=int, default=defaults.TRAIN_BATCH_SIZE)
+        p.add_argument("--seed", type=int, default=defaults.TRAIN_SEED)
         p.add_argument("--no-tta", action="store_true", help="no test-time augmentation")
 
     train = sub.add_parser("train", help="train on a local folder with class subfolders")

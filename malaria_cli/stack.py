@@ -7,7 +7,7 @@ import os
 import time
 from pathlib import Path
 
-from malaria.core import settings
+from malaria.core import layout, settings
 from malaria_cli.common import stack_config, stack_options, use_local_stack_if_configured
 
 
@@ -23,7 +23,7 @@ def _print_status(status) -> None:  # type: ignore[no-untyped-def]
 def cmd_stack(args: argparse.Namespace) -> int:
     from malaria_dev.stack import stack_down, stack_status, stack_up
 
-    cfg = stack_config(args)
+    cfg = stack_config()
     if args.action == "up":
         _print_status(stack_up(cfg))
     elif args.action == "down":
@@ -40,10 +40,12 @@ def cmd_deploy(args: argparse.Namespace) -> int:
     """Work pools, deployments, the failure automation and a worker per pool."""
     from malaria_dev.stack import stack_status
 
+    cfg = stack_config()
+    # The stack's Prefect API URL and S3 settings, before Prefect is imported (none: the
+    # environment names the server).
     use_local_stack_if_configured()
     from deployments.local import deploy_local
 
-    cfg = stack_config(args)
     result = deploy_local(cfg, start_workers=not args.no_workers)
     print(f"work pools:  {', '.join(result['pools'])}")  # type: ignore[arg-type]
     print(f"deployments: {', '.join(result['deployments'])}")  # type: ignore[arg-type]
@@ -60,13 +62,13 @@ def cmd_demo(args: argparse.Namespace) -> int:
 
     from malaria.io.store import get_csv, open_store
     from malaria.registry.registry import ModelRegistry
-    from malaria_dev.stack import stack_up
+    from malaria_dev.stack import load_stack_env, stack_up
 
     started = time.monotonic()
-    cfg = stack_config(args)
+    cfg = stack_config()
     print("starting the local stack (SeaweedFS S3 + Prefect server)...", flush=True)
     status = stack_up(cfg)
-    use_local_stack_if_configured()
+    load_stack_env(cfg)
     data_url = settings.data_url()
 
     from deployments.local import deploy_local, run_and_wait, upload_demo_data
@@ -109,16 +111,16 @@ def cmd_demo(args: argparse.Namespace) -> int:
     decision = registry.get_decision(latest) if latest else None
     if decision:
         print(f"Gate ({latest}): {decision.get('reason')}")
-    csvs = sorted(i.key for i in store.list("predictions/"))
+    csvs = sorted(i.key for i in store.list(layout.PREDICTIONS))
     print(f"Predictions:  {', '.join(store.uri(k) for k in csvs) or 'none'}")
-    if any(k.endswith("summary.csv") for k in csvs):
-        summary = get_csv(store, "predictions/summary.csv")
+    if layout.PREDICTION_SUMMARY_KEY in csvs:
+        summary = get_csv(store, layout.PREDICTION_SUMMARY_KEY)
         for row in summary.to_dict("records"):
             parasitemia = row["parasitemia_pct"]
             shown = f"{float(parasitemia):.1f}%" if parasitemia not in ("", None) else "n/a"
             print(f"  slide {row['slide']}: {row['cells_scored']} cells, parasitemia {shown}")
     print(f"Took {time.monotonic() - started:.0f} s. The stack and workers keep running for "
-          "browsing; `make down` stops them.")
+          f"browsing; `malaria stack down --state-dir {cfg.state_dir}` stops them.")
     return 0 if nightly[1] == "COMPLETED" and scoring[1] == "COMPLETED" else 1
 
 

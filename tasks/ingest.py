@@ -1,4 +1,4 @@
-"""Prefect tasks around malaria.ingest.chunks: retries, logs and artifacts, nothing more."""
+"""Prefect tasks around malaria.ingest: retries, logs and artifacts, nothing more."""
 
 from __future__ import annotations
 
@@ -8,15 +8,9 @@ from prefect.cache_policies import NO_CACHE
 
 from malaria.core.labels import LabelEntry
 from malaria.core.settings import redact
-from malaria.ingest.chunks import (
-    ChunkResult,
-    IngestChunk,
-    IngestSummary,
-    Ledger,
-    ManifestWriter,
-    load_labels,
-    load_ledger,
-)
+from malaria.ingest.chunk import ChunkResult, IngestChunk
+from malaria.ingest.ledger import Ledger, load_labels, load_ledger
+from malaria.ingest.manifest import IngestSummary, ManifestWriter
 from malaria.io.store import ObjectInfo, open_store
 
 

@@ -1,4 +1,4 @@
-"""Prefect tasks around malaria.scoring.pipeline: retries, logs and artifacts, nothing more."""
+"""Prefect tasks around malaria.scoring: retries, logs and artifacts, nothing more."""
 
 from __future__ import annotations
 
@@ -12,21 +12,11 @@ from malaria.core.settings import redact
 from malaria.evaluation.drift import DriftReport, drift_of_predictions
 from malaria.io.store import open_store
 from malaria.registry.registry import ModelRegistry
-from malaria.scoring.pipeline import (
-    DueSlide,
-    ModelRef,
-    ScoringPaths,
-    Shard,
-    ShardResult,
-    SlidePlan,
-    SlideSummary,
-    finalize_slide,
-    find_due_slides,
-    plan_slide,
-    rebuild_summary,
-    resolve_model,
-    score_shard,
-)
+from malaria.scoring.due import DueSlide, find_due_slides
+from malaria.scoring.model import ModelRef, resolve_model
+from malaria.scoring.output import SlideSummary, finalize_slide, rebuild_summary
+from malaria.scoring.paths import ScoringPaths
+from malaria.scoring.shards import Shard, ShardResult, SlidePlan, plan_slide, score_shard
 
 
 @task(name="resolve-scoring-model", retries=2, retry_delay_seconds=5, cache_policy=NO_CACHE)

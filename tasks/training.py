@@ -1,4 +1,5 @@
-"""Prefect tasks around malaria.model.run: logging, checkpoints to the bucket, artifacts."""
+"""Prefect tasks around malaria.model.candidate: logging, checkpoints to the bucket,
+artifacts. The training itself and its summary come from the library, as for `malaria train`."""
 
 from __future__ import annotations
 
@@ -16,34 +17,39 @@ from prefect.artifacts import (
 from prefect.cache_policies import NO_CACHE
 
 from malaria.core import layout
-from malaria.dataset.records import ImageCache, records_from_store, store_reader
+from malaria.dataset.cache import ImageCache
+from malaria.dataset.records import records_from_store, store_reader
 from malaria.io.store import open_store
-from malaria.model.architectures import default_input_size
-from malaria.model.run import (
-    MODEL_FILE,
+from malaria.model import candidate
+from malaria.model.candidate import (
     CandidateEvaluation,
     PreparedData,
-    RetrainConfig,
-    checkpoint_prefix,
-    download_folder,
     evaluate_candidate,
-    gate,
     metrics_document,
     metrics_table,
     prepare_data,
     review_table,
+)
+from malaria.model.checkpoints import (
+    checkpoint_prefix,
+    download_folder,
+    save_for_serving,
     upload_folder,
 )
-from malaria.registry.registry import GateDecision, ModelRegistry, new_version
+from malaria.model.config import RetrainConfig
+from malaria.model.promotion import MODEL_FILE, gate
+from malaria.registry.gate import GateDecision
+from malaria.registry.provenance import new_version
+from malaria.registry.registry import ModelRegistry
 
 
 @task(name="load-training-data", retries=2, retry_delay_seconds=10, cache_policy=NO_CACHE)
 def load_training_data(data_url: str, config: RetrainConfig, cache_dir: str) -> PreparedData:
     store = open_store(data_url)
     records = records_from_store(store)
-    size = config.input_size or default_input_size(config.arch)
     cache = ImageCache(Path(cache_dir))
-    data = prepare_data(records, store_reader(store), cache, size, seed=config.seed,
+    data = prepare_data(records, store_reader(store), cache, config.resolved_input_size(),
+                        seed=config.seed,
                         val_fraction=config.val_fraction, test_fraction=config.test_fraction)
     get_run_logger().info("%s; decoded %d new, reused %d cached", data.describe(),
                           cache.stats.decoded, cache.stats.reused)
@@ -54,8 +60,6 @@ def load_training_data(data_url: str, config: RetrainConfig, cache_dir: str) -> 
 def train_candidate(data_url: str, config: RetrainConfig, data: PreparedData) -> dict[str, Any]:
     """Train with a checkpoint every epoch mirrored to the bucket; a re-run of the same data
     and settings resumes from the last checkpoint there."""
-    from malaria.model.trainer import train
-
     logger = get_run_logger()
     store = open_store(data_url)
     prefix = checkpoint_prefix(config, data.manifest_sha256)
@@ -75,18 +79,15 @@ def train_candidate(data_url: str, config: RetrainConfig, data: PreparedData) ->
                           if isinstance(v, float) and k != "epoch")
         logger.info("epoch %d: %s", epoch, shown)
 
-    result = train(config.train_config(), data.train, data.val, checkpoint_dir=folder,
-                   on_epoch=on_epoch)
+    result = candidate.train_candidate(config, data.train, data.val, checkpoint_dir=folder,
+                                       on_epoch=on_epoch)
     update_progress_artifact(progress, 100.0)
+    summary = result.summary()
     logger.info("trained %d epochs (best %d, stopped by %s) in %.0f s at %.0f img/s, %s",
-                result.epochs_run, result.best_epoch, result.stopped, result.seconds,
-                result.images_per_s, result.precision_policy)
+                summary["epochs_run"], summary["best_epoch"], summary["stopped"],
+                summary["seconds"], summary["images_per_s"], summary["precision_policy"])
     return {"model": result.model, "history": result.history, "checkpoint_prefix": prefix,
-            "summary": {"epochs_run": result.epochs_run, "best_epoch": result.best_epoch,
-                        "stopped": result.stopped, "seconds": round(result.seconds, 1),
-                        "images_per_s": round(result.images_per_s, 1),
-                        "precision_policy": result.precision_policy,
-                        "resumed_from_epoch": result.resumed_from_epoch}}
+            "summary": summary}
 
 
 @task(name="evaluate-candidate", cache_policy=NO_CACHE)
@@ -105,8 +106,6 @@ def evaluate_on_test_slides(trained: dict[str, Any], data: PreparedData,
 @task(name="register-candidate", retries=2, retry_delay_seconds=5, cache_policy=NO_CACHE)
 def register_candidate(data_url: str, trained: dict[str, Any], data: PreparedData,
                        evaluation: CandidateEvaluation, config: RetrainConfig) -> str:
-    from malaria.model.trainer import save_for_serving
-
     registry = ModelRegistry(open_store(data_url))
     version = new_version()
     with tempfile.TemporaryDirectory() as folder:

@@ -12,21 +12,18 @@ from hypothesis import strategies as st
 from PIL import Image
 
 from malaria.core.layout import dataset_key
+from malaria.dataset.cache import ImageCache
+from malaria.dataset.decode import decode_to_array, to_square
+from malaria.dataset.pipeline import class_weights, load_arrays, make_dataset
 from malaria.dataset.records import (
     CellRecord,
-    ImageCache,
-    class_weights,
-    decode_to_array,
     file_content_id,
     folder_reader,
-    load_arrays,
-    make_dataset,
     records_from_folder,
     records_from_store,
-    split_by_slide,
     store_reader,
-    to_square,
 )
+from malaria.dataset.split import split_by_slide
 from malaria.io.store import LocalStore, S3Store
 from malaria_dev.synthetic import generate_cells, write_labelled_tree
 
@@ -201,22 +198,3 @@ def test_make_dataset_batches_and_weights() -> None:
     batches = list(ds.as_numpy_iterator())
     assert [len(b[0]) for b in batches] == [4, 4, 2]
     assert len(batches[0]) == 3 and batches[0][0].dtype == np.uint8
-
-
-def test_mixup_blends_images_labels_and_weights_by_the_same_fraction() -> None:
-    """Uninfected cells all 0, parasitized all 200: after mixup a cell's pixel value / 200
-    is its label (to rounding), and its weight is blended the same way."""
-    from malaria.dataset.records import make_dataset
-
-    labels = np.array([0, 1] * 32, np.float32)
-    images = (labels[:, None, None, None] * 200 * np.ones((64, 4, 4, 3))).astype(np.uint8)
-    dataset = make_dataset(images, labels, batch_size=16, shuffle=True, seed=5,
-                           weights={0: 1.0, 1: 2.0}, mixup_alpha=0.4)
-    blended = 0
-    for batch_images, batch_labels, batch_weights in dataset:
-        x, y, w = batch_images.numpy(), batch_labels.numpy(), batch_weights.numpy()
-        assert x.dtype == np.uint8
-        assert np.abs(x.astype(np.float32) / 200 - y[:, None, None, None]).max() <= 0.5 / 200 + 1e-6
-        assert np.allclose(w, 1 + y, atol=1e-5)
-        blended += int(((y > 0.01) & (y < 0.99)).sum())
-    assert blended > 0  # some cells really were mixed

@@ -140,3 +140,48 @@ def test_prefect_yaml_declares_the_deployments() -> None:
         path, function = deployment["entrypoint"].split(":")
         assert (ROOT / path).is_file(), f"{name}: {path} is missing"
         assert function in flow_functions(ROOT / path), f"{name}: no @flow {function} in {path}"
+
+
+def defaults_of(path: Path, function: str) -> dict[str, str]:
+    """Parameters of ``function`` whose default is a constant of malaria.core.defaults, with
+    that default's source text (read with ast: importing a flow would import TensorFlow)."""
+    tree = ast.parse(path.read_text())
+    imported = {alias.asname or alias.name for node in ast.walk(tree)
+                if isinstance(node, ast.ImportFrom) and node.module == "malaria.core.defaults"
+                for alias in node.names}
+    modules = {alias.asname or alias.name for node in ast.walk(tree)
+               if isinstance(node, ast.ImportFrom) and node.module == "malaria.core"
+               for alias in node.names if alias.name == "defaults"}
+    [definition] = [node for node in tree.body
+                    if isinstance(node, ast.FunctionDef | ast.AsyncFunctionDef)
+                    and node.name == function]
+    arguments = definition.args
+    positional = arguments.posonlyargs + arguments.args
+    pairs = [*zip(positional[len(positional) - len(arguments.defaults):], arguments.defaults,
+                  strict=True),
+             *((a, d) for a, d in zip(arguments.kwonlyargs, arguments.kw_defaults, strict=True)
+               if d is not None)]
+    found = {}
+    for argument, default in pairs:
+        from_defaults = (isinstance(default, ast.Name) and default.id in imported) or (
+            isinstance(default, ast.Attribute) and isinstance(default.value, ast.Name)
+            and default.value.id in modules)
+        if from_defaults:
+            found[argument.arg] = ast.unparse(default)
+    return found
+
+
+def test_deployments_do_not_restate_product_defaults() -> None:
+    """A default declared in malaria.core.defaults and repeated in prefect.yaml would drift
+    from it the day one of them changes: the deployments let the flows' defaults apply."""
+    config = yaml.safe_load((DEPLOYMENTS / "prefect.yaml").read_text())
+    checked = 0
+    for deployment in config["deployments"]:
+        path, function = deployment["entrypoint"].split(":")
+        declared = defaults_of(ROOT / path, function)
+        checked += len(declared)
+        restated = {name: declared[name] for name in deployment.get("parameters") or {}
+                    if name in declared}
+        assert not restated, (f"{deployment['name']} restates {restated} "
+                              "(declared in malaria/core/defaults.py)")
+    assert checked, "no flow takes its defaults from malaria.core.defaults"

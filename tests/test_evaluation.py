@@ -15,17 +15,19 @@ from PIL import Image
 
 from malaria.evaluation.metrics import (
     Confusion,
-    choose_threshold,
     evaluate,
     expected_calibration_error,
-    plot_confusion_matrix,
-    plot_learning_curves,
-    plot_roc,
-    plot_worst_misclassified,
     roc_auc,
     roc_curve,
     worst_misclassified,
 )
+from malaria.evaluation.plots import (
+    plot_confusion_matrix,
+    plot_learning_curves,
+    plot_roc,
+    plot_worst_misclassified,
+)
+from malaria.evaluation.threshold import choose_threshold
 
 # ------------------------------------------------------------------------------------- AUC
 

@@ -13,7 +13,7 @@ from PIL import Image
 
 from benchmarks.label_review import contradicted, main
 from malaria.model.architectures import build_model
-from malaria.model.trainer import save_for_serving
+from malaria.model.checkpoints import save_for_serving
 from malaria_dev.synthetic import write_labelled_tree
 
 

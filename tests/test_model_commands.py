@@ -96,7 +96,7 @@ def test_cells_to_review_are_the_confident_mistakes_by_key() -> None:
     import numpy as np
 
     from malaria.dataset.records import CellRecord
-    from malaria.model.run import cells_to_review, review_table
+    from malaria.model.candidate import cells_to_review, review_table
 
     records = [CellRecord(key=f"dataset/x/{i}.png", label=0, slide=str(i % 2), content_id=str(i))
                for i in range(5)]

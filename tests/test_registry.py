@@ -2,6 +2,9 @@
 
 from __future__ import annotations
 
+import ast
+import dataclasses
+import inspect
 import json
 import re
 from datetime import UTC, datetime, timedelta, timezone
@@ -10,20 +13,14 @@ from typing import Any
 
 import pytest
 
+from malaria.core import defaults
 from malaria.core.layout import CHAMPION_KEY
 from malaria.io.store import LocalStore, S3Store
-from malaria.registry.registry import (
-    GateDecision,
-    ModelRegistry,
-    RegistryError,
-    UnknownVersion,
-    code_revision,
-    decide_promotion,
-    hash_manifest,
-    new_version,
-    package_versions,
-)
+from malaria.registry.gate import GateDecision, decide_promotion
+from malaria.registry.provenance import code_revision, hash_manifest, new_version, package_versions
+from malaria.registry.registry import ModelRegistry, RegistryError, UnknownVersion
 
+ROOT = Path(__file__).resolve().parent.parent
 PNG = b"\x89PNG\r\n\x1a\nnot-really-but-bytes"
 
 
@@ -301,3 +298,57 @@ def test_gate_refuses_missing_or_undefined_metrics_and_accepts_auc_alias() -> No
     # The benchmark JSON calls it "auc".
     assert decide_promotion({"auc": 0.99, "accuracy": 0.97}, {"auc": 0.99,
                                                               "accuracy": 0.97}).promote
+
+
+def test_gate_defaults_are_the_product_defaults() -> None:
+    parameters = inspect.signature(decide_promotion).parameters
+    fields = {f.name: f.default for f in dataclasses.fields(GateDecision)}
+    for name, value in (("min_auc", defaults.GATE_MIN_AUC),
+                        ("min_accuracy", defaults.GATE_MIN_ACCURACY),
+                        ("tolerance", defaults.GATE_TOLERANCE)):
+        assert parameters[name].default == value and fields[name] == value
+    decision = decide_promotion({"roc_auc": 0.99, "accuracy": 0.99}, None)
+    assert (decision.min_auc, decision.min_accuracy, decision.tolerance) == (
+        defaults.GATE_MIN_AUC, defaults.GATE_MIN_ACCURACY, defaults.GATE_TOLERANCE)
+
+
+GATE_NAMES = {"min_auc": defaults.GATE_MIN_AUC, "min_accuracy": defaults.GATE_MIN_ACCURACY,
+              "tolerance": defaults.GATE_TOLERANCE}
+
+
+def _literal_gate_defaults(path: Path) -> list[str]:
+    """``name: float = 0.90``-style restatements of a gate floor: in a signature, a
+    dataclass field, or an argparse ``default=``."""
+    found = []
+
+    def flag(name: str, node: ast.expr | None, line: int) -> None:
+        if (isinstance(node, ast.Constant) and isinstance(node.value, float)
+                and name in GATE_NAMES and node.value == GATE_NAMES[name]):
+            found.append(f"{path.relative_to(ROOT)}:{line}: {name} = {node.value}")
+
+    for node in ast.walk(ast.parse(path.read_text())):
+        if isinstance(node, ast.FunctionDef | ast.AsyncFunctionDef):
+            args = node.args.posonlyargs + node.args.args
+            for arg, default in zip(args[len(args) - len(node.args.defaults):],
+                                    node.args.defaults, strict=True):
+                flag(arg.arg, default, default.lineno)
+            for arg, default in zip(node.args.kwonlyargs, node.args.kw_defaults, strict=True):
+                flag(arg.arg, default, default.lineno if default else node.lineno)
+        elif isinstance(node, ast.AnnAssign) and isinstance(node.target, ast.Name):
+            flag(node.target.id, node.value, node.lineno)
+        elif isinstance(node, ast.Call) and node.args and isinstance(node.args[0], ast.Constant):
+            option = str(node.args[0].value).lstrip("-").replace("-", "_")
+            for keyword in node.keywords:
+                if keyword.arg == "default":
+                    flag(option, keyword.value, node.lineno)
+    return found
+
+
+def test_gate_floors_are_declared_once() -> None:
+    """0.90 / 0.85 / 0.005 live in malaria.core.defaults; everything else reads them."""
+    own = ROOT / "malaria" / "core" / "defaults.py"
+    found = [hit for folder in ("malaria", "tasks", "flows", "malaria_cli", "benchmarks",
+                                "deployments")
+             for path in sorted((ROOT / folder).rglob("*.py")) if path != own
+             for hit in _literal_gate_defaults(path)]
+    assert not found, "gate floors restated:\n" + "\n".join(found)

@@ -14,7 +14,7 @@ import pytest
 from malaria.core import layout
 from malaria.io.store import S3Store
 from malaria.registry.registry import ModelRegistry
-from malaria.scoring.pipeline import PREDICTION_COLUMNS
+from malaria.scoring.output import PREDICTION_COLUMNS
 from malaria_dev.synthetic import generate_scan_cells
 
 pytestmark = pytest.mark.integration
@@ -47,8 +47,9 @@ def test_score_flow_on_seaweedfs_threads_and_dask_agree(
 
     from flows.score import score_flow, score_slides_flow
     from malaria.model.architectures import build_model
-    from malaria.model.trainer import save_for_serving
-    from malaria.scoring.pipeline import ScoringPaths, resolve_model
+    from malaria.model.checkpoints import save_for_serving
+    from malaria.scoring.model import resolve_model
+    from malaria.scoring.paths import ScoringPaths
 
     model = tmp_path / "model.keras"
     save_for_serving(build_model("cellnet-tiny", 32), model)

@@ -1,6 +1,7 @@
-"""Bulk scoring (malaria.scoring.pipeline) against moto S3 and local folders, with a tiny model:
-CSV schema and counts, error rows, idempotence, the due rule, leases, two runs at once and
-resuming after a SIGKILLed run."""
+"""Bulk scoring (the steps in malaria.scoring, run by the score flow) against moto S3 and local
+folders, with a tiny model: CSV schema and counts, error rows, idempotence, the due rule,
+leases, two runs at once and resuming after a SIGKILLed run. Whole runs go through the flow
+(flows/score.py) against the session's Prefect test server."""
 
 from __future__ import annotations
 
@@ -14,6 +15,7 @@ import time
 from collections.abc import Callable, Iterator
 from datetime import datetime
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import pandas as pd
@@ -21,27 +23,16 @@ import pytest
 from PIL import Image
 
 from malaria.core import layout
-from malaria.dataset.records import decode_to_array
+from malaria.dataset.decode import decode_to_array
 from malaria.io.store import LocalStore, ObjectInfo, S3Store, put_json, reset_clients
-from malaria.scoring.pipeline import (
-    PREDICTION_COLUMNS,
-    SUMMARY_COLUMNS,
-    Cell,
-    LeaseOwner,
-    ScoreReport,
-    ScoringPaths,
-    ShardResult,
-    SlideLeases,
-    SlidePlan,
-    SlideTally,
-    due_reason,
-    fingerprint,
-    prepare_cell,
-    resolve_model,
-    run_scoring,
-    score,
-    split_shards,
-)
+from malaria.scoring.due import Cell, due_reason, fingerprint
+from malaria.scoring.infer import prepare_cell
+from malaria.scoring.leases import LeaseOwner, SlideLeases
+from malaria.scoring.model import resolve_model
+from malaria.scoring.output import PREDICTION_COLUMNS, SUMMARY_COLUMNS
+from malaria.scoring.paths import ScoringError, ScoringPaths
+from malaria.scoring.report import ScoreReport, SlideTally
+from malaria.scoring.shards import ShardResult, SlidePlan, split_shards
 from malaria_dev.synthetic import generate_scan_cells
 
 Store = S3Store | LocalStore
@@ -65,7 +56,7 @@ def _clients_find_moto(moto_endpoint: str, monkeypatch: pytest.MonkeyPatch) -> I
 @pytest.fixture(scope="module")
 def tiny_model(tmp_path_factory: pytest.TempPathFactory) -> Path:
     from malaria.model.architectures import build_model
-    from malaria.model.trainer import save_for_serving
+    from malaria.model.checkpoints import save_for_serving
 
     path = tmp_path_factory.mktemp("model") / "model.keras"
     save_for_serving(build_model("cellnet-tiny", 32), path)
@@ -106,6 +97,17 @@ def snapshot(store: Store) -> dict[str, tuple[str, datetime]]:
     return {i.key: (i.etag, i.last_modified) for i in store.list("")}
 
 
+def score(**parameters: Any) -> dict[str, Any]:
+    """One run of the score flow (the only scoring orchestrator) with ``parameters``."""
+    from flows.score import score_flow
+
+    return score_flow(**{"lease_settle_s": 0.05, **parameters})
+
+
+def scored(result: dict[str, Any]) -> list[str]:
+    return sorted(result["slides_scored"])
+
+
 # ------------------------------------------------------------------------ preprocessing
 
 
@@ -139,15 +141,16 @@ def test_shards_are_near_equal_and_cover_every_cell_once() -> None:
 # ------------------------------------------------------------------- outputs, errors
 
 
-def test_csv_schema_row_counts_error_rows_and_summary(any_store: Store,
-                                                      tiny_model: Path) -> None:
+def test_csv_schema_row_counts_error_rows_and_summary(any_store: Store, tiny_model: Path,
+                                                      prefect_harness: None) -> None:
     keys = upload_scans(any_store)
     paths = ScoringPaths.bucket(any_store.url)
     ref = resolve_model(paths, tiny_model)
-    report = run_scoring(paths, ref, shard_size=10, batch_size=8, lease_settle=0.05)
-    assert sorted(s.slide for s in report.slides) == sorted(SLIDES)
-    assert report.shards_scored == 3 + 2 + 1  # 23 cells -> 3 shards, 13 -> 2, 4 -> 1
-    assert report.cells == sum(len(k) for k in keys.values())
+    report = score(data_url=any_store.url, model_path=str(tiny_model), shard_size=10,
+                   batch_size=8)
+    assert scored(report) == sorted(SLIDES) and report["model_version"] == ref.version
+    assert report["shards_scored"] == 3 + 2 + 1  # 23 cells -> 3 shards, 13 -> 2, 4 -> 1
+    assert report["cells"] == sum(len(k) for k in keys.values())
 
     for slide, slide_keys in keys.items():
         frame = read_csv(any_store, layout.prediction_key(slide))
@@ -180,19 +183,18 @@ def test_csv_schema_row_counts_error_rows_and_summary(any_store: Store,
     # Bookkeeping left behind: one marker per slide, no parts, no leases.
     state = [i.key for i in any_store.list(layout.SCORING_STATE)]
     assert sorted(state) == sorted(
-        paths.marker_key(s.slide, s.scan_fingerprint, ref.version) for s in report.slides)
+        paths.marker_key(s["slide"], s["scan_fingerprint"], ref.version)
+        for s in report["summary"])
 
 
-def test_rerun_with_nothing_new_writes_nothing(local_store: LocalStore,
-                                               tiny_model: Path) -> None:
+def test_rerun_with_nothing_new_writes_nothing(local_store: LocalStore, tiny_model: Path,
+                                               prefect_harness: None) -> None:
     upload_scans(local_store)
-    paths = ScoringPaths.bucket(local_store.url)
-    ref = resolve_model(paths, tiny_model)
-    run_scoring(paths, ref, shard_size=10, lease_settle=0.05)
+    score(data_url=local_store.url, model_path=str(tiny_model), shard_size=10)
     before = snapshot(local_store)
-    again = run_scoring(paths, ref, shard_size=10, lease_settle=0.05)
-    assert again.slides == [] and again.slides_due == [] and again.up_to_date == 3
-    assert not again.summary_written
+    again = score(data_url=local_store.url, model_path=str(tiny_model), shard_size=10)
+    assert again["slides_scored"] == [] and again["slides_due"] == []
+    assert again["up_to_date"] == 3 and not again["summary_written"]
     assert snapshot(local_store) == before  # local ETags are mtime+size: any rewrite shows
 
 
@@ -212,8 +214,8 @@ def test_due_rule_function() -> None:
     assert due_reason(True, [], "f1", "v1") is not None
 
 
-def test_new_cells_and_new_champion_make_slides_due(s3_store: S3Store,
-                                                    tiny_model: Path) -> None:
+def test_new_cells_and_new_champion_make_slides_due(s3_store: S3Store, tiny_model: Path,
+                                                    prefect_harness: None) -> None:
     from malaria.registry.registry import ModelRegistry
 
     registry = ModelRegistry(s3_store)
@@ -221,35 +223,34 @@ def test_new_cells_and_new_champion_make_slides_due(s3_store: S3Store,
     registry.register("v1", tiny_model, metrics=metrics, plots={})
     registry.promote("v1", reason="test")
     upload_scans(s3_store, slides={"301": 3, "302": 3})
-    paths = ScoringPaths.bucket(s3_store.url)
-    kwargs = {"shard_size": 10, "lease_settle": 0.05}
+    kwargs = {"data_url": s3_store.url, "shard_size": 10}
 
-    first = run_scoring(paths, resolve_model(paths), **kwargs)
-    assert first.model_version == "v1" and len(first.slides) == 2
+    first = score(**kwargs)
+    assert first["model_version"] == "v1" and len(first["slides_scored"]) == 2
     assert set(read_csv(s3_store, layout.prediction_key("301")).threshold) == {0.4}
 
     # A cell added to one slide makes that slide (only) due; the CSV covers the new set.
     extra = next(generate_scan_cells(1, slide_id=301, seed=77))
     s3_store.put_bytes(f"scans/301/{extra.file_name}", extra.data)
-    second = run_scoring(paths, resolve_model(paths), **kwargs)
-    assert [s.slide for s in second.slides] == ["301"] and second.up_to_date == 1
+    second = score(**kwargs)
+    assert second["slides_scored"] == ["301"] and second["up_to_date"] == 1
     assert len(read_csv(s3_store, layout.prediction_key("301"))) == 4
 
     # A replaced object (same key, new bytes) and a removed one count as changes too.
     s3_store.put_bytes(f"scans/301/{extra.file_name}", _png(Image.new("RGB", (40, 40), "red")))
-    assert [s.slide for s in run_scoring(paths, resolve_model(paths), **kwargs).slides] == ["301"]
+    assert score(**kwargs)["slides_scored"] == ["301"]
     s3_store.delete(f"scans/301/{extra.file_name}")
-    assert [s.slide for s in run_scoring(paths, resolve_model(paths), **kwargs).slides] == ["301"]
+    assert score(**kwargs)["slides_scored"] == ["301"]
     assert len(read_csv(s3_store, layout.prediction_key("301"))) == 3
 
     # A new champion makes every slide due again; the summary follows.
     registry.register("v2", tiny_model, metrics=metrics, plots={})
     registry.promote("v2", reason="test")
-    third = run_scoring(paths, resolve_model(paths), **kwargs)
-    assert third.model_version == "v2" and len(third.slides) == 2
+    third = score(**kwargs)
+    assert third["model_version"] == "v2" and len(third["slides_scored"]) == 2
     summary = read_csv(s3_store, layout.PREDICTION_SUMMARY_KEY)
     assert set(summary.model_version) == {"v2"} and len(summary) == 2
-    assert run_scoring(paths, resolve_model(paths), **kwargs).slides == []
+    assert score(**kwargs)["slides_scored"] == []
 
 
 # ------------------------------------------------------------------- concurrency guard
@@ -281,34 +282,45 @@ def test_leases_exclude_expire_and_break_for_dead_owners(local_store: LocalStore
     assert b.acquire(["7"]) == ["7"]
 
 
-def test_two_runs_at_once_never_score_the_same_slide(local_store: LocalStore,
-                                                     tiny_model: Path) -> None:
+def test_two_runs_at_once_never_score_the_same_slide(
+        local_store: LocalStore, tiny_model: Path, prefect_harness: None,
+        monkeypatch: pytest.MonkeyPatch) -> None:
+    import malaria.scoring.shards as shards
+
     slides = {str(s): 4 for s in range(401, 407)}
     upload_scans(local_store, slides=slides)
-    paths = ScoringPaths.bucket(local_store.url)
-    ref = resolve_model(paths, tiny_model)
     reports = []
     start = threading.Barrier(2)
+    real = shards.score_cells
+
+    def slow(*args: Any, **kwargs: Any) -> Any:  # the two runs overlap for longer
+        time.sleep(0.2)
+        return real(*args, **kwargs)
+
+    monkeypatch.setattr(shards, "score_cells", slow)
 
     def run() -> None:
         start.wait()
-        reports.append(run_scoring(paths, ref, shard_size=10, lease_settle=0.3,
-                                   on_shard=lambda _: time.sleep(0.2)))
+        reports.append(score(data_url=local_store.url, model_path=str(tiny_model),
+                             shard_size=10, lease_settle_s=0.3))
 
     threads = [threading.Thread(target=run) for _ in range(2)]
     for thread in threads:
         thread.start()
     for thread in threads:
         thread.join(timeout=120)
-    a, b = ({s.slide for s in r.slides} for r in reports)
+    assert len(reports) == 2
+    a, b = (set(r["slides_scored"]) for r in reports)
     assert not a & b and a | b == set(slides)
-    assert sum(r.shards_scored for r in reports) == len(slides)
+    assert sum(r["shards_scored"] for r in reports) == len(slides)
 
 
 def test_a_slide_lost_during_the_settle_gets_nothing_written(
-        local_store: LocalStore, tiny_model: Path, monkeypatch: pytest.MonkeyPatch) -> None:
-    """Shards start while the claims settle; a slide whose claim a rival overwrote in that
-    window is scored but nothing of it is written, and the other slides are unaffected."""
+        local_store: LocalStore, tiny_model: Path, monkeypatch: pytest.MonkeyPatch,
+        prefect_harness: None) -> None:
+    """The flow waits for the claims to settle before its first shard; a slide whose claim a
+    rival overwrote in that window is not scored and gets nothing written, and the other
+    slides are unaffected."""
     slides = {"501": 4, "502": 4, "503": 4}
     upload_scans(local_store, slides=slides)
     paths = ScoringPaths.bucket(local_store.url)
@@ -323,11 +335,12 @@ def test_a_slide_lost_during_the_settle_gets_nothing_written(
         return claimed
 
     monkeypatch.setattr(SlideLeases, "claim", claim_then_rival_overwrites)
-    report = run_scoring(paths, ref, shard_size=10, lease_settle=0.3)
+    report = score(data_url=local_store.url, model_path=str(tiny_model), shard_size=10,
+                   lease_settle_s=0.3)
 
-    assert report.slides_busy == ["502"]
-    assert sorted(s.slide for s in report.slides) == ["501", "503"]
-    assert report.shards_scored == 2 and report.cells == 8
+    assert report["slides_busy"] == ["502"] and report["model_version"] == ref.version
+    assert scored(report) == ["501", "503"]
+    assert report["shards_scored"] == 2 and report["cells"] == 8
     out = paths.out_store()
     assert not out.exists(paths.prediction_key("502"))
     assert not list(out.list(paths.parts_prefix("502")))
@@ -339,18 +352,19 @@ def test_a_slide_lost_during_the_settle_gets_nothing_written(
 
 KILLED_RUN = textwrap.dedent("""
     import sys, time
-    import malaria.scoring.pipeline as scoring
+    import malaria.scoring.shards as shards
+    from flows.score import score_flow
 
-    real = scoring.score_cells
+    real = shards.score_cells
 
     def slow(*args, **kwargs):  # slow enough to be killed in the middle
         result = real(*args, **kwargs)
         time.sleep(0.4)
         return result
 
-    scoring.score_cells = slow
-    scoring.score(sys.argv[1], sys.argv[2], model_path=sys.argv[3], shard_size=3,
-                  parallel_shards=1, lease_settle=0.05)
+    shards.score_cells = slow
+    score_flow(scans_url=sys.argv[1], out_url=sys.argv[2], model_path=sys.argv[3],
+               shard_size=3, parallel_shards=1, lease_settle_s=0.05)
 """)
 
 
@@ -364,17 +378,20 @@ def _wait_for(predicate: Callable[[], bool], timeout: float) -> None:
 
 
 def test_sigkill_mid_run_then_rerun_scores_every_cell_exactly_once(
-        tmp_path: Path, tiny_model: Path) -> None:
+        tmp_path: Path, tiny_model: Path, prefect_harness: None) -> None:
+    from prefect.settings import PREFECT_API_URL
+
     scans, out = tmp_path / "scans-in", tmp_path / "out"
     slides = {str(s): 5 for s in range(501, 505)}
     keys = upload_scans(LocalStore(scans), prefix="", slides=slides)
     parts = out / "_scoring" / "parts"
-    env = {**os.environ, "PYTHONPATH": str(ROOT)}
+    # The killed run is a flow run too, against the same test server.
+    env = {**os.environ, "PYTHONPATH": str(ROOT), "PREFECT_API_URL": str(PREFECT_API_URL.value())}
     child = subprocess.Popen([sys.executable, "-c", KILLED_RUN, str(scans), str(out),
                               str(tiny_model)], env=env, cwd=ROOT)
     try:
         # Killed once a slide is finished and the next one has a part but not all.
-        _wait_for(lambda: any(out.glob("*.csv")) and any(parts.rglob("*.csv")), 90)
+        _wait_for(lambda: any(out.glob("*.csv")) and any(parts.rglob("*.csv")), 120)
     finally:
         child.kill()  # SIGKILL: no cleanup, the lease stays behind
         child.wait()
@@ -383,16 +400,19 @@ def test_sigkill_mid_run_then_rerun_scores_every_cell_exactly_once(
     finished_before = len(list(out.glob("*.csv")))
     assert finished_before < len(keys), "the run finished before it was killed"
 
-    report = score(scans, out, model_path=tiny_model, shard_size=3, lease_settle=0.05)
-    assert report.slides_busy == []  # the dead owner's lease was broken at once
-    assert report.shards_scored < total  # the killed run's parts were kept
+    folders = {"scans_url": str(scans), "out_url": str(out), "model_path": str(tiny_model),
+               "shard_size": 3}
+    report = score(**folders)
+    assert report["slides_busy"] == []  # the dead owner's lease was broken at once
+    assert report["shards_scored"] < total  # the killed run's parts were kept
+    assert report["shards_resumed"] > 0
     store = LocalStore(out)
     for slide, slide_keys in keys.items():
         frame = read_csv(store, f"{slide}.csv")
         assert list(frame.key) == sorted(k for k in slide_keys)  # none missing, none twice
     assert len(read_csv(store, "summary.csv")) == len(keys)
     assert not list(parts.rglob("*.csv")) and not list((out / "_scoring" / "leases").glob("*"))
-    assert score(scans, out, model_path=tiny_model, shard_size=3).slides == []
+    assert score(**folders)["slides_scored"] == []
 
 
 def test_fingerprint_ignores_listing_order() -> None:
@@ -403,7 +423,8 @@ def test_fingerprint_ignores_listing_order() -> None:
 
 def test_a_cell_deleted_after_listing_is_an_error_row(s3_store: S3Store,
                                                       tiny_model: Path) -> None:
-    from malaria.scoring.pipeline import Cell, ModelRef, load_model, score_cells
+    from malaria.scoring.infer import score_cells
+    from malaria.scoring.model import ModelRef, load_model
 
     cell = next(generate_scan_cells(1, slide_id=700, seed=1))
     s3_store.put_bytes("scans/700/ok.png", cell.data)
@@ -414,7 +435,8 @@ def test_a_cell_deleted_after_listing_is_an_error_row(s3_store: S3Store,
     assert missing == (None, "missing_object")
 
 
-def test_score_command_on_folders(tmp_path: Path, tiny_model: Path) -> None:
+def test_score_command_on_folders(tmp_path: Path, tiny_model: Path,
+                                  prefect_harness: None) -> None:
     import argparse
 
     from malaria_cli.score import add_score_command
@@ -443,15 +465,25 @@ def test_paths_bucket_layout_and_folders() -> None:
     assert ScoringPaths.folders("s3://lab/scans", "s3://lab/predictions/") == bucket
     folders = ScoringPaths.folders("/data/new", "/data/out")
     assert folders.prediction_key("12") == "12.csv" and folders.state_prefix == "_scoring/"
+    # One run's paths, as the score flow picks them from its parameters.
+    assert ScoringPaths.for_run("s3://lab") == bucket
+    assert ScoringPaths.for_run("s3://lab", registry_url="s3://models").registry_url == \
+        "s3://models"
+    run = ScoringPaths.for_run("s3://lab", "/data/new", "/data/out")
+    assert run.scans_url == "/data/new" and run.registry_url == "s3://lab"
+    assert ScoringPaths.for_run("s3://lab", "s3://lab/scans", "s3://lab/predictions") == bucket
+    with pytest.raises(ScoringError, match="both"):
+        ScoringPaths.for_run("s3://lab", scans="/data/new")
 
 
-def test_the_recorded_operating_point_is_used(tmp_path: Path, tiny_model: Path) -> None:
+def test_the_recorded_operating_point_is_used(tmp_path: Path, tiny_model: Path,
+                                             prefect_harness: None) -> None:
     import json
     import shutil
 
     import keras
 
-    from malaria.model.trainer import predict_probabilities
+    from malaria.model.predict import predict_probabilities
 
     model_path = tmp_path / "m.keras"
     shutil.copy(tiny_model, model_path)
@@ -461,7 +493,8 @@ def test_the_recorded_operating_point_is_used(tmp_path: Path, tiny_model: Path) 
     ref = resolve_model(paths, model_path)
     assert (ref.threshold, ref.tta) == (0.3, 8)
     assert resolve_model(paths, model_path, threshold=0.6, tta=1).tta == 1
-    run_scoring(paths, ref, lease_settle=0.0)
+    score(scans_url=str(tmp_path / "scans"), out_url=str(tmp_path / "out"),
+          model_path=str(model_path), lease_settle_s=0.0)
     frame = read_csv(LocalStore(tmp_path / "out"), "901.csv")
     images = np.stack([decode_to_array((tmp_path / "scans" / k).read_bytes(), 32)
                        for k in sorted(keys["901"])])
@@ -501,7 +534,8 @@ def test_pipelined_fetch_keeps_every_cell_in_its_place(s3_store: S3Store,
     """Cells fetched a few per round trip: chunks that do not divide the cells or the batch,
     an empty object (refused from the listing, never fetched) and a missing one inside a
     chunk all land on their own row, as they do one cell per request."""
-    from malaria.scoring.pipeline import Cell, ModelRef, load_model, score_cells
+    from malaria.scoring.infer import score_cells
+    from malaria.scoring.model import ModelRef, load_model
 
     cells = []
     for n, cell in enumerate(generate_scan_cells(9, slide_id=701, seed=2)):

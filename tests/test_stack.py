@@ -15,27 +15,39 @@ from typing import Any
 
 import pytest
 
-from malaria_dev import stack
+from malaria.io.processes import pid_alive
 from malaria_dev.stack import (
     GRPC_OFFSET,
+    PORT_VARIABLES,
     StackConfig,
     StackError,
     free_ports,
     load_stack_env,
+    prefect_argv,
+    prefect_server_env,
     s3_credentials,
+    seaweedfs_argv,
     stack_down,
     stack_env,
+    stack_s3_client,
     stack_status,
     stack_up,
     start_seaweedfs,
 )
+from malaria_dev.stack import ports as stack_ports
+from malaria_dev.stack.config import record_config
+from malaria_dev.stack.credentials import ensure_identities, write_env_file
+from malaria_dev.stack.processes import group_alive, read_pid
+from malaria_dev.stack.seaweedfs import weed_socket_files
+from malaria_dev.stack.workers import worker_env
 
 # ------------------------------------------------------------------------------ unit tests
 
 
-def test_config_defaults_and_env(tmp_path: Path) -> None:
+def test_config_defaults_and_env(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.chdir(tmp_path)  # no .malaria/stack.json from a real stack
     default = StackConfig.from_env({})
-    assert default.state_dir == Path(".malaria").resolve()
+    assert default.state_dir == (tmp_path / ".malaria").resolve()
     assert (default.host, default.s3_port, default.prefect_port, default.bucket) == (
         "127.0.0.1", 8333, 4200, "malaria",
     )  # fmt: skip
@@ -64,6 +76,80 @@ def test_config_defaults_and_env(tmp_path: Path) -> None:
         StackConfig.from_env({"MALARIA_S3_PORT": "60000"})
     with pytest.raises(StackError, match="loopback"):
         StackConfig(state_dir=tmp_path, host="0.0.0.0")
+    # Built directly, a gRPC port follows its HTTP port too (no clash on the default 18333).
+    moved = StackConfig(state_dir=tmp_path, s3_port=28000, filer_port=28001)
+    assert (moved.s3_grpc_port, moved.filer_grpc_port) == (38000, 38001)
+    assert moved.master_grpc_port == 9333 + GRPC_OFFSET
+
+
+def test_every_port_has_a_variable_and_round_trips(tmp_path: Path) -> None:
+    cfg = StackConfig.with_free_ports(tmp_path / "state", bucket="cells")
+    env = cfg.to_env()
+    assert set(PORT_VARIABLES.values()) <= set(env)
+    assert StackConfig.from_env(env, recorded=False) == cfg
+    # Only the admin gRPC port has no variable: weed's worker always dials admin + 10000.
+    assert set(cfg.all_ports()) - set(PORT_VARIABLES) == {"admin_grpc_port"}
+
+
+def test_a_state_folder_remembers_its_ports(tmp_path: Path) -> None:
+    cfg = StackConfig.with_free_ports(tmp_path / "state", bucket="cells")
+    record_config(cfg)
+    only_folder = {"MALARIA_STATE_DIR": str(cfg.state_dir)}
+    assert StackConfig.from_env(only_folder) == cfg
+    # An explicit port wins, and its gRPC port follows it rather than the recorded one.
+    moved = StackConfig.from_env({**only_folder, "MALARIA_S3_PORT": "20000"})
+    assert (moved.s3_port, moved.s3_grpc_port) == (20000, 30000)
+    assert moved.filer_port == cfg.filer_port and moved.bucket == "cells"
+    cfg.record_file.write_text("{not json")
+    with pytest.raises(StackError, match=r"stack\.json"):
+        StackConfig.from_env(only_folder)
+
+
+def test_seaweedfs_opens_only_the_configured_ports(tmp_path: Path) -> None:
+    cfg = StackConfig.with_free_ports(tmp_path / "state")
+    argv = seaweedfs_argv(cfg)
+    flags = dict(a.lstrip("-").split("=", 1) for a in argv if a.startswith("-") and "=" in a)
+    for name, port in cfg.weed_ports().items():
+        if name == "admin_grpc_port":
+            continue
+        flag = name.removesuffix("_port").replace("_grpc", ".port.grpc")
+        flag = flag if flag.endswith(".port.grpc") else f"{flag}.port"
+        assert flags[flag] == str(port), (name, flag)
+    # Ports weed would open by default on its own are switched off.
+    assert flags["s3.port.iceberg"] == flags["s3.port.lance"] == "0"
+    assert flags["webdav"] == "false"
+
+
+def test_prefect_server_follows_the_config(tmp_path: Path,
+                                           monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setenv("PREFECT_API_URL", "http://127.0.0.1:9/api")  # another server's
+    monkeypatch.setenv("PREFECT_HOME", str(tmp_path / "elsewhere"))
+    cfg = StackConfig.with_free_ports(tmp_path / "state")
+    argv = prefect_argv(cfg)
+    assert argv[argv.index("--port") + 1] == str(cfg.prefect_port)
+    assert argv[argv.index("--host") + 1] == "127.0.0.1"
+    env = prefect_server_env(cfg)
+    assert env["PREFECT_API_URL"] == f"http://127.0.0.1:{cfg.prefect_port}/api"
+    assert env["PREFECT_HOME"] == str(cfg.state_dir / "prefect")
+    assert str(cfg.state_dir / "prefect" / "prefect.db") in env[
+        "PREFECT_SERVER_DATABASE_CONNECTION_URL"]
+
+
+def test_workers_get_the_stack_they_were_started_for(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setenv("PREFECT_API_URL", "http://127.0.0.1:9/api")
+    monkeypatch.setenv("PREFECT_WORKER_QUERY_SECONDS", "2")
+    monkeypatch.delenv("MALARIA_STATE_DIR", raising=False)
+    cfg = StackConfig.with_free_ports(tmp_path / "state")
+    ensure_identities(cfg)
+    write_env_file(cfg)
+    env = worker_env(cfg)
+    assert env["PREFECT_API_URL"] == cfg.prefect_api_url
+    assert env["PREFECT_WORKER_QUERY_SECONDS"] == "2"  # worker tuning is kept
+    assert env["MALARIA_STATE_DIR"] == str(cfg.state_dir)
+    assert env["MALARIA_S3_PORT"] == str(cfg.s3_port)
+    assert env["AWS_ENDPOINT_URL"] == cfg.s3_endpoint
 
 
 def test_free_ports_are_distinct_and_admin_pair_fits(tmp_path: Path) -> None:
@@ -82,11 +168,11 @@ def test_credentials_created_once_private_and_not_overriding_env(
     with pytest.raises(StackError, match="stack up"):
         stack_env(cfg)
 
-    stack._ensure_identities(cfg)
+    ensure_identities(cfg)
     first = s3_credentials(cfg)
-    stack._ensure_identities(cfg)  # a later `up` keeps the keys
+    ensure_identities(cfg)  # a later `up` keeps the keys
     assert s3_credentials(cfg) == first
-    stack._write_env_file(cfg)
+    write_env_file(cfg)
     for path in (cfg.identities_file, cfg.env_file):
         assert stat.S_IMODE(path.stat().st_mode) == 0o600
 
@@ -118,12 +204,12 @@ def test_stale_pid_files_are_cleaned(tmp_path: Path) -> None:
 
     # A process that has exited.
     pid_file.write_text(json.dumps({"pid": dead.pid, "start_time": None}))
-    assert stack._read_pid(cfg, "s3") is None
+    assert read_pid(cfg, "s3") is None
     assert not pid_file.exists()
 
     # A live pid that now belongs to another process (start time differs).
     pid_file.write_text(json.dumps({"pid": os.getpid(), "start_time": "1"}))
-    assert stack._read_pid(cfg, "s3") is None
+    assert read_pid(cfg, "s3") is None
     assert not pid_file.exists()
 
     # Garbage.
@@ -136,14 +222,29 @@ def test_stale_pid_files_are_cleaned(tmp_path: Path) -> None:
 
 
 def test_start_refuses_busy_port(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
-    monkeypatch.setattr(stack, "PORT_RELEASE_GRACE", 0.3)
+    monkeypatch.setattr(stack_ports, "PORT_RELEASE_GRACE", 0.3)
     cfg = StackConfig.with_free_ports(tmp_path)
     with socket.socket() as blocker:
         blocker.bind((cfg.host, cfg.filer_port))
         blocker.listen()
-        with pytest.raises(StackError, match=str(cfg.filer_port)):
+        with pytest.raises(StackError, match=f"{cfg.filer_port}.*MALARIA_FILER_PORT"):
             start_seaweedfs(cfg)
     assert not cfg.pid_file("s3").exists()
+
+
+def test_up_refuses_before_starting_anything_when_a_port_is_busy(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setattr(stack_ports, "PORT_RELEASE_GRACE", 0.3)
+    # A weed that would run: it must not even be started while Prefect's port is taken.
+    monkeypatch.setenv("MALARIA_WEED_BIN", _fake_weed(tmp_path, "exec sleep 60"))
+    cfg = StackConfig.with_free_ports(tmp_path / "state")
+    with socket.socket() as blocker:
+        blocker.bind((cfg.host, cfg.prefect_port))
+        blocker.listen()
+        with pytest.raises(StackError, match=f"{cfg.prefect_port}.*MALARIA_PREFECT_PORT"):
+            stack_up(cfg, timeout=10)
+    assert not cfg.pid_file("s3").exists() and not cfg.log_file("s3").exists()
 
 
 def _fake_weed(tmp_path: Path, body: str) -> str:
@@ -169,7 +270,7 @@ def test_up_times_out_and_stops_what_it_started(
     with pytest.raises(StackError, match=r"(?s)did not become ready.*pid="):
         stack_up(cfg, services=("s3",), timeout=1.5)
     pid = int(cfg.log_file("s3").read_text().split("pid=")[1].split()[0])
-    assert not stack.pid_alive(pid)  # the half-started server was stopped
+    assert not pid_alive(pid)  # the half-started server was stopped
     assert not cfg.pid_file("s3").exists()
     assert not stack_status(cfg).s3.alive
 
@@ -250,15 +351,15 @@ def test_stack_up_status_roundtrip_down(tmp_path: Path) -> None:
 
     pids = (first.s3.pid, first.prefect.pid)
     for pid in pids:
-        assert pid is not None and not stack.pid_alive(pid)
-        assert not stack._group_alive(pid)
+        assert pid is not None and not pid_alive(pid)
+        assert not group_alive(pid)
     for port in [*cfg.weed_ports().values(), cfg.prefect_port]:
         assert _no_listener(cfg.host, port), port
     after = stack_status(cfg)
     assert not after.s3.alive and not after.prefect.alive
     assert not after.s3.healthy and not after.prefect.healthy
     assert not cfg.pid_file("s3").exists() and not cfg.pid_file("prefect").exists()
-    assert not [p for p in stack._weed_socket_files(cfg) if p.exists()]
+    assert not [p for p in weed_socket_files(cfg) if p.exists()]
     print(f"stack up {up_s:.1f}s, down {down_s:.1f}s")
 
 
@@ -270,14 +371,14 @@ def test_s3_data_survives_a_killed_server(tmp_path: Path) -> None:
     try:
         first = stack_up(cfg, services=("s3",), timeout=60)
         assert first.s3.healthy and not first.prefect.alive
-        client = stack._s3_client(cfg)
+        client = stack_s3_client(cfg)
         client.put_object(Bucket=cfg.bucket, Key="dataset/p/a.png", Body=b"cell")
 
         # An unclean stop leaves a stale pid file; the next `up` cleans it and restarts.
         assert first.s3.pid is not None
         os.killpg(first.s3.pid, signal.SIGKILL)
         deadline = time.monotonic() + 5
-        while stack.pid_alive(first.s3.pid) and time.monotonic() < deadline:
+        while pid_alive(first.s3.pid) and time.monotonic() < deadline:
             time.sleep(0.05)
         assert not stack_status(cfg).s3.alive
 
@@ -289,3 +390,40 @@ def test_s3_data_survives_a_killed_server(tmp_path: Path) -> None:
     finally:
         stack_down(cfg)
     assert not stack_status(cfg).s3.alive
+
+
+@pytest.mark.integration
+def test_two_stacks_run_side_by_side(tmp_path: Path) -> None:
+    """Two state folders, two sets of ports: both healthy at once, and independent. Only
+    SeaweedFS runs (the Prefect server's ports and folders are covered by the unit tests)."""
+    from botocore.exceptions import ClientError
+
+    first = StackConfig.with_free_ports(tmp_path / "one")
+    second: StackConfig | None = None
+    try:
+        stack_up(first, services=("s3",), timeout=60)
+        # Chosen while the first stack holds its ports, so none can be handed out twice.
+        second = StackConfig.with_free_ports(tmp_path / "two")
+        assert not set(first.all_ports().values()) & set(second.all_ports().values())
+        stack_up(second, services=("s3",), timeout=60)
+        assert stack_status(first).s3.healthy and stack_status(second).s3.healthy
+        assert s3_credentials(first) != s3_credentials(second)
+
+        one, two = stack_s3_client(first), stack_s3_client(second)
+        one.put_object(Bucket=first.bucket, Key="incoming/only-here.txt", Body=b"one")
+        body = one.get_object(Bucket=first.bucket, Key="incoming/only-here.txt")["Body"]
+        assert body.read() == b"one"
+        with pytest.raises(ClientError) as missing:
+            two.get_object(Bucket=second.bucket, Key="incoming/only-here.txt")
+        assert missing.value.response["Error"]["Code"] in ("NoSuchKey", "404")
+        two.put_object(Bucket=second.bucket, Key="incoming/only-there.txt", Body=b"two")
+        keys = [o["Key"] for o in one.list_objects_v2(Bucket=first.bucket)["Contents"]]
+        assert keys == ["incoming/only-here.txt"]
+    finally:
+        stack_down(first)
+        if second is not None:
+            stack_down(second)
+    for cfg in (first, second):
+        assert cfg is not None and not stack_status(cfg).s3.alive
+        for port in cfg.weed_ports().values():
+            assert _no_listener(cfg.host, port), port

@@ -12,8 +12,8 @@ import numpy as np
 import pytest
 from PIL import Image
 
+from malaria.core.labels import CLASS_NAMES
 from malaria_dev.synthetic import (
-    CLASS_NAMES,
     BadInput,
     SyntheticCell,
     bad_inputs,

@@ -11,23 +11,15 @@ import keras
 import numpy as np
 import pytest
 
-from malaria.dataset.records import (
-    ArraySet,
-    ImageCache,
-    folder_reader,
-    load_arrays,
-    records_from_folder,
-)
-from malaria.dataset.records import split_by_slide as split
-from malaria.model.trainer import (
-    LAST_MODEL,
-    STATE,
-    TrainConfig,
-    learning_rate_at,
-    predict_probabilities,
-    save_for_serving,
-    train,
-)
+from malaria.dataset.cache import ImageCache
+from malaria.dataset.pipeline import ArraySet, load_arrays
+from malaria.dataset.records import folder_reader, records_from_folder
+from malaria.dataset.split import split_by_slide as split
+from malaria.model.checkpoints import LAST_MODEL, STATE, save_for_serving
+from malaria.model.config import TrainConfig
+from malaria.model.predict import predict_probabilities
+from malaria.model.schedule import learning_rate_at
+from malaria.model.trainer import train
 from malaria_dev.synthetic import write_labelled_tree
 
 SIZE = 40
@@ -65,7 +57,7 @@ def test_schedule_warms_up_then_decays() -> None:
 def test_a_replanned_decay_goes_on_from_where_it_was() -> None:
     """Epochs speed up half-way and the time budget plans twice as many: the rate goes on
     from its current value, down to the floor at the new end, and never steps back up."""
-    from malaria.model.trainer import decay_progress
+    from malaria.model.schedule import decay_progress
 
     config = TrainConfig(learning_rate=1.0, min_lr_fraction=0.1)
     before = [learning_rate_at(step, 100, 10, config) for step in range(50)]
@@ -79,10 +71,11 @@ def test_a_replanned_decay_goes_on_from_where_it_was() -> None:
 
 
 def test_the_trainer_anchors_the_decay_when_the_budget_replans(tmp_path: Path) -> None:
-    from malaria.model.trainer import _fresh_state, _Trainer
+    from malaria.model.checkpoints import fresh_state
+    from malaria.model.trainer import _Trainer
 
     config = _config(epochs=200, max_minutes=1.0)
-    state = _fresh_state(config)
+    state = fresh_state(config)
     state.update(epoch=3, planned_epochs=10)
     trainer = _Trainer(config, state, steps_per_epoch=10, checkpoint_dir=tmp_path,
                        on_epoch=None, started=time.perf_counter())
@@ -171,15 +164,15 @@ def test_wrong_input_size_is_refused(synthetic: tuple[ArraySet, ArraySet],
         train(_config(input_size=48), train_set, val_set, checkpoint_dir=tmp_path)
 
 
-def test_restore_best_by_validation_auc_with_weight_averaging(
-        synthetic: tuple[ArraySet, ArraySet], tmp_path: Path) -> None:
+def test_restore_best_by_validation_auc(synthetic: tuple[ArraySet, ArraySet],
+                                        tmp_path: Path) -> None:
     train_set, val_set = synthetic
-    config = _config(epochs=4, monitor="val_auc", ema_momentum=0.9)
+    config = _config(epochs=4, monitor="val_auc")
     result = train(config, train_set, val_set, checkpoint_dir=tmp_path, resume=False)
     best = max(result.history, key=lambda h: h["val_auc"])
     assert result.best_epoch == best["epoch"]
-    # The returned model holds that epoch's (averaged) weights: its validation AUC is the
-    # one recorded for the epoch.
+    # The returned model holds that epoch's weights: its validation AUC is the one recorded
+    # for the epoch.
     probs = predict_probabilities(result.model, val_set.images)
     auc = keras.metrics.AUC()
     auc.update_state(val_set.labels, probs)
@@ -188,9 +181,11 @@ def test_restore_best_by_validation_auc_with_weight_averaging(
 
 def test_other_backends_fit_on_the_arrays_with_sample_weights(
         monkeypatch: pytest.MonkeyPatch) -> None:
+    import malaria.model.precision as precision
     import malaria.model.trainer as training
 
     monkeypatch.setattr(training, "backend", lambda: "jax")
+    monkeypatch.setattr(precision, "backend", lambda: "jax")
     x = np.zeros((4, SIZE, SIZE, 3), np.uint8)
     y = np.array([1, 0, 0, 0], np.float32)
 
@@ -200,7 +195,7 @@ def test_other_backends_fit_on_the_arrays_with_sample_weights(
     assert inputs["x"] is x and inputs["y"] is y and inputs["shuffle"] is True
     np.testing.assert_array_equal(inputs["sample_weight"], [2.0, 0.5, 0.5, 0.5])
     assert inputs["validation_batch_size"] == 256
-    assert training.distribution_strategy().num_replicas_in_sync == 1
+    assert precision.distribution_strategy().num_replicas_in_sync == 1
 
 
 def test_xla_is_allowed_for_the_geometric_augmentation_under_jax() -> None:
@@ -240,7 +235,7 @@ def test_bfloat16_tensor_cores_from_compute_capability(
 
     import tensorflow as tf
 
-    from malaria.model.trainer import gpu_has_bf16
+    from malaria.model.precision import gpu_has_bf16
 
     # A JAX device carries "9.0"; TensorFlow answers (9, 0) through get_device_details.
     monkeypatch.setattr(tf.config.experimental, "get_device_details",
@@ -257,50 +252,124 @@ def test_an_unknown_setting_is_refused_before_training(field: str) -> None:
         TrainConfig(**{field: "bogus"})  # type: ignore[arg-type]
 
 
-def test_truncated_loss_leaves_out_the_worst_cells_of_a_batch() -> None:
-    """With nothing to drop it is Keras's binary cross-entropy (label smoothing included);
-    with a quarter to drop, the one cell of four with the highest loss adds nothing."""
-    import keras
-
-    from malaria.model.trainer import TrainConfig, TruncatedBinaryCrossentropy
-
-    labels = np.array([1, 0, 1, 0], np.float32)  # (n,), as the input pipeline gives them
-    probabilities = np.array([[0.9], [0.2], [0.05], [0.6]], np.float32)
-    plain = keras.losses.BinaryCrossentropy(label_smoothing=0.1)(labels[:, None], probabilities)
-    assert float(TruncatedBinaryCrossentropy(0.1)(labels, probabilities)) == pytest.approx(
-        float(plain), rel=1e-6)
-    each = keras.losses.binary_crossentropy(labels[:, None], probabilities,
-                                            label_smoothing=0.1).numpy()
-    truncated = TruncatedBinaryCrossentropy(0.1, drop_fraction=0.25)(labels, probabilities)
-    assert float(truncated) == pytest.approx((each.sum() - each.max()) / 4, rel=1e-5)
-    restored = TruncatedBinaryCrossentropy.from_config(
-        TruncatedBinaryCrossentropy(0.1, drop_fraction=0.25).get_config())
-    assert (restored.label_smoothing, restored.drop_fraction) == (0.1, 0.25)
-    with pytest.raises(ValueError, match="drop_highest_loss"):
-        TrainConfig(drop_highest_loss=0.5)
+# ------------------------------------------------------------------ the precision choice
+# Two kinds of CPU were measured training cellnet: AVX-512 with BF16 (and AMX), where bf16
+# ran ~1.5x faster than float32, and AVX2 only, where bf16 (emulated) ran ~6x slower.
+AVX2_ONLY = frozenset({"sse4_2", "avx", "avx2", "fma"})
+AVX512_BF16 = AVX2_ONLY | {"avx512f", "avx512bw", "avx512_bf16", "amx_tile", "amx_bf16"}
 
 
-def test_tail_averaging_returns_the_mean_of_the_tail_epochs(
+class FakeProbe:
+    """Step timings per policy, served in turn; records which policies were probed."""
+
+    def __init__(self, **seconds: list[float]) -> None:
+        self.seconds = seconds
+        self.probed: list[str] = []
+
+    def __call__(self, config: TrainConfig, policy: str) -> object:
+        self.probed.append(policy)
+        times = iter(self.seconds["fp32" if policy == "float32" else "bf16"])
+        return lambda: next(times)
+
+
+@pytest.fixture
+def fresh_policy_cache(monkeypatch: pytest.MonkeyPatch) -> None:
+    import malaria.model.precision as precision
+
+    monkeypatch.setattr(precision, "_POLICY_CACHE", {})
+
+
+def _auto(**overrides: object) -> TrainConfig:
+    return TrainConfig(**{"arch": "cellnet-tiny", "input_size": SIZE, **overrides})  # type: ignore[arg-type]
+
+
+@pytest.mark.usefixtures("fresh_policy_cache")
+def test_an_avx2_only_cpu_trains_in_float32_without_probing() -> None:
+    from malaria.model.precision import resolve_precision
+
+    probe = FakeProbe(fp32=[1.0] * 6, bf16=[0.1] * 6)  # would say bf16 if it were asked
+    assert resolve_precision(_auto(), flags=AVX2_ONLY, devices=[], probe=probe) == "float32"
+    assert probe.probed == []
+    # AVX-512 without its BF16 extension emulates bf16 too.
+    avx512_no_bf16 = AVX2_ONLY | {"avx512f", "avx512bw"}
+    assert resolve_precision(_auto(), flags=avx512_no_bf16, devices=[],
+                             probe=probe) == "float32"
+    assert probe.probed == []
+
+
+@pytest.mark.usefixtures("fresh_policy_cache")
+@pytest.mark.parametrize(("fp32", "bf16", "expected"), [
+    ([0.30] * 6, [0.20] * 6, "mixed_bfloat16"),  # 1.5x faster: the AVX-512 BF16 machine
+    ([0.20] * 6, [1.20] * 6, "float32"),  # 6x slower: bf16 never wins where it is emulated
+    ([0.30] * 6, [0.28] * 6, "float32"),  # within the 10% margin: not worth it
+    # Load on a shared machine only adds time: the fastest step of each decides.
+    ([0.9, 0.30, 0.8, 0.7, 0.6, 0.5], [0.6, 0.7, 0.20, 0.9, 0.8, 0.5], "mixed_bfloat16"),
+])
+def test_a_cpu_with_native_bf16_lets_the_probe_decide(fp32: list[float], bf16: list[float],
+                                                      expected: str) -> None:
+    from malaria.model.precision import resolve_precision
+
+    probe = FakeProbe(fp32=fp32, bf16=bf16)
+    assert resolve_precision(_auto(), flags=AVX512_BF16, devices=[], probe=probe) == expected
+    assert sorted(probe.probed) == ["float32", "mixed_bfloat16"]
+
+
+@pytest.mark.usefixtures("fresh_policy_cache")
+def test_the_probe_runs_once_per_model_shape() -> None:
+    from malaria.model.precision import resolve_precision
+
+    probe = FakeProbe(fp32=[0.3] * 6, bf16=[0.2] * 6)
+    for _ in range(2):
+        assert resolve_precision(_auto(), flags=AVX512_BF16, devices=[],
+                                 probe=probe) == "mixed_bfloat16"
+    assert len(probe.probed) == 2  # one model of each policy, the first time only
+
+
+@pytest.mark.usefixtures("fresh_policy_cache")
+def test_an_explicit_precision_or_a_gpu_needs_no_probe() -> None:
+    from types import SimpleNamespace
+
+    from malaria.model.precision import resolve_precision
+
+    probe = FakeProbe(fp32=[], bf16=[])
+    assert resolve_precision(_auto(mixed_precision="float32"), flags=AVX512_BF16,
+                             probe=probe) == "float32"
+    hopper, turing = SimpleNamespace(compute_capability="9.0"), SimpleNamespace(
+        compute_capability="7.5")
+    assert resolve_precision(_auto(), flags=AVX2_ONLY, devices=[hopper],
+                             probe=probe) == "mixed_bfloat16"
+    assert resolve_precision(_auto(), flags=AVX2_ONLY, devices=[hopper, turing],
+                             probe=probe) == "mixed_float16"
+    assert probe.probed == []
+
+
+def test_cpu_flags_are_read_and_reported() -> None:
+    from malaria.model.precision import (
+        cpu_has_bf16,
+        describe_precision,
+        parse_cpu_flags,
+        reported_cpu_flags,
+    )
+
+    cpuinfo = ("processor\t: 0\nmodel name\t: Some CPU\n"
+               "flags\t\t: fpu sse4_2 avx avx2 avx512f avx512_bf16 amx_tile\n\nprocessor\t: 1\n")
+    flags = parse_cpu_flags(cpuinfo)
+    assert {"avx2", "avx512f", "avx512_bf16", "amx_tile"} <= flags and cpu_has_bf16(flags)
+    assert parse_cpu_flags("no flags line\n") == frozenset()
+    assert reported_cpu_flags(AVX2_ONLY) == {"avx2": True, "avx512f": False,
+                                             "avx512_bf16": False, "amx_tile": False,
+                                             "amx_bf16": False}
+    assert not cpu_has_bf16(AVX2_ONLY)
+    line = describe_precision("float32", AVX2_ONLY)
+    assert line.startswith("precision float32") and "avx2=yes" in line
+    assert "avx512_bf16=no" in line
+
+
+def test_the_training_summary_names_the_precision_and_the_cpu(
         synthetic: tuple[ArraySet, ArraySet], tmp_path: Path) -> None:
-    """With the whole decay as its tail, every epoch's end-of-epoch weights (BatchNorm
-    statistics included) are averaged, and a run resumed after a crash keeps the average."""
-    train_set, val_set = synthetic
-    config = _config(epochs=3, average_tail=1.0)
-    snapshots: list[list[np.ndarray]] = []
-
-    class Snapshot(keras.callbacks.Callback):
-        def on_epoch_end(self, epoch: int, logs: dict | None = None) -> None:
-            snapshots.append([np.array(w) for w in self.model.get_weights()])
-
-    class CrashAtTwo(keras.callbacks.Callback):
-        def on_epoch_end(self, epoch: int, logs: dict | None = None) -> None:
-            if epoch + 1 == 2:  # after the checkpoint and the snapshot of epoch 2
-                raise Interrupted("worker killed")
-
-    with pytest.raises(Interrupted):
-        train(config, train_set, val_set, checkpoint_dir=tmp_path,
-              callbacks=[Snapshot(), CrashAtTwo()])
-    result = train(config, train_set, val_set, checkpoint_dir=tmp_path, callbacks=[Snapshot()])
-    assert len(snapshots) == 3 and result.extra["averaged_epochs"] == 3
-    for got, *epochs in zip(result.model.get_weights(), *snapshots, strict=True):
-        np.testing.assert_allclose(got, np.mean(epochs, axis=0), rtol=1e-5, atol=1e-6)
+    result = train(_config(epochs=1), *synthetic, checkpoint_dir=tmp_path, resume=False)
+    summary = result.summary()
+    assert summary["precision_policy"] == "float32" == result.precision_policy
+    assert summary["epochs_run"] == 1 and summary["stopped"] == "epochs"
+    assert set(summary["cpu_flags"]) >= {"avx2", "avx512f", "avx512_bf16", "amx_tile"}
+    json.dumps(summary)  # a plain JSON record

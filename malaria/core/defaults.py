@@ -3,6 +3,8 @@ benchmarks read them from here, so a figure measured with a default is the produ
 
 from __future__ import annotations
 
+from typing import Final
+
 # ---- promotion gate: a candidate is promoted only above the floors and not worse than the
 # champion's figure minus the tolerance (on the same held-out slides).
 GATE_MIN_AUC = 0.90
@@ -17,12 +19,21 @@ TRAIN_SEED = 0
 TRAIN_LEARNING_RATE = 4e-3  # peak, after warm-up (tuned on validation slides)
 TRAIN_LABEL_SMOOTHING = 0.1  # robustness to the known label noise
 TRAIN_PATIENCE: int | None = 8  # epochs without a better val_loss before stopping
+TRAIN_WARMUP_EPOCHS = 1.0  # linear warm-up to the peak rate, then cosine decay
+TRAIN_MIN_LR_FRACTION = 0.02  # the cosine's floor, as a fraction of the peak
+TRAIN_WEIGHT_DECAY = 1e-4  # AdamW, decoupled
+# "auto": float32 unless the device runs bfloat16 natively and a timed probe says it pays
+# (malaria.model.precision); never a fixed precision the CPU may lack.
+TRAIN_PRECISION = "auto"
 TEST_TIME_AUGMENTATION = True
 TRAIN_MAX_MINUTES: float | None = None  # no time budget unless one is given
+NIGHTLY_TRAIN_MINUTES = 45.0  # the nightly flow's training budget (a night has an end)
 VAL_FRACTION = 0.15
 TEST_FRACTION = 0.2
-# The decision threshold is chosen on the validation slides by this rule.
-THRESHOLD_RULE = "youden"
+# The decision threshold is chosen on the validation slides by this rule (Final: a type
+# checker reads it as the literal, one of malaria.evaluation.threshold.ThresholdRule).
+THRESHOLD_RULE: Final = "youden"
+THRESHOLD_MIN_SENSITIVITY = 0.96  # the "min_sensitivity" rule's floor (screening)
 DEFAULT_THRESHOLD = 0.5  # a model without a recorded threshold
 
 # ---- ingest

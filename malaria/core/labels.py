@@ -1,4 +1,5 @@
-"""Class names, their synonyms, and slide ids parsed from cell file names."""
+"""Class names (declared here once), the model's label for each, their synonyms, and slide
+ids parsed from cell file names."""
 
 from __future__ import annotations
 
@@ -10,8 +11,13 @@ from dataclasses import dataclass
 
 PARASITIZED = "Parasitized"
 UNINFECTED = "Uninfected"
-CLASS_NAMES: tuple[str, str] = (PARASITIZED, UNINFECTED)
+CLASS_NAMES: tuple[str, str] = (PARASITIZED, UNINFECTED)  # in folder (alphabetical) order
 UNKNOWN_SLIDE = "unknown"
+
+# The model's label for each class: Parasitized is the positive class (1), as every metric,
+# threshold and probability in the product counts it.
+LABEL_OF_CLASS: dict[str, int] = {UNINFECTED: 0, PARASITIZED: 1}
+CLASS_OF_LABEL: dict[int, str] = {label: name for name, label in LABEL_OF_CLASS.items()}
 
 _SYNONYMS: dict[str, str] = {
     "parasitized": PARASITIZED,
@@ -34,6 +40,11 @@ _SLIDE = re.compile(r"^C(\d+)(?!\d)", re.IGNORECASE)
 def canonical_class(name: str) -> str | None:
     """``Parasitized`` / ``Uninfected`` for any usual spelling, in any case; else None."""
     return _SYNONYMS.get(name.strip().lower())
+
+
+def predicted_class(probability: float, threshold: float) -> str:
+    """The class a probability of Parasitized means at ``threshold`` (>= is Parasitized)."""
+    return PARASITIZED if probability >= threshold else UNINFECTED
 
 
 def class_from_key(key: str) -> str | None:

@@ -13,6 +13,8 @@ manifests/<run>.csv                  what each run read and what became of it (a
 state/ingest/<run>-<chunk>.csv       ingest ledger: one part per committed chunk
 checkpoints/<run key>/...            training checkpoints, so a killed training resumes
 reports/<run>/...                    pictures for people (GIFs of cells per class)
+alerts/<time>-<flow run>.json        a failed or crashed pipeline run (flows/alerts.py)
+state/scoring/...                    scoring leases, shard parts and done-markers
 ```
 """
 
@@ -21,6 +23,7 @@ from __future__ import annotations
 import hashlib
 import re
 import unicodedata
+from datetime import UTC, datetime
 
 INCOMING = "incoming/"
 LABELS = "labels/"
@@ -33,9 +36,12 @@ MANIFESTS = "manifests/"
 INGEST_LEDGER = "state/ingest/"
 CHECKPOINTS = "checkpoints/"
 REPORTS = "reports/"
+ALERTS = "alerts/"
 
 CHAMPION_KEY = f"{MODELS}champion.json"
-PREDICTION_SUMMARY_KEY = f"{PREDICTIONS}summary.csv"
+# The per-slide summary beside the per-slide CSVs (a local output folder has it too).
+PREDICTION_SUMMARY_FILE = "summary.csv"
+PREDICTION_SUMMARY_KEY = f"{PREDICTIONS}{PREDICTION_SUMMARY_FILE}"
 
 _UNSAFE = re.compile(r"[^A-Za-z0-9._-]+")
 
@@ -56,8 +62,17 @@ def safe_file_name(name: str, *, max_length: int = 150) -> str:
     return cleaned
 
 
+def dataset_class_prefix(class_name: str) -> str:
+    return f"{DATASET}{class_name}/"
+
+
 def dataset_key(class_name: str, slide: str, file_name: str) -> str:
-    return f"{DATASET}{class_name}/{slide}/{file_name}"
+    return f"{dataset_class_prefix(class_name)}{slide}/{file_name}"
+
+
+def incoming_key(relative: str) -> str:
+    """``incoming/<relative>``: the class folder (or labels/ entry) and file name."""
+    return f"{INCOMING}{relative.lstrip('/')}"
 
 
 def quarantine_key(reason: str, source_key: str) -> str:
@@ -92,11 +107,39 @@ def model_prefix(version: str) -> str:
     return f"{MODELS}{version}/"
 
 
+def model_file_key(version: str, file_name: str) -> str:
+    """A file of a registered version: the model, ``metrics.json``, a plot..."""
+    return f"{model_prefix(version)}{file_name}"
+
+
+def checkpoint_prefix(run_key: str) -> str:
+    """Checkpoints of one training identity (same data and settings), so a killed run
+    resumes from them."""
+    return f"{CHECKPOINTS}{run_key}/"
+
+
+def report_prefix(run_id: str) -> str:
+    return f"{REPORTS}{run_id}/"
+
+
+def report_key(run_id: str, file_name: str) -> str:
+    return f"{report_prefix(run_id)}{file_name}"
+
+
+def alert_key(at: datetime, flow_run_id: str) -> str:
+    """``alerts/2026-11-27T061500-<run>.json``: sorts by time; the run id keeps two failures in
+    the same second apart. A naive time is taken as UTC."""
+    moment = at if at.tzinfo else at.replace(tzinfo=UTC)
+    stamp = moment.astimezone(UTC).strftime("%Y-%m-%dT%H%M%S")
+    return f"{ALERTS}{stamp}-{safe_file_name(flow_run_id or 'unknown')}.json"
+
+
 # Scoring bookkeeping (see malaria.scoring.pipeline): leases, per-shard partial results, and a marker
 # per scored slide whose NAME says which cells (fingerprint) and model version it covers, so
 # finding due slides needs listings only. ``state`` lets a one-off run keep the same layout
 # under another folder.
 SCORING_STATE = "state/scoring/"
+LOCAL_SCORING_STATE = "_scoring/"  # the same bookkeeping inside a local output folder
 
 
 def scoring_marker_prefix(slide: str, state: str = SCORING_STATE) -> str:

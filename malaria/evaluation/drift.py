@@ -15,11 +15,11 @@ import io
 import math
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
+from typing import Protocol
 
 import numpy as np
 
 from malaria.core.labels import PARASITIZED
-from malaria.io.store import Store
 
 BINS = 20
 PSI_WARN = 0.1
@@ -111,7 +111,14 @@ def scored_distribution(rows: Iterable[dict[str, str]], counts: list[int],
     return positives
 
 
-def drift_of_predictions(store: Store, prediction_keys: Iterable[str],
+class ObjectReader(Protocol):
+    """What drift needs of a store (any :class:`malaria.io.store.Store` is one): this module
+    computes on values and never imports I/O itself."""
+
+    def get_bytes(self, key: str) -> bytes: ...
+
+
+def drift_of_predictions(store: ObjectReader, prediction_keys: Iterable[str],
                          reference: dict[str, object] | None) -> DriftReport:
     """Read prediction CSVs one at a time and compare their scores with ``reference``."""
     counts = [0] * BINS

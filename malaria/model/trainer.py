@@ -1,107 +1,51 @@
 """Train a cell classifier: seeded, time-boxed, resumable, with a warm-up + cosine schedule.
 
-``train`` writes a checkpoint after every epoch into ``checkpoint_dir``:
+``train`` writes a checkpoint after every epoch into ``checkpoint_dir``
+(:mod:`malaria.model.checkpoints`). A caller (the Prefect task) uploads the folder to the
+bucket after each epoch through ``on_epoch`` and downloads it before a retry;
+``train(..., resume=True)`` then continues from the last completed epoch, with the same
+learning-rate curve and early-stopping state, instead of starting over.
 
-``last.keras``        the model with its optimizer state (moments, step counter)
-``best.weights.h5``   the weights of the best validation epoch so far (``TrainConfig.monitor``)
-``state.json``        epochs done, best-so-far, early-stopping counter, history, seconds
-                      spent, the planned number of epochs; written last, so it only ever
-                      points at complete files
-
-A caller (the Prefect task) uploads the folder to the bucket after each epoch through
-``on_epoch`` and downloads it before a retry; ``train(..., resume=True)`` then continues
-from the last completed epoch, with the same learning-rate curve and early-stopping state,
-instead of starting over.
-
-TensorFlow is the backend the project installs and serves with. The module also trains under
-Keras's JAX backend (``KERAS_BACKEND=jax``) for GPU machines where JAX is installed and
-TensorFlow is not: the model code is backend-neutral Keras, and only the input pipeline,
-multi-GPU strategy and the inference wrapper differ (see :func:`gpus`, :func:`train`,
-:func:`predict_probabilities`).
+The model code is backend-neutral Keras: TensorFlow (what the project installs and serves
+with) or JAX (``KERAS_BACKEND=jax``, for GPU machines without TensorFlow). Only the input
+pipeline here and the device handling in :mod:`malaria.model.precision` differ.
 """
 
 from __future__ import annotations
 
-import json
 import math
-import os
-import platform
 import time
 from collections.abc import Callable, Sequence
-from contextlib import AbstractContextManager, nullcontext
-from dataclasses import asdict, dataclass, field
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 import keras
 import numpy as np
 
-from malaria.dataset.records import ArraySet, class_weights, make_dataset, sample_weights
-from malaria.model.architectures import build_model, default_input_size
-
-LAST_MODEL = "last.keras"
-BEST_WEIGHTS = "best.weights.h5"
-STATE = "state.json"
-AVERAGE_WEIGHTS = "average.npz"
+from malaria.dataset.pipeline import ArraySet, class_weights, make_dataset, sample_weights
+from malaria.model.architectures import build_model
+from malaria.model.checkpoints import (
+    BEST_WEIGHTS,
+    LAST_MODEL,
+    fresh_state,
+    resumable_state,
+    save_model,
+    save_weights,
+    write_state,
+)
+from malaria.model.config import MONITORS, TrainConfig
+from malaria.model.precision import (
+    backend,
+    distribution_strategy,
+    dtype_policy,
+    gpus,
+    reported_cpu_flags,
+    resolve_precision,
+)
+from malaria.model.schedule import decay_progress, learning_rate_at
 
 Arrays = ArraySet | tuple[np.ndarray, np.ndarray]
-MONITORS = ("val_loss", "val_auc")
-
-
-@dataclass
-class TrainConfig:
-    arch: str = "cellnet"
-    input_size: int | None = None  # None: the architecture's default
-    epochs: int = 30  # upper bound; a time budget may plan fewer
-    max_minutes: float | None = None  # wall-clock budget for this training, resumes included
-    batch_size: int = 128
-    learning_rate: float = 4e-3  # peak, reached at the end of warm-up
-    warmup_epochs: float = 1.0
-    min_lr_fraction: float = 0.02  # cosine floor, as a fraction of the peak
-    schedule: str = "cosine"  # "cosine" (warm-up, then cosine decay) or "constant"
-    weight_decay: float = 1e-4  # AdamW, decoupled
-    seed: int = 0
-    patience: int | None = 8  # epochs without a better monitored value; None: never stop
-    # What "best epoch" means, for restore-best and early stopping: "val_loss" (lowest) or
-    # "val_auc" (highest). With label smoothing the loss also rewards calibration, so the two
-    # can disagree about which epoch ranks cells best.
-    monitor: str = "val_loss"
-    # Exponential moving average of the weights (Adam's ``use_ema``); validation, the
-    # checkpoints and the returned model then use the averaged weights. None: off.
-    ema_momentum: float | None = None
-    mixed_precision: str = "auto"  # "auto", "float32", "mixed_bfloat16", "mixed_float16"
-    xla: bool | str = "auto"  # "auto": on GPUs only (XLA convolutions lose on CPUs)
-    label_smoothing: float = 0.1  # robustness to the known label noise
-    # Fraction of each training batch with the highest loss left out of the gradient
-    # (loss truncation): the dataset's known mislabelled cells are the ones the model keeps
-    # getting confidently "wrong", so they stop pulling the weights. 0: off.
-    drop_highest_loss: float = 0.0
-    # Mixup (blend each batch with a shuffled copy, labels alike) with Beta(alpha, alpha)
-    # fractions; 0: off. TensorFlow's input pipeline only.
-    mixup_alpha: float = 0.0
-    # Weight averaging over the tail of the decay (stochastic weight averaging): the weights
-    # at the end of every epoch in the last ``average_tail`` of the cosine (0.25: its last
-    # quarter), BatchNorm statistics included, are averaged, and the average is the model
-    # returned instead of the best epoch. 0: off.
-    average_tail: float = 0.0
-    augment: bool = True
-    balance_classes: bool = True  # class weights when the classes are unbalanced
-    dropout_after_sigmoid: bool = False  # the source article's mistake, for reproduction
-
-    def __post_init__(self) -> None:
-        # Refused here rather than after the first epoch, when the value is first read.
-        choices = {"monitor": MONITORS, "schedule": ("cosine", "constant"),
-                   "mixed_precision": ("auto", "float32", "mixed_bfloat16", "mixed_float16")}
-        for name, allowed in choices.items():
-            if getattr(self, name) not in allowed:
-                raise ValueError(f"{name} must be one of {allowed}, got {getattr(self, name)!r}")
-        if not 0.0 <= self.average_tail <= 1.0:
-            raise ValueError(f"average_tail must be in [0, 1], got {self.average_tail}")
-        if not 0.0 <= self.drop_highest_loss < 0.5:
-            raise ValueError(f"drop_highest_loss must be in [0, 0.5), got {self.drop_highest_loss}")
-
-    def resolved_input_size(self) -> int:
-        return self.input_size or default_input_size(self.arch)
 
 
 @dataclass
@@ -117,202 +61,17 @@ class TrainResult:
     stopped: str = "epochs"  # "epochs", "early_stopping" or "time_budget"
     extra: dict[str, Any] = field(default_factory=dict)
 
-
-# ----------------------------------------------------------------------------- hardware
-
-
-def backend() -> str:
-    return keras.backend.backend()
-
-
-def gpus() -> list[Any]:
-    """The GPUs the Keras backend in use can train on."""
-    name = backend()
-    if name == "tensorflow":
-        import tensorflow as tf
-
-        return tf.config.list_physical_devices("GPU")
-    if name == "jax":
-        import jax
-
-        return [d for d in jax.devices() if d.platform == "gpu"]
-    if name == "torch":
-        import torch
-
-        return list(range(torch.cuda.device_count()))
-    return []
-
-
-def cpu_has_bf16() -> bool:
-    """AVX512_BF16 or AMX: oneDNN then runs bfloat16 convolutions natively."""
-    if platform.system() != "Linux":
-        return False
-    try:
-        flags = Path("/proc/cpuinfo").read_text()
-    except OSError:
-        return False
-    return "avx512_bf16" in flags or "amx_bf16" in flags
-
-
-def gpu_has_bf16(device: Any) -> bool:
-    """Compute capability 8.0 or later (Ampere, Hopper, ...): bfloat16 tensor cores."""
-    capability: Any = getattr(device, "compute_capability", None)  # a JAX device: "9.0"
-    if capability is None and backend() == "tensorflow":
-        import tensorflow as tf
-
-        capability = tf.config.experimental.get_device_details(device).get(
-            "compute_capability")  # (9, 0)
-    if capability is None:
-        return False
-    major = int(str(capability).split(".")[0]) if isinstance(capability, str) else capability[0]
-    return int(major) >= 8
-
-
-_POLICY_CACHE: dict[tuple[str, int, int], str] = {}
-
-
-def _probe_step(config: TrainConfig, policy: str) -> Callable[[], float]:
-    """A function that times one training step of this architecture under ``policy``."""
-    size = config.resolved_input_size()
-    with dtype_policy(policy):
-        model = build_model(config.arch, size, augment=config.augment, seed=config.seed)
-    model.compile(keras.optimizers.AdamW(1e-3), keras.losses.BinaryCrossentropy())
-    rng = np.random.default_rng(0)
-    x = rng.integers(0, 256, (config.batch_size, size, size, 3), dtype=np.uint8)
-    y = rng.integers(0, 2, (config.batch_size, 1)).astype(np.float32)
-    for _ in range(2):  # tracing and oneDNN primitive creation
-        model.train_on_batch(x, y)
-
-    def step() -> float:
-        start = time.perf_counter()
-        model.train_on_batch(x, y)
-        return time.perf_counter() - start
-
-    return step
-
-
-def resolve_precision(config: TrainConfig, *, probe_steps: int = 6) -> str:
-    """The global dtype policy to train with.
-
-    ``auto``: on a GPU, ``mixed_bfloat16`` where its tensor cores take bfloat16 (compute
-    capability 8.0 and up: same speed as float16, float32's range, so no loss scaling) and
-    ``mixed_float16`` on older ones; on a CPU with native bfloat16
-    (AVX512_BF16/AMX) ``mixed_bfloat16`` only if a few timed training steps of this very
-    architecture and input size run faster than float32 (oneDNN's bf16 kernels do not win
-    for every layer shape); ``float32`` otherwise.
-    """
-    if config.mixed_precision != "auto":
-        return config.mixed_precision
-    found = gpus()
-    if found:
-        return "mixed_bfloat16" if all(gpu_has_bf16(g) for g in found) else "mixed_float16"
-    if not cpu_has_bf16():
-        return "float32"
-    key = (config.arch, config.resolved_input_size(), config.batch_size)
-    if key not in _POLICY_CACHE:
-        fp32 = _probe_step(config, "float32")
-        bf16 = _probe_step(config, "mixed_bfloat16")
-        # Interleaved, fastest of each: on a shared machine other load comes and goes, and
-        # the minimum is the least disturbed estimate of a step's cost.
-        times: dict[str, list[float]] = {"fp32": [], "bf16": []}
-        for _ in range(probe_steps):
-            times["fp32"].append(fp32())
-            times["bf16"].append(bf16())
-        faster = min(times["bf16"]) * 1.1 < min(times["fp32"])
-        _POLICY_CACHE[key] = "mixed_bfloat16" if faster else "float32"
-    return _POLICY_CACHE[key]
-
-
-class dtype_policy:
-    """Set the global Keras dtype policy while building, then put the old one back."""
-
-    def __init__(self, name: str) -> None:
-        self.name = name
-        self.previous: Any = None
-
-    def __enter__(self) -> None:
-        self.previous = keras.mixed_precision.global_policy()
-        keras.mixed_precision.set_global_policy(self.name)
-
-    def __exit__(self, *exc: object) -> None:
-        keras.mixed_precision.set_global_policy(self.previous)
-
-
-class _OneDevice:
-    """The part of ``tf.distribute.Strategy`` that ``train`` uses, for other backends."""
-
-    num_replicas_in_sync = 1
-
-    def scope(self) -> AbstractContextManager[None]:
-        return nullcontext()
-
-
-def distribution_strategy() -> Any:
-    """MirroredStrategy across several visible GPUs; the default strategy otherwise.
-    Other Keras backends train on one device."""
-    if backend() != "tensorflow":
-        return _OneDevice()
-    import tensorflow as tf
-
-    if len(gpus()) > 1:
-        return tf.distribute.MirroredStrategy()
-    return tf.distribute.get_strategy()
-
-
-# ------------------------------------------------------------------------------ schedule
-
-
-def learning_rate_at(step: int, total_steps: int, warmup_steps: int, config: TrainConfig,
-                     anchor: tuple[int, float] | None = None) -> float:
-    """Linear warm-up to the peak, then cosine decay to ``min_lr_fraction`` of it.
-
-    Warm-up keeps the first steps of Adam (with BN statistics still settling) from
-    overshooting; cosine decay lets a short, time-boxed run finish at a low learning rate,
-    where most of the final accuracy is gained.
-
-    ``anchor = (step0, progress0)``: the decay had reached ``progress0`` (0 to 1) at
-    ``step0`` under an earlier plan, and goes on from there to 1 at ``total_steps``. A time
-    budget re-plans ``total_steps`` as epochs speed up or slow down; going on from where the
-    decay is keeps the rate from ever stepping back up (or jumping down) at a re-plan.
-    """
-    peak = config.learning_rate
-    if config.schedule == "constant":
-        return peak
-    if warmup_steps and step < warmup_steps:
-        return peak * (step + 1) / warmup_steps
-    progress = decay_progress(step, total_steps, warmup_steps, anchor)
-    floor = config.min_lr_fraction
-    return peak * (floor + (1 - floor) * 0.5 * (1 + math.cos(math.pi * progress)))
-
-
-def decay_progress(step: int, total_steps: int, warmup_steps: int,
-                   anchor: tuple[int, float] | None = None) -> float:
-    """How far (0 to 1) the cosine decay of :func:`learning_rate_at` is at ``step``."""
-    if step <= warmup_steps:
-        return 0.0
-    start, done = anchor if anchor is not None else (warmup_steps, 0.0)
-    return min(1.0, done + (1.0 - done) * max(0, step - start) / max(1, total_steps - start))
+    def summary(self) -> dict[str, Any]:
+        """The training summary every caller records (model card, registry, benchmark)."""
+        return {"epochs_run": self.epochs_run, "best_epoch": self.best_epoch,
+                "planned_epochs": self.extra.get("planned_epochs"), "stopped": self.stopped,
+                "seconds": round(self.seconds, 1), "images_per_s": round(self.images_per_s, 1),
+                "precision_policy": self.precision_policy,
+                "resumed_from_epoch": self.resumed_from_epoch,
+                "backend": backend(), "cpu_flags": reported_cpu_flags()}
 
 
 # ---------------------------------------------------------------------------- callbacks
-
-
-def _atomic_write_text(path: Path, text: str) -> None:
-    tmp = path.with_name(f".tmp-{path.name}")
-    tmp.write_text(text)
-    os.replace(tmp, path)
-
-
-def _save_model(model: keras.Model, path: Path) -> None:
-    tmp = path.with_name(f".tmp-{path.name}")
-    model.save(tmp)
-    os.replace(tmp, path)
-
-
-def _save_weights(model: keras.Model, path: Path) -> None:
-    tmp = path.with_name(f".tmp-{path.stem.split('.')[0]}.weights.h5")
-    model.save_weights(tmp)
-    os.replace(tmp, path)
 
 
 class _Trainer(keras.callbacks.Callback):
@@ -336,7 +95,6 @@ class _Trainer(keras.callbacks.Callback):
         self.train_images = 0
         self.epoch_seconds: list[float] = []
         self.stopped = "epochs"
-        self._average: list[np.ndarray] | None = None  # tail average so far (average_tail)
 
     @property
     def budget_seconds(self) -> float | None:
@@ -401,29 +159,6 @@ class _Trainer(keras.callbacks.Callback):
             self.state["decay_anchor"] = [self.step, self._decay_progress()]
         self.state["planned_epochs"] = planned
 
-    def _average_tail(self) -> None:
-        """Fold this epoch's weights into the running average once the decay is in its
-        tail; the average is written beside the checkpoint so that a resumed run keeps it."""
-        if self.config.average_tail <= 0:
-            return
-        if self._decay_progress() < 1.0 - self.config.average_tail - 1e-9:
-            return
-        path = self.checkpoint_dir / AVERAGE_WEIGHTS
-        count = int(self.state.get("averaged_epochs", 0))
-        weights = [np.asarray(w, dtype=np.float64) for w in self.model.get_weights()]
-        if count and self._average is None and path.exists():  # resumed: read it back
-            with np.load(path) as saved:
-                self._average = [saved[f"w{i}"] for i in range(len(weights))]
-        if count and self._average is not None:
-            weights = [a + (w - a) / (count + 1)
-                       for a, w in zip(self._average, weights, strict=True)]
-        self._average = weights
-        tmp = path.with_name(".tmp-" + path.name)
-        with open(tmp, "wb") as handle:
-            np.savez(handle, **{f"w{i}": w for i, w in enumerate(weights)})
-        os.replace(tmp, path)
-        self.state["averaged_epochs"] = count + 1
-
     def on_epoch_end(self, epoch: int, logs: dict | None = None) -> None:
         now = time.perf_counter()
         train_time = self.last_batch_end - self.epoch_start
@@ -444,15 +179,14 @@ class _Trainer(keras.callbacks.Callback):
             state.update(best_score=score, best_epoch=epoch + 1, wait=0)
             if "val_loss" in record:
                 state["best_val_loss"] = record["val_loss"]
-            _save_weights(self.model, self.checkpoint_dir / BEST_WEIGHTS)
+            save_weights(self.model, self.checkpoint_dir / BEST_WEIGHTS)
         else:
             state["wait"] += 1
-        self._average_tail()
         self._replan()
-        _save_model(self.model, self.checkpoint_dir / LAST_MODEL)
+        save_model(self.model, self.checkpoint_dir / LAST_MODEL)
         state["seconds"] = self.elapsed()
         self.started = time.perf_counter()
-        _atomic_write_text(self.checkpoint_dir / STATE, json.dumps(state, indent=1))
+        write_state(self.checkpoint_dir, state)
         patience = self.config.patience
         if patience is not None and state["wait"] >= patience:
             self.stopped = "early_stopping"
@@ -471,7 +205,7 @@ def _monitored_score(record: dict[str, float], monitor: str) -> float:
         return -record.get("val_loss", record.get("loss", math.inf))
     if monitor == "val_auc":
         return record.get("val_auc", record.get("auc", -math.inf))
-    raise ValueError(f"monitor must be 'val_loss' or 'val_auc', got {monitor!r}")
+    raise ValueError(f"monitor must be one of {MONITORS}, got {monitor!r}")
 
 
 # ---------------------------------------------------------------------------------- train
@@ -505,17 +239,15 @@ def _allow_xla_augmentation(model: keras.Model) -> None:
 
 def _fit_inputs(x_train: np.ndarray, y_train: np.ndarray, x_val: np.ndarray,
                 y_val: np.ndarray, *, batch: int, seed: int,
-                weights: dict[int, float] | None, mixup_alpha: float = 0.0) -> dict[str, Any]:
+                weights: dict[int, float] | None) -> dict[str, Any]:
     """``model.fit`` arguments for the data: a tf.data pipeline under TensorFlow, the arrays
     themselves (Keras batches and shuffles them) under other backends."""
     if backend() == "tensorflow":
         return {"x": make_dataset(x_train, y_train, batch_size=batch, shuffle=True, seed=seed,
-                                  weights=weights, mixup_alpha=mixup_alpha),
+                                  weights=weights),
                 "validation_data": make_dataset(x_val, y_val, batch_size=max(batch, 256),
                                                 shuffle=False),
                 "shuffle": False}
-    if mixup_alpha > 0:
-        raise ValueError("mixup needs TensorFlow's input pipeline (KERAS_BACKEND=tensorflow)")
     sample_weight = sample_weights(y_train, weights) if weights else None
     return {"x": x_train, "y": y_train, "sample_weight": sample_weight, "batch_size": batch,
             "shuffle": True, "validation_data": (x_val, y_val),
@@ -525,65 +257,13 @@ def _fit_inputs(x_train: np.ndarray, y_train: np.ndarray, x_val: np.ndarray,
 def _compile(model: keras.Model, config: TrainConfig, jit: bool) -> None:
     if jit and backend() == "jax":
         _allow_xla_augmentation(model)
-    ema = config.ema_momentum is not None
-    optimizer = keras.optimizers.AdamW(learning_rate=config.learning_rate,
-                                       weight_decay=config.weight_decay, use_ema=ema,
-                                       ema_momentum=config.ema_momentum if ema else 0.99)
     model.compile(
-        optimizer=optimizer,
-        loss=TruncatedBinaryCrossentropy(label_smoothing=config.label_smoothing,
-                                         drop_fraction=config.drop_highest_loss),
+        optimizer=keras.optimizers.AdamW(learning_rate=config.learning_rate,
+                                         weight_decay=config.weight_decay),
+        loss=keras.losses.BinaryCrossentropy(label_smoothing=config.label_smoothing),
         metrics=[keras.metrics.BinaryAccuracy(name="accuracy"), keras.metrics.AUC(name="auc")],
         jit_compile=jit,
     )
-
-
-@keras.saving.register_keras_serializable(package="malaria")
-class TruncatedBinaryCrossentropy(keras.losses.Loss):
-    """Binary cross-entropy (with label smoothing) that leaves out of each batch the
-    ``drop_fraction`` of samples with the highest loss.
-
-    With ``drop_fraction=0`` it is ``keras.losses.BinaryCrossentropy``. The left-out samples
-    get a loss of 0 (so no gradient); the batch mean still divides by the whole batch, a
-    constant factor the learning rate absorbs. Written with ``keras.ops`` only, so it runs
-    under every backend, and the cut is found by sorting, so a short last batch works too.
-    """
-
-    def __init__(self, label_smoothing: float = 0.0, drop_fraction: float = 0.0,
-                 name: str = "truncated_binary_crossentropy", **kwargs: Any) -> None:
-        super().__init__(name=name, **kwargs)
-        self.label_smoothing = float(label_smoothing)
-        self.drop_fraction = float(drop_fraction)
-
-    def call(self, y_true: Any, y_pred: Any) -> Any:
-        ops = keras.ops
-        # One probability per cell; labels may come as (n,) or (n, 1).
-        y_true, y_pred = ops.reshape(y_true, (-1, 1)), ops.reshape(y_pred, (-1, 1))
-        losses = keras.losses.binary_crossentropy(y_true, y_pred,
-                                                  label_smoothing=self.label_smoothing)
-        if self.drop_fraction <= 0.0:
-            return losses
-        n = ops.shape(losses)[0]
-        keep = ops.cast(ops.ceil(ops.cast(n, "float32") * (1.0 - self.drop_fraction)),
-                        "int32")
-        # The keep-th smallest loss is the cut: everything above it is left out.
-        cut = ops.take(ops.sort(losses), keep - 1)
-        return ops.where(losses <= cut, losses, ops.zeros_like(losses))
-
-    def get_config(self) -> dict[str, Any]:
-        return {**super().get_config(), "label_smoothing": self.label_smoothing,
-                "drop_fraction": self.drop_fraction}
-
-
-def _fresh_state(config: TrainConfig) -> dict[str, Any]:
-    return {"epoch": 0, "best_val_loss": math.inf, "best_score": -math.inf, "best_epoch": 0,
-            "wait": 0, "history": [],
-            "seconds": 0.0, "planned_epochs": config.epochs, "config": asdict(config)}
-
-
-def _same_run(saved: dict[str, Any], config: TrainConfig) -> bool:
-    keys = ("arch", "input_size", "batch_size", "seed", "augment")
-    return all(saved.get("config", {}).get(k) == asdict(config).get(k) for k in keys)
 
 
 def train(config: TrainConfig, train_arrays: Arrays, val_arrays: Arrays, *,
@@ -609,14 +289,9 @@ def train(config: TrainConfig, train_arrays: Arrays, val_arrays: Arrays, *,
         raise ValueError(f"train images are {x_train.shape[1:]}, {config.arch} expects "
                          f"({size}, {size}, 3)")
 
-    state = _fresh_state(config)
-    state_path = checkpoint_dir / STATE
-    resumed_from = 0
-    if resume and state_path.exists() and (checkpoint_dir / LAST_MODEL).exists():
-        saved = json.loads(state_path.read_text())
-        if _same_run(saved, config):
-            state = saved
-            resumed_from = int(saved["epoch"])
+    saved = resumable_state(checkpoint_dir, config) if resume else None
+    state = saved if saved is not None else fresh_state(config)
+    resumed_from = int(saved["epoch"]) if saved is not None else 0
 
     keras.utils.set_random_seed(config.seed + resumed_from)
     policy = resolve_precision(config)
@@ -638,18 +313,13 @@ def train(config: TrainConfig, train_arrays: Arrays, val_arrays: Arrays, *,
     batch = config.batch_size * strategy.num_replicas_in_sync
     weights = class_weights(y_train) if config.balance_classes else None
     fit_inputs = _fit_inputs(x_train, y_train, x_val, y_val, batch=batch,
-                             seed=config.seed + resumed_from, weights=weights,
-                             mixup_alpha=config.mixup_alpha)
+                             seed=config.seed + resumed_from, weights=weights)
     steps = math.ceil(len(y_train) / batch)
     state["train_images_per_epoch"] = len(y_train)
     # Time already spent in this call (building, probing precision) counts against the budget.
     trainer = _Trainer(config, state, steps, checkpoint_dir, on_epoch, started)
 
     all_callbacks: list[keras.callbacks.Callback] = [trainer, *callbacks]
-    if config.ema_momentum is not None:
-        # Before the trainer: the averaged weights are in the model while it validates,
-        # picks the best epoch and checkpoints; the raw ones are back for the next epoch.
-        all_callbacks.insert(0, keras.callbacks.SwapEMAWeights(swap_on_epoch=True))
     if state["epoch"] < min(state["planned_epochs"], config.epochs):
         model.fit(**fit_inputs, epochs=config.epochs, initial_epoch=state["epoch"],
                   callbacks=all_callbacks, verbose=0)
@@ -657,12 +327,7 @@ def train(config: TrainConfig, train_arrays: Arrays, val_arrays: Arrays, *,
         trainer.stopped = "epochs"
 
     best = checkpoint_dir / BEST_WEIGHTS
-    average = checkpoint_dir / AVERAGE_WEIGHTS
-    if config.average_tail > 0 and state.get("averaged_epochs") and average.exists():
-        with np.load(average) as saved:
-            current = model.get_weights()
-            model.set_weights([saved[f"w{i}"].astype(w.dtype) for i, w in enumerate(current)])
-    elif best.exists() and state["best_epoch"]:
+    if best.exists() and state["best_epoch"]:
         model.load_weights(best)
     seconds = time.perf_counter() - started
     return TrainResult(
@@ -676,81 +341,5 @@ def train(config: TrainConfig, train_arrays: Arrays, val_arrays: Arrays, *,
         precision_policy=policy,
         stopped=trainer.stopped,
         extra={"planned_epochs": state["planned_epochs"], "class_weights": weights,
-               "total_seconds": state["seconds"],
-               "averaged_epochs": int(state.get("averaged_epochs", 0))},
+               "total_seconds": state["seconds"]},
     )
-
-
-def save_for_serving(model: keras.Model, path: Path) -> int:
-    """Save ``model`` without its optimizer state (a third of the checkpoint's size for
-    Adam) as a ``.keras`` file; returns its size in bytes."""
-    path = Path(path)
-    # from_config, not clone_model: Keras 3.15's clone_model carries the compiled
-    # optimizer over, and its moments would be saved with the weights.
-    serving = keras.Model.from_config(model.get_config())
-    serving.set_weights(model.get_weights())
-    path.parent.mkdir(parents=True, exist_ok=True)
-    _save_model(serving, path)
-    return path.stat().st_size
-
-
-# ------------------------------------------------------------------------------- predict
-
-_DIHEDRAL: tuple[Callable[[np.ndarray], np.ndarray], ...] = (
-    lambda x: x,
-    lambda x: x[:, :, ::-1],
-    lambda x: x[:, ::-1, :],
-    lambda x: np.rot90(x, 1, axes=(1, 2)),
-    lambda x: np.rot90(x, 2, axes=(1, 2)),
-    lambda x: np.rot90(x, 3, axes=(1, 2)),
-    lambda x: np.swapaxes(x, 1, 2),
-    lambda x: np.rot90(x, 1, axes=(1, 2))[:, :, ::-1],
-)
-
-
-def _predict_function(model: keras.Model) -> Callable[[np.ndarray], Any]:
-    """A ``tf.function`` around the model, traced once for any batch size and kept on the
-    model: ``model.predict`` builds a tf.data pipeline and callbacks per call, which
-    dominates for the small batches of scoring. Other backends: ``predict_on_batch``
-    (compiled once per batch shape)."""
-    if backend() != "tensorflow":
-        return model.predict_on_batch
-    import tensorflow as tf
-
-    fn = getattr(model, "_malaria_predict_fn", None)
-    if fn is None:
-        size = int(model.inputs[0].shape[1])
-        spec = tf.TensorSpec([None, size, size, 3], tf.uint8)
-
-        def call(images: tf.Tensor) -> tf.Tensor:
-            return model(images, training=False)
-
-        # autograph=False: the model call has no Python control flow to convert.
-        traced = tf.function(call, input_signature=[spec], autograph=False)
-        fn = model._malaria_predict_fn = lambda batch: traced(tf.constant(batch))
-    return fn
-
-
-def predict_probabilities(model: keras.Model, images_uint8: np.ndarray, batch_size: int = 256,
-                          *, tta: bool | int = False) -> np.ndarray:
-    """P(parasitized) per image, shape (N,), float32.
-
-    ``tta``: test-time augmentation, averaging the probabilities over the symmetries of the
-    square (``True`` = all 8: identity, flips, rotations by 90 degrees, transposes; an int
-    takes the first n of them). A cell has no orientation, so each view is as valid as the
-    original, and averaging removes some of the model's orientation noise.
-    """
-    images_uint8 = np.asarray(images_uint8, dtype=np.uint8)
-    if images_uint8.ndim == 3:
-        images_uint8 = images_uint8[None]
-    views = 8 if tta is True else (1 if tta is False else max(1, min(8, int(tta))))
-    fn = _predict_function(model)
-    out = np.empty(len(images_uint8), dtype=np.float32)
-    for start in range(0, len(images_uint8), batch_size):
-        batch = images_uint8[start:start + batch_size]
-        total = np.zeros(len(batch), dtype=np.float64)
-        for view in _DIHEDRAL[:views]:
-            probs = fn(np.ascontiguousarray(view(batch)))
-            total += np.asarray(probs, dtype=np.float64).reshape(-1)
-        out[start:start + batch_size] = total / views
-    return out

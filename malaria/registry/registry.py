@@ -1,4 +1,7 @@
-"""The model registry in the bucket, and the gate that decides which model serves.
+"""The model registry in the bucket: versions, their records, and which one serves.
+
+The gate that decides a promotion is :mod:`malaria.registry.gate`; a version's provenance
+(name, packages, code revision, hashes) is :mod:`malaria.registry.provenance`.
 
 ```
 models/<version>/<model file>     e.g. model.keras
@@ -25,25 +28,17 @@ model, and package versions come from installed metadata instead.
 
 from __future__ import annotations
 
-import hashlib
-import math
-import os
-import platform
 import re
-import secrets
-import subprocess
-import tempfile
 from collections.abc import Iterable, Mapping
-from dataclasses import asdict, dataclass
 from datetime import UTC, datetime
-from importlib import metadata
 from pathlib import Path
 from typing import Any
 
-import numpy as np
-
-from malaria.core.layout import CHAMPION_KEY, MODELS, model_prefix
+from malaria.core.layout import CHAMPION_KEY, MODELS, model_file_key
+from malaria.io.atomic import atomic_path
 from malaria.io.store import ObjectNotFound, Store, get_json, put_json
+from malaria.registry.gate import GateDecision
+from malaria.registry.provenance import code_revision, package_versions, sha256_file
 
 METRICS_FILE = "metrics.json"
 GATE_FILE = "gate.json"
@@ -64,88 +59,6 @@ class UnknownVersion(RegistryError, KeyError):
         return str(self.args[0]) if self.args else "unknown version"
 
 
-# ----------------------------------------------------------------------------- provenance
-
-
-def new_version(now: datetime | None = None) -> str:
-    """A version name that sorts by creation time: ``20261127T061500Z-ab12cd``.
-
-    The random suffix keeps two runs started in the same second apart.
-    """
-    moment = now or datetime.now(UTC)
-    if moment.tzinfo is None:
-        moment = moment.replace(tzinfo=UTC)  # a naive time is taken as UTC
-    return f"{moment.astimezone(UTC):%Y%m%dT%H%M%SZ}-{secrets.token_hex(3)}"
-
-
-def _distribution_version(*names: str) -> str | None:
-    for name in names:
-        try:
-            return metadata.version(name)
-        except metadata.PackageNotFoundError:
-            continue
-    return None
-
-
-def package_versions() -> dict[str, str | None]:
-    """Versions of what shapes a model, read from installed metadata (TF is never imported)."""
-    return {
-        # The module is ``tensorflow`` whichever of these distributions installed it.
-        "tensorflow": _distribution_version(
-            "tensorflow", "tensorflow-cpu", "tensorflow-macos", "tensorflow-intel", "tf-nightly"
-        ),
-        "keras": _distribution_version("keras"),
-        "numpy": np.__version__,
-        "python": platform.python_version(),
-    }
-
-
-def code_revision() -> str | None:
-    """``MALARIA_CODE_REVISION`` when set, else ``git rev-parse HEAD`` of this source tree.
-
-    The variable wins because a deployment sets it on purpose (an image has no .git). A tree
-    with uncommitted changes to tracked files gets a ``+dirty`` suffix: such a model cannot be
-    rebuilt from the revision alone.
-    """
-    explicit = os.environ.get("MALARIA_CODE_REVISION", "").strip()
-    if explicit:
-        return explicit
-    source = Path(__file__).resolve().parent
-    try:
-        head = subprocess.run(
-            ["git", "-C", str(source), "rev-parse", "HEAD"],
-            capture_output=True, text=True, timeout=10, check=True,
-        ).stdout.strip()
-        dirty = subprocess.run(
-            ["git", "-C", str(source), "diff", "--quiet", "HEAD", "--"],
-            capture_output=True, timeout=10,
-        ).returncode == 1
-    except (OSError, subprocess.SubprocessError):
-        return None
-    return f"{head}+dirty" if head and dirty else head or None
-
-
-def hash_manifest(entries: Iterable[str | Iterable[str]]) -> str:
-    """SHA-256 of a data manifest: one line per entry (e.g. key, content hash, label, slide).
-
-    Lines are sorted first, so the hash names the set of data, not the order it was listed.
-    """
-    lines = sorted(e if isinstance(e, str) else "\t".join(map(str, e)) for e in entries)
-    digest = hashlib.sha256()
-    for line in lines:
-        digest.update(line.encode())
-        digest.update(b"\n")
-    return digest.hexdigest()
-
-
-def sha256_file(path: Path) -> str:
-    digest = hashlib.sha256()
-    with path.open("rb") as handle:
-        for block in iter(lambda: handle.read(1 << 20), b""):
-            digest.update(block)
-    return digest.hexdigest()
-
-
 def _now() -> str:
     return datetime.now(UTC).isoformat(timespec="seconds")
 
@@ -155,100 +68,6 @@ def _check_version(version: str) -> str:
     if not isinstance(version, str) or not _VERSION.match(version):
         raise RegistryError(f"invalid version name {version!r} (letters, digits, '._-')")
     return version
-
-
-# ------------------------------------------------------------------------------------- gate
-
-
-@dataclass(frozen=True)
-class GateDecision:
-    promote: bool
-    reason: str
-    candidate: dict[str, Any]
-    champion: dict[str, Any] | None
-    tolerance: float = 0.005
-    min_auc: float = 0.90
-    min_accuracy: float = 0.85
-
-    def to_dict(self) -> dict[str, Any]:
-        return asdict(self)
-
-
-def _metric(metrics: Mapping[str, Any], name: str) -> float | None:
-    """AUC is ``roc_auc`` in an EvaluationReport dict and ``auc`` in the benchmark JSON."""
-    keys = ("roc_auc", "auc") if name == "auc" else (name,)
-    for key in keys:
-        value = metrics.get(key)
-        if value is not None:
-            number = float(value)
-            return None if math.isnan(number) else number
-    return None
-
-
-def decide_promotion(
-    candidate: Mapping[str, Any],
-    champion: Mapping[str, Any] | None,
-    *,
-    tolerance: float = 0.005,
-    min_auc: float = 0.90,
-    min_accuracy: float = 0.85,
-) -> GateDecision:
-    """Should the candidate serve? Both metric dicts must come from the SAME evaluation slides.
-
-    The caller re-scores the champion beside the candidate: comparing against the champion's
-    own registration-time figures would compare different test sets. Promote when the
-    candidate's AUC and accuracy are each at least the floor, and, if there is a champion, at
-    least the champion's value minus ``tolerance`` (retraining noise should not freeze the
-    registry, while a real regression is refused). Missing or undefined metrics refuse.
-    """
-    floors = {"auc": min_auc, "accuracy": min_accuracy}
-    labels = {"auc": "AUC", "accuracy": "accuracy"}
-    problems: list[str] = []
-    passes: list[str] = []
-    for name, floor in floors.items():
-        value = _metric(candidate, name)
-        label = labels[name]
-        if value is None:
-            problems.append(f"the candidate has no {label}")
-            continue
-        if value < floor:
-            problems.append(f"candidate {label} {value:.4f} is below the floor {floor:.4f}")
-        if champion is None:
-            if value >= floor:
-                passes.append(f"{label} {value:.4f} >= floor {floor:.4f}")
-            continue
-        reference = _metric(champion, name)
-        if reference is None:
-            problems.append(f"the champion has no {label} on these slides to compare with")
-            continue
-        bar = reference - tolerance
-        # A hair of slack so that "equal within tolerance" survives float rounding.
-        if value < bar - 1e-12:
-            problems.append(
-                f"candidate {label} {value:.4f} is worse than the champion's {reference:.4f} "
-                f"minus tolerance {tolerance:g} ({bar:.4f})"
-            )
-        elif value >= floor:
-            passes.append(
-                f"{label} {value:.4f} vs champion {reference:.4f} (bar {bar:.4f}, "
-                f"floor {floor:.4f})"
-            )
-
-    if problems:
-        reason = "Not promoted: " + "; ".join(problems) + "."
-    elif champion is None:
-        reason = "Promoted as the first model (no champion yet): " + ", ".join(passes) + "."
-    else:
-        reason = "Promoted: " + ", ".join(passes) + "."
-    return GateDecision(
-        promote=not problems,
-        reason=reason,
-        candidate=dict(candidate),
-        champion=dict(champion) if champion is not None else None,
-        tolerance=tolerance,
-        min_auc=min_auc,
-        min_accuracy=min_accuracy,
-    )
 
 
 # --------------------------------------------------------------------------------- registry
@@ -264,11 +83,11 @@ class ModelRegistry:
 
     @staticmethod
     def metrics_key(version: str) -> str:
-        return f"{model_prefix(_check_version(version))}{METRICS_FILE}"
+        return model_file_key(_check_version(version), METRICS_FILE)
 
     @staticmethod
     def file_key(version: str, name: str) -> str:
-        return f"{model_prefix(_check_version(version))}{name}"
+        return model_file_key(_check_version(version), name)
 
     # -- writing
 
@@ -466,20 +285,13 @@ class ModelRegistry:
         model = record["model"]
         dest = Path(dest)
         target = dest / model["file"] if dest.is_dir() else dest
-        target.parent.mkdir(parents=True, exist_ok=True)
-        fd, tmp_name = tempfile.mkstemp(prefix=".tmp-", dir=target.parent)
-        os.close(fd)
-        tmp = Path(tmp_name)
-        try:
+        with atomic_path(target) as tmp:
             self.store.download_file(self.file_key(version, model["file"]), tmp)
             digest = sha256_file(tmp)
             if digest != model["sha256"]:
                 raise RegistryError(
                     f"model of {version} is corrupted: sha256 {digest} != {model['sha256']}"
                 )
-            os.replace(tmp, target)
-        finally:
-            tmp.unlink(missing_ok=True)
         return target
 
 

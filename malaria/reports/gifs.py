@@ -10,7 +10,7 @@ from PIL import Image
 from malaria.core import layout
 from malaria.core.images import decode_rgb
 from malaria.core.labels import CLASS_NAMES
-from malaria.dataset.records import to_square
+from malaria.dataset.decode import to_square
 from malaria.io.store import Store
 
 GIF_SIDE = 300
@@ -36,14 +36,14 @@ def class_gifs(store: Store, *, per_class: int = 100, run_id: str) -> dict[str, 
     keys: dict[str, str] = {}
     for class_name in CLASS_NAMES:
         cell_keys = []
-        for info in store.list(f"{layout.DATASET}{class_name}/"):
+        for info in store.list(layout.dataset_class_prefix(class_name)):
             cell_keys.append(info.key)
             if len(cell_keys) >= per_class:
                 break
         if not cell_keys:
             continue
         gif = cells_gif(store.get_bytes(key) for key in cell_keys)
-        key = f"{layout.REPORTS}{run_id}/{class_name.lower()}-first-{len(cell_keys)}.gif"
+        key = layout.report_key(run_id, f"{class_name.lower()}-first-{len(cell_keys)}.gif")
         store.put_bytes(key, gif, content_type="image/gif")
         keys[class_name] = key
     return keys

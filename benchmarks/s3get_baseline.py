@@ -1,18 +1,10 @@
-"""A lean S3 GET for hot loops: SigV4 header signing and a kept-alive socket per thread.
+"""The hand-written S3 GET client the project shipped until issue 12, kept only as the
+baseline of ``benchmarks/s3_clients.py``: SigV4 header signing and HTTP/1.1 pipelining on a
+kept-alive socket per thread. Path-style only; no CA bundle, no proxies. Nothing in
+``malaria/`` uses it (the store reads through obstore: ``malaria/io/s3.py``).
 
-Scoring reads tens of thousands of ~16 KB objects, on the same cores that decode and run the
-model. botocore spends ~1 ms of CPU per ``get_object`` (its event system, parsers, retries),
-and even a presigned URL fetched with urllib3 costs ~0.5 ms; signing the request ourselves
-with a cached signing key and reusing one HTTP connection per thread costs a fraction of
-that (see ``benchmarks/README.md``). The HTTP exchange is written out here rather than
-taken from ``http.client``, whose header parsing (``email.parser``) alone costs more than
-the signature. Everything but a plain 200 or 404 (throttling, a 5xx, a
-redirect, a dropped connection twice) is handed back to the caller, which falls back to
-boto3 with its retries: this path is only ever the fast case.
-
-Credentials come from the boto3 client's own chain and are read per request (refreshable
-role credentials keep working); they only ever go into the signature, never into a log or
-an exception message.
+Anything but a 200 or a 404 is ``FastGetUnavailable`` (the benchmark treats it as a failed
+GET). Credentials go only into the signature.
 """
 
 from __future__ import annotations
@@ -26,9 +18,8 @@ from collections.abc import Sequence
 from datetime import UTC, datetime
 from typing import Any
 from urllib.parse import quote, urlsplit
-from xml.etree import ElementTree
 
-from malaria.io.store import ObjectInfo, ObjectNotFound
+from malaria.io.store import ObjectNotFound
 
 EMPTY_SHA256 = hashlib.sha256(b"").hexdigest()
 _SIGNED_HEADERS = "host;x-amz-content-sha256;x-amz-date"
@@ -93,42 +84,6 @@ class SigV4Signer:
         if token:
             headers["x-amz-security-token"] = token
         return headers
-
-
-def canonical_query(params: dict[str, str]) -> str:
-    """SigV4's canonical query string (sorted, every byte but the unreserved set encoded);
-    also a valid query string to send."""
-    return "&".join(f"{quote(k, safe='-_.~')}={quote(v, safe='-_.~')}"
-                    for k, v in sorted(params.items()))
-
-
-_S3_NS = "{http://s3.amazonaws.com/doc/2006-03-01/}"
-
-
-def parse_list_page(body: bytes) -> tuple[list[ObjectInfo], str | None]:
-    """A ListObjectsV2 response: its objects (full keys), and the continuation token when
-    truncated."""
-    try:
-        root = ElementTree.fromstring(body)
-    except ElementTree.ParseError:
-        raise FastGetUnavailable("unparsable listing") from None
-    ns = _S3_NS if root.tag.startswith(_S3_NS) else ""
-    objects = []
-    try:
-        for item in root.iterfind(f"{ns}Contents"):
-            objects.append(ObjectInfo(
-                key=item.findtext(f"{ns}Key") or "",
-                size=int(item.findtext(f"{ns}Size") or 0),
-                etag=(item.findtext(f"{ns}ETag") or "").strip('"'),
-                last_modified=datetime.fromisoformat(item.findtext(f"{ns}LastModified") or ""),
-            ))
-    except ValueError:
-        raise FastGetUnavailable("unexpected listing entry") from None
-    truncated = (root.findtext(f"{ns}IsTruncated") or "").strip().lower() == "true"
-    token = root.findtext(f"{ns}NextContinuationToken") if truncated else None
-    if truncated and not token:
-        raise FastGetUnavailable("truncated listing without a continuation token")
-    return objects, token
 
 
 class PathStyleGetter:
@@ -217,17 +172,6 @@ class PathStyleGetter:
                     break
         unavailable = FastGetUnavailable("pipelined request not answered")
         return results + [unavailable] * (len(full_keys) - len(results))
-
-    def list_page(self, prefix: str,
-                  continuation: str | None = None) -> tuple[list[ObjectInfo], str | None]:
-        """One ListObjectsV2 page (up to 1,000 keys) under ``prefix``, in key order."""
-        params = {"list-type": "2", "prefix": prefix}
-        if continuation:
-            params["continuation-token"] = continuation
-        status, body = self._request(self._base.rstrip("/"), canonical_query(params))
-        if status != 200:
-            raise FastGetUnavailable(f"HTTP {status}")
-        return parse_list_page(body)
 
     def _request_bytes(self, path: str, query: str = "") -> bytes:
         frozen = self._credentials.get_frozen_credentials()
@@ -323,36 +267,3 @@ class _ResponseReader:
         body = bytes(self._buffer[start:start + length])
         del self._buffer[:start + length]
         return status, body, keep
-
-
-_LEAN: dict[tuple[str, str, str], PathStyleGetter | None] = {}
-_LEAN_LOCK = threading.Lock()
-
-
-def path_style_client(client: Any, bucket: str) -> PathStyleGetter | None:
-    """The lean client for ``bucket`` through ``client``'s endpoint and region, with
-    credentials from boto3's default chain (the chain ``malaria.io.store.s3_client`` built the
-    client from), or None when the client is not a path-style SigV4 client or there are no
-    credentials (anonymous access goes through boto3). One per (endpoint, region, bucket)
-    and process: resolving credentials builds a boto3 session, which costs milliseconds."""
-    meta = client.meta
-    cache_key = (str(meta.endpoint_url), str(meta.region_name), bucket)
-    with _LEAN_LOCK:
-        if cache_key in _LEAN:
-            return _LEAN[cache_key]
-    import boto3
-
-    lean: PathStyleGetter | None = None
-    addressing = (meta.config.s3 or {}).get("addressing_style")
-    if addressing == "path" and meta.config.signature_version in (None, "s3v4", "v4"):
-        credentials = boto3.session.Session().get_credentials()
-        if credentials is not None:
-            lean = PathStyleGetter(meta.endpoint_url, bucket, meta.region_name, credentials)
-    with _LEAN_LOCK:
-        return _LEAN.setdefault(cache_key, lean)
-
-
-def reset_lean_clients() -> None:
-    """Forget the lean clients (credentials or endpoints changed: tests)."""
-    with _LEAN_LOCK:
-        _LEAN.clear()

@@ -1,0 +1,432 @@
+"""S3 (and any S3-compatible server): the one client factory, and ``S3Store``.
+
+Reads (``get_bytes``, ``get_many``) go through ``obstore`` (Rust ``object_store``): its
+requests run without the GIL, with retries on 5xx and dropped connections, on a connection
+pool of its own; ``get_many`` sends a batch as concurrent requests from one event loop.
+Listing, writes, copies and deletes go through boto3: its paginator lists any key S3 can
+hold (``object_store`` refuses keys with empty segments, folds folder markers into objects
+and lists by folder, not by name prefix), and writes are not on a hot path.
+``benchmarks/s3_clients.py`` measured the choice (``benchmarks/README.md``).
+
+Both clients are configured from one place (``connection``): the endpoint
+(``AWS_ENDPOINT_URL_S3`` / ``AWS_ENDPOINT_URL``), the region, path-style addressing for a
+custom endpoint and virtual-hosted for AWS (``MALARIA_S3_ADDRESSING_STYLE`` overrides), the
+CA bundle (``AWS_CA_BUNDLE``), proxies (``HTTPS_PROXY`` / ``HTTP_PROXY`` / ``NO_PROXY``)
+and credentials from boto3's chain (environment, profiles, SSO, roles), which obstore asks
+again before they expire. Credentials never reach a log or an error message.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import os
+import threading
+from collections.abc import Coroutine, Iterator, Sequence
+from dataclasses import dataclass
+from datetime import UTC, datetime, timedelta
+from pathlib import Path
+from typing import Any
+from urllib.parse import urlsplit
+
+import boto3
+import obstore
+from botocore.config import Config
+from botocore.credentials import RefreshableCredentials
+from botocore.exceptions import ClientError
+from obstore.exceptions import InvalidPathError
+
+from malaria.io.store import (
+    DEFAULT_POOL_SIZE,
+    ObjectInfo,
+    ObjectNotFound,
+    StorageError,
+    check_key,
+    get_or_missing,
+    join_key,
+)
+
+# Attempts per request, both clients: 5xx, throttling and dropped connections are retried
+# with exponential back-off.
+MAX_ATTEMPTS = 8
+CONNECT_TIMEOUT_S = 10
+READ_TIMEOUT_S = 60
+# Refreshable (role, SSO) credentials are handed to obstore for this long, then asked again.
+CREDENTIAL_REFRESH = timedelta(minutes=5)
+LIST_PAGE_SIZE = 1000
+
+
+@dataclass(frozen=True)
+class Connection:
+    """Where and how to reach S3, resolved once from the arguments and the environment."""
+
+    endpoint_url: str | None
+    region: str
+    addressing_style: str  # "path" or "virtual"
+
+    @property
+    def https(self) -> bool:
+        return self.endpoint_url is None or self.endpoint_url.startswith("https://")
+
+
+def connection(endpoint_url: str | None = None, region: str | None = None) -> Connection:
+    endpoint = (endpoint_url or os.environ.get("AWS_ENDPOINT_URL_S3")
+                or os.environ.get("AWS_ENDPOINT_URL") or None)
+    region = (region or os.environ.get("AWS_DEFAULT_REGION") or os.environ.get("AWS_REGION")
+              or "us-east-1")
+    # Path-style works with every S3-compatible server on loopback; AWS wants virtual-hosted.
+    style = os.environ.get("MALARIA_S3_ADDRESSING_STYLE") or ("path" if endpoint else "virtual")
+    if style not in ("path", "virtual"):
+        raise StorageError(f"MALARIA_S3_ADDRESSING_STYLE must be 'path' or 'virtual', not {style!r}")
+    return Connection(endpoint, region, style)
+
+
+# -------------------------------------------------------------------------------- boto3
+
+_client_lock = threading.Lock()
+_clients: dict[tuple[Any, ...], Any] = {}
+
+
+def s3_client(endpoint_url: str | None = None, *, pool_size: int = DEFAULT_POOL_SIZE,
+              region: str | None = None, access_key: str | None = None,
+              secret_key: str | None = None, max_attempts: int = MAX_ATTEMPTS,
+              connect_timeout: float = CONNECT_TIMEOUT_S,
+              read_timeout: float = READ_TIMEOUT_S) -> Any:
+    """The project's boto3 S3 client, shared by all threads of the process (one per set of
+    arguments).
+
+    boto3 clients are thread-safe (sessions are not), so one client with a connection pool
+    as large as our thread pools is the cheapest way to run concurrent requests. Retries are
+    adaptive (client-side rate limiting plus exponential back-off on throttling and 5xx).
+    ``access_key``/``secret_key`` override boto3's credential chain (the local stack's
+    generated identity); ``max_attempts`` and the timeouts let a health probe fail fast.
+    """
+    conn = connection(endpoint_url, region)
+    cache_key = (os.getpid(), conn, pool_size, access_key, secret_key, max_attempts,
+                 connect_timeout, read_timeout)
+    with _client_lock:
+        client = _clients.get(cache_key)
+        if client is None:
+            config = Config(
+                retries={"max_attempts": max_attempts, "mode": "adaptive"},
+                max_pool_connections=pool_size,
+                connect_timeout=connect_timeout,
+                read_timeout=read_timeout,
+                s3={"addressing_style": conn.addressing_style},
+                # New botocore computes CRC checksums on every PUT; not every server
+                # (SeaweedFS, older MinIO) accepts them, and MD5/TLS already protect transfers.
+                request_checksum_calculation="when_required",
+                response_checksum_validation="when_required",
+            )
+            client = boto3.session.Session().client(
+                "s3", endpoint_url=conn.endpoint_url, region_name=conn.region, config=config,
+                aws_access_key_id=access_key, aws_secret_access_key=secret_key,
+            )
+            _clients[cache_key] = client
+        return client
+
+
+# ------------------------------------------------------------------------------ obstore
+
+_object_stores: dict[tuple[Any, ...], Any] = {}
+
+
+class _Boto3Credentials:
+    """obstore's credential provider: boto3's chain, frozen per call; refreshable ones are
+    handed out for ``CREDENTIAL_REFRESH`` and then asked for again."""
+
+    def __init__(self) -> None:
+        credentials = boto3.session.Session().get_credentials()
+        if credentials is None:
+            raise StorageError("no S3 credentials: set AWS_ACCESS_KEY_ID and "
+                               "AWS_SECRET_ACCESS_KEY, or an AWS profile or role")
+        self._credentials = credentials
+
+    def __call__(self) -> dict[str, Any]:
+        frozen = self._credentials.get_frozen_credentials()
+        refreshable = isinstance(self._credentials, RefreshableCredentials)
+        return {"access_key_id": frozen.access_key, "secret_access_key": frozen.secret_key,
+                "token": frozen.token,
+                "expires_at": datetime.now(UTC) + CREDENTIAL_REFRESH if refreshable else None}
+
+
+def _proxy_options(conn: Connection) -> dict[str, str]:
+    names = ("HTTPS_PROXY", "https_proxy") if conn.https else ("HTTP_PROXY", "http_proxy")
+    proxy = next((os.environ[n] for n in names if os.environ.get(n)), None)
+    if not proxy:
+        return {}
+    options = {"proxy_url": proxy}
+    excludes = os.environ.get("NO_PROXY") or os.environ.get("no_proxy")
+    if excludes:
+        options["proxy_excludes"] = excludes
+    return options
+
+
+def _ca_bundle() -> str | None:
+    path = os.environ.get("AWS_CA_BUNDLE")
+    if not path:
+        return None
+    try:
+        return Path(path).read_text()
+    except OSError as error:
+        raise StorageError(f"AWS_CA_BUNDLE {path!r} cannot be read: {error.strerror}") from None
+
+
+def object_store(bucket: str, endpoint_url: str | None = None) -> Any:
+    """The obstore ``S3Store`` for ``bucket``, configured like ``s3_client`` (one per
+    endpoint, bucket and process: it holds its own connection pool)."""
+    conn = connection(endpoint_url)
+    cache_key = (os.getpid(), conn, bucket)
+    with _client_lock:
+        store = _object_stores.get(cache_key)
+    if store is not None:
+        return store
+    from obstore.store import S3Store as ObstoreS3
+
+    options: dict[str, Any] = {"connect_timeout": f"{CONNECT_TIMEOUT_S}s",
+                               "timeout": f"{READ_TIMEOUT_S}s", **_proxy_options(conn)}
+    config: dict[str, Any] = {"region": conn.region,
+                              "virtual_hosted_style_request": conn.addressing_style == "virtual"}
+    if conn.https:
+        bundle = _ca_bundle()
+        if bundle:
+            options["root_certificate"] = bundle
+    else:
+        options["allow_http"] = True
+    if conn.endpoint_url:
+        endpoint = conn.endpoint_url.rstrip("/")
+        if conn.addressing_style == "virtual":  # object_store wants the bucket in the host
+            parts = urlsplit(endpoint)
+            endpoint = f"{parts.scheme}://{bucket}.{parts.netloc}{parts.path}"
+        # Both keys: object_store prefers AWS_ENDPOINT_URL_S3 from the environment otherwise.
+        config["endpoint"] = config["aws_endpoint_url_s3"] = endpoint
+    store = ObstoreS3(bucket, config=config, client_options=options,
+                      retry_config={"max_retries": MAX_ATTEMPTS - 1,
+                                    "retry_timeout": timedelta(minutes=2)},
+                      credential_provider=_Boto3Credentials())
+    with _client_lock:
+        return _object_stores.setdefault(cache_key, store)
+
+
+class _EventLoop:
+    """One event loop thread per process, on which ``get_many`` gathers its GETs."""
+
+    def __init__(self) -> None:
+        self._lock = threading.Lock()
+        self._loop: asyncio.AbstractEventLoop | None = None
+        self._pid = 0
+
+    def run(self, coroutine: Coroutine[Any, Any, Any]) -> Any:
+        with self._lock:
+            if self._loop is None or self._pid != os.getpid():  # a forked child: a new one
+                self._loop = asyncio.new_event_loop()
+                self._pid = os.getpid()
+                threading.Thread(target=self._loop.run_forever, name="s3-get-loop",
+                                 daemon=True).start()
+            loop = self._loop
+        return asyncio.run_coroutine_threadsafe(coroutine, loop).result()
+
+
+_LOOP = _EventLoop()
+
+
+def reset_clients() -> None:
+    """Forget cached clients (tests switch endpoints and credentials)."""
+    with _client_lock:
+        _clients.clear()
+        _object_stores.clear()
+
+
+def _is_missing(error: ClientError) -> bool:
+    code = str(error.response.get("Error", {}).get("Code", ""))
+    return code in ("404", "NoSuchKey", "NotFound")
+
+
+class _Unparsable(Exception):
+    """A key object_store's paths cannot hold (a control character, an empty segment)."""
+
+
+def _read_failed(key: str, error: Exception) -> StorageError:
+    # obstore's message holds the URL and the server's answer, never the credentials.
+    first_line = str(error).splitlines()[0] if str(error) else type(error).__name__
+    return StorageError(f"cannot read {key!r}: {first_line}")
+
+
+# ------------------------------------------------------------------------------ S3Store
+
+
+class S3Store:
+    def __init__(self, bucket: str, prefix: str = "", *, endpoint_url: str | None = None,
+                 pool_size: int = DEFAULT_POOL_SIZE) -> None:
+        self.bucket = bucket
+        self.prefix = prefix.strip("/")
+        self.endpoint_url = endpoint_url
+        self.pool_size = pool_size
+        self.list_page_size = LIST_PAGE_SIZE
+        self.url = f"s3://{bucket}" + (f"/{self.prefix}" if self.prefix else "")
+
+    @property
+    def client(self) -> Any:
+        return s3_client(self.endpoint_url, pool_size=self.pool_size)
+
+    @property
+    def reader(self) -> Any:
+        """The obstore store that GETs go through."""
+        return object_store(self.bucket, self.endpoint_url)
+
+    def _key(self, key: str) -> str:
+        return join_key(self.prefix, check_key(key))
+
+    def _rel(self, full_key: str) -> str:
+        if self.prefix:
+            return full_key[len(self.prefix) + 1:]
+        return full_key
+
+    def uri(self, key: str) -> str:
+        return f"s3://{self.bucket}/{self._key(key)}"
+
+    def list(self, prefix: str = "") -> Iterator[ObjectInfo]:
+        """Stream the objects under ``prefix`` (a name prefix, which may end inside a
+        name) in key order, a page at a time; folder markers some tools create are not
+        objects."""
+        full_prefix = join_key(self.prefix, prefix) if prefix else (
+            f"{self.prefix}/" if self.prefix else "")
+        paginator = self.client.get_paginator("list_objects_v2")
+        pages = paginator.paginate(Bucket=self.bucket, Prefix=full_prefix,
+                                   PaginationConfig={"PageSize": self.list_page_size})
+        for page in pages:
+            for item in page.get("Contents", []):
+                key = item["Key"]
+                if key.endswith("/"):
+                    continue
+                yield ObjectInfo(
+                    key=self._rel(key),
+                    size=int(item["Size"]),
+                    etag=str(item.get("ETag", "")).strip('"'),
+                    last_modified=item["LastModified"],
+                )
+
+    def get_bytes(self, key: str) -> bytes:
+        """The object's bytes (``ObjectNotFound`` when there is none)."""
+        full_key = self._key(key)
+        try:
+            return bytes(obstore.get(self.reader, full_key).bytes())
+        except FileNotFoundError:  # obstore's NotFoundError
+            raise ObjectNotFound(key) from None
+        except (ValueError, InvalidPathError):  # a key S3 holds but object_store cannot name
+            return self._boto3_get(key)
+        except Exception as error:
+            raise _read_failed(key, error) from None
+
+    def _boto3_get(self, key: str) -> bytes:
+        try:
+            response = self.client.get_object(Bucket=self.bucket, Key=self._key(key))
+        except ClientError as error:
+            if _is_missing(error):
+                raise ObjectNotFound(key) from error
+            raise
+        body = response["Body"]
+        try:
+            return body.read()
+        finally:
+            body.close()
+
+    def get_many(self, keys: Sequence[str]) -> list[bytes | ObjectNotFound]:
+        """Each key's bytes, or ``ObjectNotFound`` for a missing one, in order: the GETs
+        run concurrently (at most ``pool_size`` at once), so a batch costs about one round
+        trip on a distant server. Any other failure, after obstore's retries, raises."""
+        if not keys:
+            return []
+        full_keys = [self._key(key) for key in keys]
+        reader = self.reader
+        limit = self.pool_size
+
+        async def fetch_all() -> list[bytes | ObjectNotFound | Exception]:
+            gate = asyncio.Semaphore(limit)
+
+            async def fetch(key: str, full_key: str) -> bytes | ObjectNotFound | Exception:
+                async with gate:
+                    try:
+                        result = await obstore.get_async(reader, full_key)
+                        return bytes(await result.bytes_async())
+                    except FileNotFoundError:
+                        return ObjectNotFound(key)
+                    except (ValueError, InvalidPathError):
+                        return _Unparsable(key)
+                    except Exception as error:
+                        return _read_failed(key, error)
+
+            return await asyncio.gather(*(fetch(k, f) for k, f in
+                                          zip(keys, full_keys, strict=True)))
+
+        answers = _LOOP.run(fetch_all())
+        results: list[bytes | ObjectNotFound] = []
+        for key, answer in zip(keys, answers, strict=True):
+            if isinstance(answer, _Unparsable):
+                results.append(get_or_missing(self._boto3_get, key))
+            elif isinstance(answer, Exception) and not isinstance(answer, ObjectNotFound):
+                raise answer
+            else:
+                results.append(answer)
+        return results
+
+    def put_bytes(self, key: str, data: bytes, *, content_type: str | None = None,
+                  metadata: dict[str, str] | None = None) -> None:
+        extra: dict[str, Any] = {}
+        if content_type:
+            extra["ContentType"] = content_type
+        if metadata:
+            extra["Metadata"] = metadata
+        self.client.put_object(Bucket=self.bucket, Key=self._key(key), Body=data, **extra)
+
+    def put_file(self, key: str, path: Path, *, content_type: str | None = None) -> None:
+        # upload_file switches to multipart for large files; the object appears only when the
+        # upload completes, so readers still never see a partial object.
+        extra = {"ContentType": content_type} if content_type else None
+        self.client.upload_file(str(path), self.bucket, self._key(key), ExtraArgs=extra)
+
+    def download_file(self, key: str, path: Path) -> None:
+        try:
+            self.client.download_file(self.bucket, self._key(key), str(path))
+        except ClientError as error:
+            if _is_missing(error):
+                raise ObjectNotFound(key) from error
+            raise
+
+    def copy(self, src_key: str, dst_key: str) -> None:
+        """Server-side copy: the bytes never travel through this process."""
+        try:
+            self.client.copy_object(
+                Bucket=self.bucket,
+                Key=self._key(dst_key),
+                CopySource={"Bucket": self.bucket, "Key": self._key(src_key)},
+            )
+        except ClientError as error:
+            if _is_missing(error):
+                raise ObjectNotFound(src_key) from error
+            raise
+
+    def delete(self, key: str) -> None:
+        self.client.delete_object(Bucket=self.bucket, Key=self._key(key))
+
+    def head(self, key: str) -> ObjectInfo | None:
+        try:
+            response = self.client.head_object(Bucket=self.bucket, Key=self._key(key))
+        except ClientError as error:
+            if _is_missing(error):
+                return None
+            raise
+        return ObjectInfo(
+            key=key,
+            size=int(response["ContentLength"]),
+            etag=str(response.get("ETag", "")).strip('"'),
+            last_modified=response["LastModified"],
+        )
+
+    def exists(self, key: str) -> bool:
+        return self.head(key) is not None
+
+    def ensure_bucket(self) -> None:
+        try:
+            self.client.head_bucket(Bucket=self.bucket)
+        except ClientError:
+            self.client.create_bucket(Bucket=self.bucket)

@@ -1,0 +1,181 @@
+"""Leases on slides in the bucket, so that two runs never score the same slide (see
+malaria.scoring for the claim - settle - read-back protocol)."""
+
+from __future__ import annotations
+
+import logging
+import os
+import socket
+import threading
+import time
+import uuid
+from collections.abc import Iterable, Sequence
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass
+from datetime import UTC, datetime
+from typing import Any
+
+from malaria.core.defaults import SCORE_LEASE_SETTLE_S, SCORE_LEASE_TTL_S
+from malaria.io.processes import pid_alive
+from malaria.io.store import ObjectNotFound, get_json, put_json
+from malaria.scoring.paths import ScoringPaths
+
+log = logging.getLogger(__name__)
+
+
+@dataclass(frozen=True)
+class LeaseOwner:
+    token: str
+    host: str
+    pid: int
+    label: str = ""
+
+    @classmethod
+    def current(cls, label: str = "") -> LeaseOwner:
+        return cls(uuid.uuid4().hex, socket.gethostname(), os.getpid(), label)
+
+
+class SlideLeases:
+    """Leases on slides in the bucket (see malaria.scoring): ``acquire`` claims what it
+    can, a heartbeat thread renews, ``release``/leaving the ``with`` block deletes ours.
+
+    The leases must be held by a process that lives as long as the run (the flow's), not
+    by a task that may run on another worker.
+    """
+
+    def __init__(self, paths: ScoringPaths, *, ttl: float = SCORE_LEASE_TTL_S,
+                 settle: float = SCORE_LEASE_SETTLE_S, owner: LeaseOwner | None = None,
+                 concurrency: int = 16) -> None:
+        self.paths = paths
+        self.store = paths.out_store()
+        self.ttl = float(ttl)
+        self.settle = float(settle)
+        self.owner = owner or LeaseOwner.current()
+        self.concurrency = concurrency
+        self.held: set[str] = set()
+        self.lost: set[str] = set()
+        self._lock = threading.Lock()
+        self._stop = threading.Event()
+        self._thread: threading.Thread | None = None
+        self._claimed_at = 0.0
+
+    # -- reading
+
+    def read(self, slide: str) -> dict[str, Any] | None:
+        try:
+            lease = get_json(self.store, self.paths.lease_key(slide))
+        except ObjectNotFound:
+            return None
+        except ValueError:  # unparsable: treated as stale
+            return {}
+        return lease if isinstance(lease, dict) else {}
+
+    def is_live(self, lease: dict[str, Any] | None, now: float | None = None) -> bool:
+        """Held by someone: not expired, and its owner process (when on this host) alive."""
+        if not lease:
+            return False
+        now = time.time() if now is None else now
+        try:
+            if float(lease["expires_at"]) <= now:
+                return False
+            host, pid = str(lease.get("host", "")), int(lease.get("pid", 0))
+        except (KeyError, TypeError, ValueError):
+            return False
+        return not (host == self.owner.host and pid > 0 and not pid_alive(pid))
+
+    # -- writing
+
+    def _payload(self) -> dict[str, Any]:
+        now = time.time()
+        return {"owner": self.owner.token, "host": self.owner.host, "pid": self.owner.pid,
+                "label": self.owner.label, "renewed_at": now, "expires_at": now + self.ttl,
+                "expires": datetime.fromtimestamp(now + self.ttl, UTC).isoformat()}
+
+    def _claim(self, slide: str) -> bool:
+        current = self.read(slide)
+        if current and current.get("owner") != self.owner.token and self.is_live(current):
+            return False
+        put_json(self.store, self.paths.lease_key(slide), self._payload())
+        return True
+
+    def claim(self, slides: Iterable[str]) -> list[str]:
+        """First half of ``acquire``: write our claim on each slide that has no live lease of
+        another owner; returns the claimed slides. Nothing may be written for a slide until
+        ``confirm`` grants it."""
+        slides = list(dict.fromkeys(slides))
+        if not slides:
+            return []
+        with ThreadPoolExecutor(self.concurrency) as pool:
+            # Read and write per slide in one thread: the read-to-write gap stays short.
+            oks = list(pool.map(self._claim, slides))
+        self._claimed_at = time.monotonic()
+        return [s for s, ok in zip(slides, oks, strict=True) if ok]
+
+    def confirm(self, claimed: Sequence[str]) -> list[str]:
+        """Second half: ``settle`` seconds after the claims (a rival's write, if any, has
+        landed), keep the slides whose lease is still ours; they are held from now on."""
+        if not claimed:
+            return []
+        time.sleep(max(0.0, self._claimed_at + self.settle - time.monotonic()))
+        with ThreadPoolExecutor(self.concurrency) as pool:
+            leases = list(pool.map(self.read, claimed))
+        granted = [s for s, lease in zip(claimed, leases, strict=True)
+                   if lease and lease.get("owner") == self.owner.token]
+        with self._lock:
+            self.held.update(granted)
+        return granted
+
+    def acquire(self, slides: Iterable[str]) -> list[str]:
+        """Claim ``slides``; return those this owner now holds (in the given order)."""
+        return self.confirm(self.claim(slides))
+
+    def renew(self) -> list[str]:
+        """Push the expiry of every held lease; return the slides lost to another owner."""
+        lost = []
+        with self._lock:
+            held = sorted(self.held)
+        for slide in held:
+            lease = self.read(slide)
+            if lease and lease.get("owner") == self.owner.token:
+                put_json(self.store, self.paths.lease_key(slide), self._payload())
+            else:
+                lost.append(slide)
+        if lost:
+            log.warning("lost the lease on slides %s (expired and taken over)", lost)
+            with self._lock:
+                self.held.difference_update(lost)
+                self.lost.update(lost)
+        return lost
+
+    def release(self, slide: str) -> None:
+        with self._lock:
+            if slide not in self.held:
+                return
+            self.held.discard(slide)
+        lease = self.read(slide)
+        if lease and lease.get("owner") == self.owner.token:
+            self.store.delete(self.paths.lease_key(slide))
+
+    def release_all(self) -> None:
+        for slide in sorted(self.held):
+            self.release(slide)
+
+    # -- heartbeat
+
+    def _beat(self) -> None:
+        while not self._stop.wait(self.ttl / 3):
+            try:
+                self.renew()
+            except Exception:  # a failed renewal is retried at the next beat
+                log.warning("lease renewal failed", exc_info=True)
+
+    def __enter__(self) -> SlideLeases:
+        self._thread = threading.Thread(target=self._beat, name="scoring-leases", daemon=True)
+        self._thread.start()
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self._stop.set()
+        if self._thread is not None:
+            self._thread.join(timeout=5)
+        self.release_all()

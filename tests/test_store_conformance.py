@@ -1,0 +1,163 @@
+"""The default S3Store behaves the same against moto and a real SeaweedFS, and through a
+server that misbehaves (a 503 first, a connection closed after every response); the local
+store where the same contract applies."""
+
+from __future__ import annotations
+
+import uuid
+from collections.abc import Iterator
+from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
+from urllib.parse import urlsplit
+
+import pytest
+
+from benchmarks.latency_proxy import LatencyProxy
+from malaria.io.local import LocalStore
+from malaria.io.s3 import S3Store, reset_clients
+from malaria.io.store import ObjectNotFound, StorageError
+
+NON_ASCII_KEYS = ["scans/1/zelle-ä ü.png", "scans/slide a/été+1.png", "scans/x/a~b_c-d.(1).png",
+                  "scans/emoji/😀.png", "scans/odd/%41 #?&=.png", "scans/odd/tab\tin-name.png"]
+
+
+@pytest.fixture(params=["moto", pytest.param("seaweedfs", marks=pytest.mark.integration)])
+def endpoint(request: pytest.FixtureRequest, monkeypatch: pytest.MonkeyPatch) -> str:
+    """An S3 endpoint, with the client environment (credentials) pointing at it."""
+    if request.param == "moto":
+        return str(request.getfixturevalue("moto_endpoint"))
+    env = request.getfixturevalue("seaweedfs")
+    for name in ("AWS_ENDPOINT_URL", "AWS_ACCESS_KEY_ID", "AWS_SECRET_ACCESS_KEY",
+                 "AWS_DEFAULT_REGION"):
+        monkeypatch.setenv(name, env[name])
+    return str(env["AWS_ENDPOINT_URL"])
+
+
+@pytest.fixture
+def store(endpoint: str) -> Iterator[S3Store]:
+    reset_clients()
+    created = S3Store(f"conf-{uuid.uuid4().hex[:12]}", endpoint_url=endpoint)
+    created.ensure_bucket()
+    yield created
+    reset_clients()
+
+
+def through_proxy(store: S3Store, proxy: LatencyProxy) -> S3Store:
+    reset_clients()
+    return S3Store(store.bucket, endpoint_url=proxy.url)
+
+
+def proxy_to(store: S3Store, **faults: object) -> LatencyProxy:
+    target = urlsplit(str(store.endpoint_url))
+    return LatencyProxy(str(target.hostname), int(target.port or 80), 0, **faults)  # type: ignore[arg-type]
+
+
+def put_all(store: S3Store | LocalStore, items: dict[str, bytes]) -> None:
+    with ThreadPoolExecutor(16) as pool:
+        list(pool.map(lambda kv: store.put_bytes(*kv), items.items()))
+
+
+def test_listing_spans_many_pages_in_key_order(store: S3Store) -> None:
+    keys = [f"scans/{n // 40}/cell {n:04d}+é.png" for n in range(130)]
+    put_all(store, {key: key.encode() for key in keys})
+    store.put_bytes("scans/1/", b"")  # a folder marker: not an object to list
+    store.list_page_size = 25  # six pages
+    listed = list(store.list("scans/"))
+    assert [o.key for o in listed] == sorted(keys)
+    assert all(o.size == len(o.key.encode()) for o in listed)
+    # The ETag the ledger and fingerprints use: the same as HEAD, without quotes.
+    head = store.head(keys[0])
+    assert head is not None and listed[0].etag == head.etag and '"' not in head.etag
+    assert listed[0].last_modified.tzinfo is not None
+    assert [o.key for o in store.list("scans/1/cell 005")] == [
+        f"scans/1/cell {n:04d}+é.png" for n in range(50, 60)]  # a prefix inside a name
+
+
+def test_listing_more_than_a_thousand_keys(store: S3Store) -> None:
+    keys = [f"incoming/cell_{n:04d}.png" for n in range(1005)]
+    put_all(store, dict.fromkeys(keys, b"x"))
+    assert [o.key for o in store.list("incoming/")] == keys
+
+
+def test_missing_keys(store: S3Store) -> None:
+    store.put_bytes("scans/1/a.png", b"cell a")
+    store.put_bytes("scans/1/b.png", b"cell b")
+    with pytest.raises(ObjectNotFound):
+        store.get_bytes("scans/1/missing.png")
+    answers = store.get_many(["scans/1/a.png", "scans/1/missing.png", "scans/1/b.png"])
+    assert answers[0] == b"cell a" and answers[2] == b"cell b"
+    assert isinstance(answers[1], ObjectNotFound)
+    assert str(answers[1]) == repr("scans/1/missing.png")  # the caller's key, not the full one
+    assert store.get_many([]) == []
+
+
+def test_non_ascii_and_odd_keys(store: S3Store) -> None:
+    put_all(store, {key: key.encode() for key in NON_ASCII_KEYS})
+    for key in NON_ASCII_KEYS:
+        assert store.get_bytes(key) == key.encode()
+    assert store.get_many(NON_ASCII_KEYS) == [key.encode() for key in NON_ASCII_KEYS]
+    assert [o.key for o in store.list("scans/")] == sorted(NON_ASCII_KEYS)
+
+
+def test_prefixed_store_reads_relative_keys(store: S3Store) -> None:
+    prefixed = S3Store(store.bucket, "team/a", endpoint_url=store.endpoint_url)
+    prefixed.put_bytes("scans/1/zelle-ä.png", b"x")
+    assert prefixed.get_many(["scans/1/zelle-ä.png", "scans/1/no.png"])[0] == b"x"
+    assert store.get_bytes("team/a/scans/1/zelle-ä.png") == b"x"
+    assert [o.key for o in prefixed.list("scans/")] == ["scans/1/zelle-ä.png"]
+
+
+def test_a_5xx_is_retried(store: S3Store) -> None:
+    store.put_bytes("scans/1/a.png", b"cell a")
+    store.put_bytes("scans/1/b.png", b"cell b")
+    with proxy_to(store, fail_first=1) as proxy:
+        assert through_proxy(store, proxy).get_bytes("scans/1/a.png") == b"cell a"
+        assert proxy.failed == 1 and proxy.requests >= 2
+    with proxy_to(store, fail_first=2) as proxy:
+        answers = through_proxy(store, proxy).get_many(["scans/1/a.png", "scans/1/b.png"])
+        assert answers == [b"cell a", b"cell b"] and proxy.failed == 2
+    with proxy_to(store, fail_first=1) as proxy:
+        assert [o.key for o in through_proxy(store, proxy).list("scans/")] == [
+            "scans/1/a.png", "scans/1/b.png"]
+        assert proxy.failed == 1
+
+
+def test_a_server_that_closes_after_each_response(store: S3Store) -> None:
+    keys = [f"scans/2/cell_{n:02d}.png" for n in range(40)]
+    put_all(store, {key: key.encode() * 50 for key in keys})
+    with proxy_to(store, close_each=True) as proxy:
+        closing = through_proxy(store, proxy)
+        for _ in range(2):  # the second round finds only closed connections in the pool
+            assert closing.get_many(keys) == [key.encode() * 50 for key in keys]
+        assert closing.get_bytes(keys[0]) == keys[0].encode() * 50
+        assert [o.key for o in closing.list("scans/2/")] == keys
+        assert proxy.connections >= proxy.requests >= 2 * len(keys)
+
+
+def test_a_read_that_keeps_failing_is_an_error_not_a_hang(
+        store: S3Store, monkeypatch: pytest.MonkeyPatch) -> None:
+    store.put_bytes("scans/1/a.png", b"cell a")
+    monkeypatch.setattr("malaria.io.s3.MAX_ATTEMPTS", 3)  # a budget a test can wait for
+    with proxy_to(store, fail_first=1000) as proxy:
+        failing = through_proxy(store, proxy)
+        with pytest.raises(StorageError, match=r"scans/1/a\.png"):
+            failing.get_bytes("scans/1/a.png")
+        with pytest.raises(StorageError, match=r"scans/1/a\.png"):
+            failing.get_many(["scans/1/a.png"])
+        assert proxy.failed == proxy.requests == 6  # three tries each, then a clear error
+
+
+# ------------------------------------------------------------------ the local store too
+
+
+def test_local_store_missing_and_non_ascii_keys(tmp_path: Path) -> None:
+    local = LocalStore(tmp_path / "bucket")
+    keys = [k for k in NON_ASCII_KEYS if "\t" not in k]
+    put_all(local, {key: key.encode() for key in keys})
+    assert local.get_many([*keys, "scans/none.png"])[:-1] == [k.encode() for k in keys]
+    assert isinstance(local.get_many(["scans/none.png"])[0], ObjectNotFound)
+    with pytest.raises(ObjectNotFound):
+        local.get_bytes("scans/none.png")
+    with pytest.raises(ObjectNotFound):
+        local.get_bytes("scans/1")  # a folder is not an object
+    assert [o.key for o in local.list("scans/")] == sorted(keys)
