@@ -373,3 +373,18 @@ def test_the_training_summary_names_the_precision_and_the_cpu(
     assert summary["epochs_run"] == 1 and summary["stopped"] == "epochs"
     assert set(summary["cpu_flags"]) >= {"avx2", "avx512f", "avx512_bf16", "amx_tile"}
     json.dumps(summary)  # a plain JSON record
+
+
+@pytest.mark.usefixtures("fresh_policy_cache")
+def test_a_bf16_model_the_backend_refuses_means_float32() -> None:
+    """oneDNN limited to AVX2 (ONEDNN_MAX_CPU_ISA=AVX2 on the AVX-512 machine) refuses the
+    bf16 convolution primitive outright; the probe takes that as "no bf16 here"."""
+    from malaria.model.precision import resolve_precision
+
+    def refusing(config: TrainConfig, policy: str) -> object:
+        if policy == "mixed_bfloat16":
+            raise RuntimeError("could not create a primitive descriptor")
+        return lambda: 0.3
+
+    assert resolve_precision(_auto(), flags=AVX512_BF16, devices=[],
+                             probe=refusing) == "float32"

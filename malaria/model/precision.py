@@ -176,12 +176,18 @@ def resolve_precision(config: TrainConfig, *, flags: Collection[str] | None = No
         return "float32"
     key = (config.arch, config.resolved_input_size(), config.batch_size)
     if key not in _POLICY_CACHE:
-        fp32, bf16 = probe(config, "float32"), probe(config, "mixed_bfloat16")
+        fp32 = probe(config, "float32")
         fp32_times: list[float] = []
         bf16_times: list[float] = []
-        for _ in range(probe_steps):
-            fp32_times.append(fp32())
-            bf16_times.append(bf16())
+        try:
+            bf16 = probe(config, "mixed_bfloat16")
+            for _ in range(probe_steps):
+                fp32_times.append(fp32())
+                bf16_times.append(bf16())
+        except Exception:  # any backend error here means "no bf16 on this CPU"
+            # oneDNN built or limited (ONEDNN_MAX_CPU_ISA) without bf16 kernels for this
+            # layer refuses the primitive: bf16 cannot train here at all.
+            bf16_times = []
         _POLICY_CACHE[key] = faster_on_cpu(fp32_times, bf16_times)
     return _POLICY_CACHE[key]
 
