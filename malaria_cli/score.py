@@ -27,7 +27,7 @@ def cmd_score(args: argparse.Namespace) -> int:
                         shard_size=args.shard_size, batch_size=args.batch_size,
                         concurrency=args.concurrency)
     print(result["line"])
-    for summary in result["summary"]:
+    for summary in sorted(result["summary"], key=lambda row: row["slide"]):
         print(f"  slide {summary['slide']}: {summary['cells_scored']} cells, parasitemia "
               f"{summary['parasitemia_pct']}%, {summary['unreadable']} unreadable")
     print(f"CSVs in {args.out} (summary.csv: one row per slide)")

@@ -29,6 +29,11 @@ def test_train_writes_model_card_and_plots(trained: tuple[Path, Path]) -> None:
     assert 0 < card["threshold"] < 1
     assert not set(card["slides"]["test"]) & set(card["slides"]["train"])
     assert model.with_name("model.roc.png").read_bytes().startswith(b"\x89PNG")
+    # The same training summary the train flow registers, precision and CPU flags included.
+    training = card["training"]
+    assert training["epochs_run"] == 3 and training["precision_policy"] in (
+        "float32", "mixed_bfloat16")
+    assert set(training["cpu_flags"]) >= {"avx2", "avx512f", "avx512_bf16", "amx_tile"}
     # The cells to review are the test cells it got wrong, most confident first.
     review = card["label_review"]
     assert len(review) <= 16

@@ -529,9 +529,9 @@ def test_the_slide_tally_counts_shards_and_says_when_a_slide_is_complete() -> No
     assert tally.shard_done(result(1)) is None and report.shards_scored == 1
 
 
-def test_pipelined_fetch_keeps_every_cell_in_its_place(s3_store: S3Store,
-                                                       tiny_model: Path) -> None:
-    """Cells fetched a few per round trip: chunks that do not divide the cells or the batch,
+def test_batched_fetch_keeps_every_cell_in_its_place(s3_store: S3Store,
+                                                     tiny_model: Path) -> None:
+    """Cells fetched a few per ``get_many`` call: chunks that do not divide the cells or the batch,
     an empty object (refused from the listing, never fetched) and a missing one inside a
     chunk all land on their own row, as they do one cell per request."""
     from malaria.scoring.infer import score_cells
@@ -546,13 +546,14 @@ def test_pipelined_fetch_keeps_every_cell_in_its_place(s3_store: S3Store,
     cells.insert(4, Cell("scans/701/empty.png", "e", 0))
     cells.insert(7, Cell("scans/701/gone.png", "e", 99))
     model = load_model(ModelRef("t", 0.5, "file", str(tiny_model)))
-    one_by_one = score_cells(s3_store, cells, model, batch_size=4, pipeline=1)
+    one_by_one = score_cells(s3_store, cells, model, batch_size=4, keys_per_fetch=1)
     assert one_by_one[4][0] is None and one_by_one[4][1] != ""
     assert one_by_one[7] == (None, "missing_object")
     assert sum(p is not None for p, _ in one_by_one) == 9
-    for pipeline in (3, 8, 32):
-        pipelined = score_cells(s3_store, cells, model, batch_size=4, pipeline=pipeline)
-        assert [e for _, e in pipelined] == [e for _, e in one_by_one]
-        assert [p is None for p, _ in pipelined] == [p is None for p, _ in one_by_one]
-        assert [p for p, _ in pipelined if p is not None] == pytest.approx(
+    for keys_per_fetch in (3, 8, 32):
+        batched = score_cells(s3_store, cells, model, batch_size=4,
+                              keys_per_fetch=keys_per_fetch)
+        assert [e for _, e in batched] == [e for _, e in one_by_one]
+        assert [p is None for p, _ in batched] == [p is None for p, _ in one_by_one]
+        assert [p for p, _ in batched if p is not None] == pytest.approx(
             [p for p, _ in one_by_one if p is not None], abs=1e-6)

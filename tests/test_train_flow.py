@@ -52,6 +52,10 @@ def test_train_flow_registers_evaluates_and_gates(seaweed_bucket: S3Store, prefe
                 "ece", "confusion"):
         assert key in metrics
     assert list(store.list(layout.CHECKPOINTS)), "checkpoints are mirrored to the bucket"
+    # The training summary is the library's (TrainResult.summary), as in `malaria train`'s card.
+    training = record["training"]
+    assert training["precision_policy"] in ("float32", "mixed_bfloat16")
+    assert {"epochs_run", "best_epoch", "stopped", "images_per_s", "cpu_flags"} <= set(training)
     assert isinstance(record["label_review"], list)
     assert all(set(c) == {"key", "slide", "label", "probability"} for c in record["label_review"])
 

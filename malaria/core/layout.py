@@ -134,7 +134,7 @@ def alert_key(at: datetime, flow_run_id: str) -> str:
     return f"{ALERTS}{stamp}-{safe_file_name(flow_run_id or 'unknown')}.json"
 
 
-# Scoring bookkeeping (see malaria.scoring.pipeline): leases, per-shard partial results, and a marker
+# Scoring bookkeeping (see malaria.scoring): leases, per-shard partial results, and a marker
 # per scored slide whose NAME says which cells (fingerprint) and model version it covers, so
 # finding due slides needs listings only. ``state`` lets a one-off run keep the same layout
 # under another folder.

@@ -72,7 +72,7 @@ Speed and memory
     validates and resizes, the same preprocessing as training), at most two batches ahead of
     the inference, which runs in large batches in the calling thread: a bounded
     producer/consumer pipeline, so memory holds two batches of images whatever the size of
-    the run. A fetch thread asks the store for ``DEFAULT_PIPELINE`` (64) objects at once
+    the run. A fetch thread asks the store for ``SCORE_KEYS_PER_FETCH`` (64) objects at once
     (``Store.get_many``), so the store's client can overlap them. The model is loaded once
     per process and kept in a module-level cache keyed by (registry, version). Inference is
     a ``tf.function`` around the Keras model (``malaria.model.trainer.predict_probabilities``),

@@ -6,7 +6,6 @@ from __future__ import annotations
 import io
 import itertools
 import logging
-import os
 import warnings
 from collections import deque
 from collections.abc import Sequence
@@ -15,7 +14,7 @@ from concurrent.futures import Future, ThreadPoolExecutor
 import numpy as np
 from PIL import Image, UnidentifiedImageError
 
-from malaria.core.defaults import SCORE_BATCH_SIZE, SCORE_CONCURRENCY
+from malaria.core.defaults import SCORE_BATCH_SIZE, SCORE_CONCURRENCY, SCORE_KEYS_PER_FETCH
 from malaria.core.images import DEFAULT_LIMITS, ImageLimits, check_size, validate_open_image
 from malaria.dataset.decode import model_input
 from malaria.io.store import ObjectNotFound, Store
@@ -24,8 +23,6 @@ from malaria.scoring.model import LoadedModel
 
 log = logging.getLogger(__name__)
 
-# Keys a fetch thread asks the store for in one ``get_many`` call.
-DEFAULT_PIPELINE = int(os.environ.get("MALARIA_GET_PIPELINE", "64"))
 MISSING_OBJECT = "missing_object"  # listed, then deleted before it was fetched
 DECODE_ERROR = "decode_error"  # a decoder raised something unexpected
 
@@ -65,7 +62,7 @@ def prepare_cell(data: bytes, size: int,
 
 def _fetch_prepare(store: Store, cells: Sequence[Cell], size: int,
                    limits: ImageLimits) -> list[tuple[np.ndarray | None, str]]:
-    """A few cells fetched in one pipelined round trip (``Store.get_many``), then decoded.
+    """A few cells fetched together (one ``Store.get_many`` call), then decoded.
     An empty or huge object is known from the listing and not fetched."""
     refusals = [check_size(cell.size, limits) for cell in cells]
     fetched = iter(store.get_many([cell.key for cell, refused in zip(cells, refusals, strict=True)
@@ -84,12 +81,12 @@ def _fetch_prepare(store: Store, cells: Sequence[Cell], size: int,
 def score_cells(store: Store, cells: Sequence[Cell], model: LoadedModel, *,
                 batch_size: int = SCORE_BATCH_SIZE, concurrency: int = SCORE_CONCURRENCY,
                 limits: ImageLimits = DEFAULT_LIMITS, tta: int = 1,
-                pipeline: int = DEFAULT_PIPELINE) -> list[tuple[float | None, str]]:
+                keys_per_fetch: int = SCORE_KEYS_PER_FETCH) -> list[tuple[float | None, str]]:
     """``(probability, "")`` or ``(None, error)`` per cell, in order.
 
     Producer/consumer: ``concurrency`` threads fetch and decode at most two batches ahead
-    (the bounded queue: a deque of futures, one per ``pipeline`` cells fetched in one
-    pipelined round trip), while this thread fills a preallocated batch and runs the model
+    (the bounded queue: a deque of futures, one per ``keys_per_fetch`` cells fetched by one
+    ``get_many`` call), while this thread fills a preallocated batch and runs the model
     on it. Pillow and TensorFlow release the GIL, so fetching, decoding and inference
     overlap.
     """
@@ -104,9 +101,10 @@ def score_cells(store: Store, cells: Sequence[Cell], model: LoadedModel, *,
             results[index] = (float(probability), "")
         members.clear()
 
-    ahead = 2 * batch_size // pipeline + 1  # chunks in flight: two batches' worth
+    ahead = 2 * batch_size // keys_per_fetch + 1  # chunks in flight: two batches' worth
     window: deque[tuple[int, Future[list[tuple[np.ndarray | None, str]]]]] = deque()
-    chunks = ((start, cells[start:start + pipeline]) for start in range(0, len(cells), pipeline))
+    chunks = ((start, cells[start:start + keys_per_fetch])
+              for start in range(0, len(cells), keys_per_fetch))
     pool = ThreadPoolExecutor(concurrency, thread_name_prefix="score-fetch")
     try:
         def top_up() -> None:
