@@ -123,6 +123,24 @@ def test_resume_after_an_interrupted_fit(synthetic: tuple[ArraySet, ArraySet],
     assert again.epochs_run == 3 and again.resumed_from_epoch == 3
 
 
+
+def test_a_checkpoint_that_cannot_be_loaded_means_a_fresh_start(
+        synthetic: tuple[ArraySet, ArraySet], tmp_path: Path) -> None:
+    """A checkpoint written by an older trainer (or damaged) must not fail every retry."""
+    train_set, val_set = synthetic
+    config = _config(epochs=2)
+
+    def stop_at_one(epoch: int, metrics: dict) -> None:
+        if epoch == 1:
+            raise Interrupted("worker killed")
+
+    with pytest.raises(Interrupted):
+        train(config, train_set, val_set, checkpoint_dir=tmp_path, on_epoch=stop_at_one)
+    (tmp_path / LAST_MODEL).write_bytes(b"not a keras archive")
+    result = train(config, train_set, val_set, checkpoint_dir=tmp_path)
+    assert result.resumed_from_epoch == 0 and result.epochs_run == 2
+    assert [h["epoch"] for h in result.history] == [1, 2]
+
 def test_tiny_model_learns_synthetic_cells(synthetic: tuple[ArraySet, ArraySet],
                                            tmp_path: Path) -> None:
     train_set, val_set = synthetic

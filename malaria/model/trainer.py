@@ -13,6 +13,7 @@ pipeline here and the device handling in :mod:`malaria.model.precision` differ.
 
 from __future__ import annotations
 
+import logging
 import math
 import time
 from collections.abc import Callable, Sequence
@@ -46,6 +47,8 @@ from malaria.model.precision import (
 from malaria.model.schedule import decay_progress, learning_rate_at
 
 Arrays = ArraySet | tuple[np.ndarray, np.ndarray]
+
+log = logging.getLogger(__name__)
 
 
 @dataclass
@@ -266,6 +269,23 @@ def _compile(model: keras.Model, config: TrainConfig, jit: bool) -> None:
     )
 
 
+
+def _resumed_model(checkpoint_dir: Path, jit: bool) -> keras.Model | None:
+    """The last checkpoint's model, or None when it cannot be loaded (written by an older
+    version of the trainer, or damaged): training then starts afresh instead of failing
+    every retry."""
+    try:
+        model = keras.models.load_model(checkpoint_dir / LAST_MODEL)
+    except Exception as error:  # Keras raises TypeError/ValueError/OSError, version-dependent
+        log.warning("checkpoint in %s cannot be loaded (%s); training from the start",
+                    checkpoint_dir, str(error).splitlines()[0] if str(error) else error)
+        return None
+    if jit and backend() == "jax":
+        _allow_xla_augmentation(model)
+        model.jit_compile = True  # load_model compiled it before XLA was allowed
+    return model
+
+
 def train(config: TrainConfig, train_arrays: Arrays, val_arrays: Arrays, *,
           checkpoint_dir: Path, on_epoch: Callable[[int, dict], None] | None = None,
           resume: bool = True,
@@ -290,20 +310,17 @@ def train(config: TrainConfig, train_arrays: Arrays, val_arrays: Arrays, *,
                          f"({size}, {size}, 3)")
 
     saved = resumable_state(checkpoint_dir, config) if resume else None
-    state = saved if saved is not None else fresh_state(config)
-    resumed_from = int(saved["epoch"]) if saved is not None else 0
-
-    keras.utils.set_random_seed(config.seed + resumed_from)
     policy = resolve_precision(config)
     jit = _jit(config)
     strategy = distribution_strategy()
     with strategy.scope():
-        if resumed_from:
-            model = keras.models.load_model(checkpoint_dir / LAST_MODEL)
-            if jit and backend() == "jax":
-                _allow_xla_augmentation(model)
-                model.jit_compile = True  # load_model compiled it before XLA was allowed
-        else:
+        model = _resumed_model(checkpoint_dir, jit) if saved is not None else None
+        if model is None:
+            saved = None
+        state = saved if saved is not None else fresh_state(config)
+        resumed_from = int(saved["epoch"]) if saved is not None else 0
+        keras.utils.set_random_seed(config.seed + resumed_from)
+        if model is None:
             with dtype_policy(policy):
                 model = build_model(config.arch, size, augment=config.augment,
                                     dropout_after_sigmoid=config.dropout_after_sigmoid,
