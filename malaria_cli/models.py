@@ -7,6 +7,7 @@ import json
 from pathlib import Path
 
 from malaria.core import defaults, settings
+from malaria.io.atomic import write_atomic
 from malaria_cli.common import use_local_stack_if_configured
 
 
@@ -52,10 +53,10 @@ def cmd_evaluate(args: argparse.Namespace) -> int:
 
 
 def _champion_model_file() -> Path:
-    """Download the serving model and its threshold from the bucket into the cache."""
+    """The serving model, downloaded once into the cache, with its card beside it."""
     from malaria.io.store import open_store
     from malaria.model.local import model_card_path
-    from malaria.model.promotion import MODEL_FILE
+    from malaria.model.serving import registered_model_file
     from malaria.registry.registry import ModelRegistry
 
     use_local_stack_if_configured()
@@ -63,11 +64,8 @@ def _champion_model_file() -> Path:
     version = registry.champion_version()
     if version is None:
         raise RuntimeError("no champion model in the bucket: train one or pass --model FILE")
-    path = Path(settings.cache_dir()) / "models" / version / MODEL_FILE
-    if not path.exists():
-        path.parent.mkdir(parents=True, exist_ok=True)
-        registry.download_model(version, path)
-    model_card_path(path).write_text(json.dumps(registry.get(version), default=str))
+    path = registered_model_file(registry, version)
+    write_atomic(model_card_path(path), json.dumps(registry.get(version), default=str))
     return path
 
 

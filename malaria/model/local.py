@@ -14,7 +14,6 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-import keras
 import numpy as np
 
 from malaria.core.defaults import DEFAULT_THRESHOLD
@@ -26,6 +25,7 @@ from malaria.dataset.pipeline import load_arrays
 from malaria.dataset.records import folder_reader, records_from_folder
 from malaria.evaluation.metrics import EvaluationReport, evaluate
 from malaria.io.atomic import write_atomic
+from malaria.model.architectures import input_size_of
 from malaria.model.candidate import (
     evaluate_candidate,
     metrics_document,
@@ -35,6 +35,7 @@ from malaria.model.candidate import (
 from malaria.model.checkpoints import checkpoint_id, save_for_serving
 from malaria.model.config import RetrainConfig
 from malaria.model.predict import predict_probabilities
+from malaria.model.serving import load_model_file
 
 
 def model_card_path(model_path: Path) -> Path:
@@ -71,10 +72,10 @@ def load_model_card(model_path: Path) -> dict[str, Any]:
     return json.loads(path.read_text()) if path.exists() else {}
 
 
-def load_serving_model(model_path: Path) -> tuple[Any, int, float]:
+def load_with_card(model_path: Path) -> tuple[Any, int, float]:
     """(model, input size, threshold); the threshold comes from the model's card, 0.5 without."""
-    model = keras.models.load_model(model_path, compile=False)
-    size = int(model.inputs[0].shape[1])
+    model = load_model_file(model_path)
+    size = input_size_of(model)
     threshold = float(load_model_card(model_path).get("threshold", DEFAULT_THRESHOLD))
     return model, size, threshold
 
@@ -82,7 +83,7 @@ def load_serving_model(model_path: Path) -> tuple[Any, int, float]:
 def evaluate_local(model_path: Path, data_dir: Path, *, cache_dir: Path,
                    tta: bool = False) -> EvaluationReport:
     """``malaria evaluate``: every cell of a class-folder tree, slide from the file name."""
-    model, size, threshold = load_serving_model(model_path)
+    model, size, threshold = load_with_card(model_path)
     records = records_from_folder(data_dir)
     if not records:
         raise ValueError(f"no labelled images under {data_dir} (expected class subfolders)")
@@ -102,7 +103,7 @@ class Prediction:
 def predict_files(model_path: Path, paths: Sequence[Path]) -> list[Prediction]:
     """``malaria predict``: one line per image, like the source article's last step; an
     unreadable file gets an error instead of a probability."""
-    model, size, threshold = load_serving_model(model_path)
+    model, size, threshold = load_with_card(model_path)
     results: list[Prediction | None] = []
     arrays: list[np.ndarray] = []
     for path in paths:

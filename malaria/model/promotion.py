@@ -3,11 +3,7 @@ and the promotion gate between them (the train flow's last steps)."""
 
 from __future__ import annotations
 
-import tempfile
 from collections.abc import Callable, Sequence
-from pathlib import Path
-
-import keras
 
 from malaria.dataset.cache import ImageCache
 from malaria.dataset.pipeline import load_arrays
@@ -15,6 +11,7 @@ from malaria.dataset.records import CellRecord
 from malaria.evaluation.metrics import EvaluationReport, evaluate
 from malaria.model.config import RetrainConfig
 from malaria.model.predict import predict_probabilities
+from malaria.model.serving import load_model_file, registered_model_file
 from malaria.registry.gate import GateDecision, decide_promotion
 from malaria.registry.registry import ModelRegistry
 
@@ -28,9 +25,7 @@ def score_registered(registry: ModelRegistry, version: str, records: Sequence[Ce
     record = registry.get(version)
     size = int(record["input_size"])
     arrays = load_arrays(records, cache, size, read_bytes)
-    with tempfile.TemporaryDirectory() as folder:
-        path = registry.download_model(version, Path(folder) / MODEL_FILE)
-        model = keras.models.load_model(path, compile=False)
+    model = load_model_file(registered_model_file(registry, version))
     prob = predict_probabilities(model, arrays.images, tta=tta)
     return evaluate(arrays.labels, prob, float(record["threshold"]),
                     slides=list(arrays.slides))
