@@ -3,8 +3,6 @@ point), and loading it once per process."""
 
 from __future__ import annotations
 
-import hashlib
-import tempfile
 import threading
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -15,6 +13,7 @@ import numpy as np
 
 from malaria.core.defaults import DEFAULT_THRESHOLD
 from malaria.io.store import open_store
+from malaria.model.serving import load_model_file, registered_model_file
 from malaria.registry.provenance import sha256_file
 from malaria.registry.registry import ModelRegistry
 from malaria.scoring.paths import ScoringError, ScoringPaths
@@ -98,12 +97,8 @@ _MODEL_CACHE_SIZE = 2  # the champion, and the one it replaced while a run drain
 def _model_file(ref: ModelRef) -> Path:
     if ref.source == "file":
         return Path(ref.location)
-    # Per-version folder: the download is checked against the recorded SHA-256 and renamed
-    # into place, so concurrent workers on one host never load a partial file.
-    where = hashlib.sha256(ref.location.encode()).hexdigest()[:8]
-    folder = Path(tempfile.gettempdir()) / "malaria-models" / where / ref.version
-    folder.mkdir(parents=True, exist_ok=True)
-    return ModelRegistry(open_store(ref.location)).download_model(ref.version, folder)
+    # The one download location (malaria.model.serving): checked by SHA-256, reused.
+    return registered_model_file(ModelRegistry(open_store(ref.location)), ref.version)
 
 
 def load_model(ref: ModelRef) -> LoadedModel:
@@ -114,12 +109,10 @@ def load_model(ref: ModelRef) -> LoadedModel:
         cached = _MODEL_CACHE.get(cache_key)
         if cached is not None:
             return cached
-        import keras
-
         from malaria.model.architectures import input_size_of
         from malaria.model.predict import predict_probabilities
 
-        model = keras.models.load_model(_model_file(ref), compile=False)
+        model = load_model_file(_model_file(ref))
         size = input_size_of(model)
 
         def predict(images: np.ndarray, views: int = 1) -> np.ndarray:
