@@ -31,9 +31,9 @@ does not depend on them):
   the scorer's ``get_many`` batches), no decoding.
 
 The model is built under the precision the product's training chooses on this CPU
-(``malaria.model.precision.resolve_precision``: float32 without native bf16, bf16 only where a
-timed probe says it is faster), because that is what a champion trained here serves with;
-the JSON records the choice and the CPU flags it was made on. The baselines use the same file.
+(``malaria.model.precision.resolve_precision``: float32 without native bf16, bf16 with it
+unless a timed probe shows it clearly slower), because that is what a champion trained here
+serves with; the JSON records the choice and the CPU flags it was made on. The baselines use the same file.
 
 Creates /tmp/malaria-bench.lock while it runs (training on this machine pauses meanwhile).
 """

@@ -64,13 +64,14 @@ def test_stack_options_reach_every_reader(tmp_path: Path, monkeypatch: pytest.Mo
 
     from malaria.core import settings
     from malaria_cli.common import apply_stack_options, use_local_stack_if_configured
-    from malaria_dev.stack import StackConfig, free_ports, s3_credentials
+    from malaria_dev.stack import StackConfig, s3_credentials
     from malaria_dev.stack.config import record_config
     from malaria_dev.stack.credentials import ensure_identities, write_env_file
 
     _forget_stack_variables(monkeypatch)
-    s3_port, prefect_port = free_ports(2)  # nothing listens there: no servers in this test
-    cfg = StackConfig(state_dir=tmp_path / "state", s3_port=s3_port, prefect_port=prefect_port)
+    # Free ports (gRPC ones included: a random high HTTP port + 10000 may not be a port at
+    # all); nothing listens there, no servers in this test.
+    cfg = StackConfig.with_free_ports(tmp_path / "state")
     ensure_identities(cfg)
     write_env_file(cfg)
     record_config(cfg)
