@@ -37,6 +37,16 @@ def moto_endpoint() -> Iterator[str]:
 
 
 @pytest.fixture
+def clients_find_moto(moto_endpoint: str, monkeypatch: pytest.MonkeyPatch) -> Iterator[None]:
+    """Clients opened from a URL (flows, ScoringPaths, Dask workers) find the moto server in
+    the environment, as production clients find their endpoint."""
+    monkeypatch.setenv("AWS_ENDPOINT_URL", moto_endpoint)
+    reset_clients()
+    yield
+    reset_clients()
+
+
+@pytest.fixture
 def s3_store(moto_endpoint: str) -> S3Store:
     """A fresh, empty bucket on the moto server."""
     reset_clients()

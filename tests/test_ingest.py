@@ -6,7 +6,6 @@ from __future__ import annotations
 
 import io
 import json
-from collections.abc import Iterator
 from typing import Any
 
 import pandas as pd
@@ -16,19 +15,13 @@ from malaria.core import layout
 from malaria.ingest.chunk import iter_chunks
 from malaria.ingest.ledger import load_ledger
 from malaria.ingest.manifest import ALREADY_INGESTED
-from malaria.io.store import LocalStore, ObjectInfo, S3Store, reset_clients
+from malaria.io.store import LocalStore, ObjectInfo, S3Store
 from malaria_dev.synthetic import bad_inputs, generate_cells
 
 Store = S3Store | LocalStore
 
 
-@pytest.fixture(autouse=True)
-def _clients_find_moto(moto_endpoint: str, monkeypatch: pytest.MonkeyPatch) -> Iterator[None]:
-    # The flow opens its store from a URL; clients find the endpoint in the environment.
-    monkeypatch.setenv("AWS_ENDPOINT_URL", moto_endpoint)
-    reset_clients()
-    yield
-    reset_clients()
+pytestmark = pytest.mark.usefixtures("clients_find_moto")
 
 
 def ingest(store: Store, **parameters: Any) -> dict[str, Any]:

@@ -12,7 +12,7 @@ import sys
 import textwrap
 import threading
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Callable
 from datetime import datetime
 from pathlib import Path
 from typing import Any
@@ -24,7 +24,7 @@ from PIL import Image
 
 from malaria.core import layout
 from malaria.dataset.decode import decode_to_array
-from malaria.io.store import LocalStore, ObjectInfo, S3Store, put_json, reset_clients
+from malaria.io.store import LocalStore, ObjectInfo, S3Store, put_json
 from malaria.scoring.due import Cell, due_reason, fingerprint
 from malaria.scoring.infer import prepare_cell
 from malaria.scoring.leases import LeaseOwner, SlideLeases
@@ -43,14 +43,7 @@ SLIDES = {"201": 23, "202": 9, "203": 4}
 BAD = {"empty.png": b"", "notes.png": b"not an image at all\n"}
 
 
-@pytest.fixture(autouse=True)
-def _clients_find_moto(moto_endpoint: str, monkeypatch: pytest.MonkeyPatch) -> Iterator[None]:
-    # ScoringPaths carries URLs (they pickle to Dask workers); clients find the endpoint in
-    # the environment, as in production.
-    monkeypatch.setenv("AWS_ENDPOINT_URL", moto_endpoint)
-    reset_clients()
-    yield
-    reset_clients()
+pytestmark = pytest.mark.usefixtures("clients_find_moto")
 
 
 @pytest.fixture(scope="module")
