@@ -16,9 +16,12 @@ same keys the way scoring does (``--threads`` fetch threads, ``--batch`` keys pe
   (``benchmarks/s3get_baseline.py``), a batch per write on a kept-alive socket.
 
 Reported per client: GET/s and client CPU ms per GET (the whole process's CPU: obstore's
-Rust threads included), the server's CPU ms per GET (``weed``, from /proc), and end to end:
-cells/s for fetch + decode + resize (the scorer's ``prepare_cell``-equivalent
-``model_input``) of the same cells. ``os.getloadavg()`` is recorded before and after: on a
+Rust threads included), the server's CPU ms per GET (``weed``, from /proc), cells/s for
+fetch + decode + resize (the scorer's ``prepare_cell``-equivalent ``model_input``) of the
+same cells, and the end-to-end figure the choice is made on (``scoring_cells_per_s``): the
+scorer's own shard pipeline (``malaria.scoring.infer.score_cells``: the same threads,
+fetch batches, bounded queue and batched inference of the default model at the precision
+this CPU trains in) with the client under test as its store's ``get_many``. ``os.getloadavg()`` is recorded before and after: on a
 shared machine other work moves the figures.
 """
 
@@ -105,6 +108,44 @@ def fetchers(bucket: str, endpoint: str) -> dict[str, Callable[[Sequence[str]], 
     }
 
 
+class ClientStore:
+    """The scorer's view of a store (``get_many``) with the GETs of one client."""
+
+    def __init__(self, fetch: Callable[[Sequence[str]], list[bytes]]) -> None:
+        self._fetch = fetch
+
+    def get_many(self, keys: Sequence[str]) -> list[bytes]:
+        return self._fetch(keys)
+
+
+def load_bench_model(folder: Path) -> tuple[Any, str]:
+    """The default model, saved at the precision the product trains in on this CPU and loaded
+    the way scoring loads it; returns (LoadedModel, precision)."""
+    from benchmarks.scoring import build_bench_model
+    from malaria.scoring.model import ModelRef, load_model
+
+    path = folder / "bench.keras"
+    _, precision = build_bench_model(path)
+    return load_model(ModelRef("bench-s3-clients", 0.5, "file", str(path))), precision
+
+
+def scoring_pass(fetch: Callable[[Sequence[str]], list[bytes]], keys: Sequence[str],
+                 sizes: dict[str, int], model: Any, args: argparse.Namespace) -> float:
+    """Cells/s of the scorer's shard pipeline over ``keys``, a shard of ``--shard-size`` at
+    a time, fetching through ``fetch``."""
+    from malaria.scoring.due import Cell
+    from malaria.scoring.infer import score_cells
+
+    store = ClientStore(fetch)
+    start = time.perf_counter()
+    for first in range(0, len(keys), args.shard_size):
+        cells = [Cell(key, "", sizes[key]) for key in keys[first:first + args.shard_size]]
+        scored = score_cells(store, cells, model, concurrency=args.threads,  # type: ignore[arg-type]
+                             keys_per_fetch=args.batch)
+        assert all(error == "" for _, error in scored), "a cell failed to score"
+    return len(keys) / (time.perf_counter() - start)
+
+
 def decode(data: bytes, size: int) -> Any:
     from PIL import Image
 
@@ -140,7 +181,8 @@ def timed_pass(fetch: Callable[[Sequence[str]], list[bytes]], keys: Sequence[str
 
 
 def measure(bucket: str, endpoint: str, keys: Sequence[str], args: argparse.Namespace,
-            weed_pid: int, count: Callable[[], int] | None) -> dict[str, Any]:
+            weed_pid: int, count: Callable[[], int] | None, model: Any,
+            sizes: dict[str, int]) -> dict[str, Any]:
     clients = fetchers(bucket, endpoint)
     for fetch in clients.values():  # warm: connections, credentials, the event loop
         fetch(keys[:args.batch])
@@ -159,6 +201,8 @@ def measure(bucket: str, endpoint: str, keys: Sequence[str], args: argparse.Name
             "e2e_cells_per_s": round(e2e["per_s"], 1),
             "e2e_client_cpu_ms_per_cell": round(e2e["client_cpu_ms"], 3),
             "proxy_requests": requests,
+            "scoring_cells_per_s": round(scoring_pass(clients[name], keys, sizes, model,
+                                                       args), 1),
         }
         print(bucket, endpoint, name, rows[name], flush=True)
     return rows
@@ -169,6 +213,7 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
     from benchmarks.scoring import _upload, generate
     from malaria.core.layout import SCANS
     from malaria.io.s3 import S3Store, reset_clients
+    from malaria.model.precision import reported_cpu_flags
     from malaria_dev.stack import StackConfig, load_stack_env, stack_down, stack_up
 
     state = Path(tempfile.mkdtemp(prefix="malaria-bench-s3-"))
@@ -187,12 +232,16 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
         bucket = "bench-s3-clients"
         _upload(S3Store(bucket, endpoint_url=direct), [(f"{SCANS}{k}", d) for k, d in cells], 16)
         keys = [f"{SCANS}{k}" for k, _ in cells]
+        sizes = {f"{SCANS}{k}": len(data) for k, data in cells}
         mean_size = sum(len(d) for _, d in cells) / len(cells)
-        settings: dict[str, Any] = {"local": measure(bucket, direct, keys, args, weed_pid, None)}
+        model, precision = load_bench_model(state)
+        settings: dict[str, Any] = {
+            "local": measure(bucket, direct, keys, args, weed_pid, None, model, sizes)}
         host, port = direct.removeprefix("http://").split(":")
         proxy = ProxyProcess(host, int(port), args.latency_ms)
         settings[f"latency_{args.latency_ms:g}ms"] = measure(
-            bucket, proxy.url, keys[:args.latency_objects], args, weed_pid, proxy.requests)
+            bucket, proxy.url, keys[:args.latency_objects], args, weed_pid, proxy.requests,
+            model, sizes)
     finally:
         if proxy is not None:
             proxy.close()
@@ -201,7 +250,8 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
         "objects": args.objects, "latency_objects": args.latency_objects,
         "latency_ms": args.latency_ms, "threads": args.threads, "batch": args.batch,
         "decode_size": args.size, "mean_object_bytes": round(mean_size),
-        "settings": settings,
+        "settings": settings, "precision": precision,
+        "cpu_flags": reported_cpu_flags(),
         "loadavg_before": [round(x, 2) for x in load_before],
         "loadavg_after": [round(x, 2) for x in os.getloadavg()],
         "cpu_count": os.cpu_count(), "machine": platform.machine(),
@@ -215,7 +265,8 @@ def main(argv: Sequence[str] | None = None) -> None:
     parser.add_argument("--latency-objects", type=int, default=500)
     parser.add_argument("--latency-ms", type=float, default=20.0)
     parser.add_argument("--threads", type=int, default=16)
-    parser.add_argument("--batch", type=int, default=64)
+    parser.add_argument("--batch", type=int, default=64, help="keys per get_many call")
+    parser.add_argument("--shard-size", type=int, default=2000, help="cells per scored shard")
     parser.add_argument("--size", type=int, default=80, help="model input size (cellnet: 80)")
     parser.add_argument("--clients", default=",".join(CLIENTS))
     parser.add_argument("--json", type=Path)
