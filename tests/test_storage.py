@@ -110,3 +110,26 @@ def test_prefixed_s3_store_keys_are_relative(moto_endpoint: str) -> None:
     store.put_bytes("incoming/x.png", b"x")
     assert [i.key for i in store.list("incoming/")] == ["incoming/x.png"]
     assert [i.key for i in root.list("team/")] == ["team/a/incoming/x.png"]
+
+
+@pytest.mark.parametrize(("listed", "expected"), [
+    # object_store folds the folder marker "a/" into an empty "a": dropped when a key under
+    # "a/" follows; keys sorting between ("a-b" < "a/") keep their order.
+    ([("a", 0), ("a-b", 3), ("a/b", 0), ("a/b/c", 2), ("b", 0), ("c", 1), ("d", 0)],
+     ["a-b", "a/b/c", "b", "c", "d"]),
+    # A non-empty object with keys under its name is an object; an empty one with nothing
+    # under it is an (empty) object too.
+    ([("a", 5), ("a/x", 1), ("b", 0), ("b.txt", 1), ("b0", 1)], ["a", "a/x", "b", "b.txt", "b0"]),
+])
+def test_obstore_listing_drops_folder_markers_only(listed: list[tuple[str, int]],
+                                                   expected: list[str],
+                                                   monkeypatch: pytest.MonkeyPatch) -> None:
+    from datetime import UTC, datetime
+
+    import malaria.io.s3 as s3
+
+    metas = [{"path": key, "size": size, "e_tag": '"e"', "last_modified": datetime.now(UTC)}
+             for key, size in listed]
+    monkeypatch.setattr(s3.obstore, "list", lambda *args, **kwargs: [metas])
+    monkeypatch.setattr(s3.S3Store, "reader", None)
+    assert [info.key for info in s3.S3Store("bucket")._list_obstore("")] == expected
