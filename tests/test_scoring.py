@@ -12,7 +12,6 @@ import sys
 import textwrap
 import threading
 import time
-from collections.abc import Callable
 from datetime import datetime
 from pathlib import Path
 from typing import Any
@@ -344,30 +343,28 @@ def test_a_slide_lost_during_the_settle_gets_nothing_written(
 
 
 KILLED_RUN = textwrap.dedent("""
-    import sys, time
+    import os, signal, sys, time
     import malaria.scoring.shards as shards
     from flows.score import score_flow
 
     real = shards.score_cells
+    calls = 0
 
-    def slow(*args, **kwargs):  # slow enough to be killed in the middle
+    def slow_then_killed(*args, **kwargs):
+        # One shard at a time, in slide order (two shards a slide): when the fourth starts,
+        # slide 501 is finished and 502 has one part of two. SIGKILL then: no cleanup.
+        global calls
+        calls += 1
+        if calls == 4:
+            os.kill(os.getpid(), signal.SIGKILL)
         result = real(*args, **kwargs)
-        time.sleep(0.4)
+        time.sleep(0.4)  # the finished slide's CSV is written meanwhile
         return result
 
-    shards.score_cells = slow
+    shards.score_cells = slow_then_killed
     score_flow(scans_url=sys.argv[1], out_url=sys.argv[2], model_path=sys.argv[3],
                shard_size=3, parallel_shards=1, lease_settle_s=0.05)
 """)
-
-
-def _wait_for(predicate: Callable[[], bool], timeout: float) -> None:
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        if predicate():
-            return
-        time.sleep(0.02)
-    raise AssertionError("timed out")
 
 
 def test_sigkill_mid_run_then_rerun_scores_every_cell_exactly_once(
@@ -383,12 +380,12 @@ def test_sigkill_mid_run_then_rerun_scores_every_cell_exactly_once(
     child = subprocess.Popen([sys.executable, "-c", KILLED_RUN, str(scans), str(out),
                               str(tiny_model)], env=env, cwd=ROOT)
     try:
-        # Killed once a slide is finished and the next one has a part but not all.
-        _wait_for(lambda: any(out.glob("*.csv")) and any(parts.rglob("*.csv")), 120)
+        child.wait(timeout=240)  # it kills itself mid-run (see KILLED_RUN)
     finally:
-        child.kill()  # SIGKILL: no cleanup, the lease stays behind
-        child.wait()
+        child.kill()
     assert child.returncode == -9
+    # Killed once a slide is finished and the next one has a part but not all.
+    assert any(out.glob("*.csv")) and any(parts.rglob("*.csv"))
     total = sum(-(-len(k) // 3) for k in keys.values())
     finished_before = len(list(out.glob("*.csv")))
     assert finished_before < len(keys), "the run finished before it was killed"
