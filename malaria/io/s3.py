@@ -34,6 +34,7 @@ import obstore
 from botocore.config import Config
 from botocore.credentials import RefreshableCredentials
 from botocore.exceptions import ClientError
+from obstore.exceptions import BaseError as ObstoreError
 from obstore.exceptions import InvalidPathError
 
 from malaria.io.store import (
@@ -307,7 +308,7 @@ class S3Store:
                     after = info.key
                     yield info
                 return
-            except (ValueError, InvalidPathError, OSError) as error:
+            except (ObstoreError, ValueError, OSError) as error:  # boto3 says if it is real
                 log.info("listing %s goes on through boto3 after %r: %s", full_prefix, after,
                          str(error).splitlines()[0] if str(error) else type(error).__name__)
         yield from self._list_boto3(full_prefix, self._key(after) if after else "")
