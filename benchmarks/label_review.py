@@ -42,9 +42,9 @@ VERDICTS = ("mislabelled", "ambiguous", "correct")
 def score_models(models: dict[str, Path], data: Path, cache: Path, part: str
                  ) -> tuple[list[Any], np.ndarray, dict[str, np.ndarray]]:
     """(records of the split, labels, P(parasitized) per model name)."""
-    import keras
-
+    from malaria.model.architectures import input_size_of
     from malaria.model.predict import predict_probabilities
+    from malaria.model.serving import load_model_file
 
     records = records_from_folder(data)
     chosen = benchmark_split(records).of(records, part)
@@ -52,8 +52,8 @@ def score_models(models: dict[str, Path], data: Path, cache: Path, part: str
     probabilities: dict[str, np.ndarray] = {}
     labels = np.array([r.label for r in chosen], dtype=np.float32)
     for name, path in models.items():
-        model = keras.models.load_model(path, compile=False)
-        size = int(model.inputs[0].shape[1])
+        model = load_model_file(path)
+        size = input_size_of(model)
         probabilities[name] = predict_probabilities(model, load(chosen, size).images, tta=8)
     return chosen, labels, probabilities
 

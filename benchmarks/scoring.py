@@ -206,15 +206,14 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
     reset_clients()
     results: dict[str, Any] = {}
     try:
-        import keras
-
         from malaria.model.architectures import DEFAULT_ARCH
         from malaria.model.precision import reported_cpu_flags
+        from malaria.model.serving import load_model_file
 
         model_path = state / "model.keras"
         size, policy = build_bench_model(model_path)
         print(f"model at {size}x{size} in {policy}", flush=True)
-        model = keras.models.load_model(model_path, compile=False)
+        model = load_model_file(model_path)
 
         t0 = time.perf_counter()
         cells = generate(n, args.slide_size)

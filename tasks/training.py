@@ -132,8 +132,7 @@ def gate_candidate(data_url: str, version: str, evaluation: CandidateEvaluation,
 def publish_training_report(data_url: str, version: str, evaluation: CandidateEvaluation,
                             decision: GateDecision, data: PreparedData) -> None:
     store = open_store(data_url)
-    prefix = layout.model_prefix(version)
-    plots = "\n".join(f"- {name}: `{store.uri(prefix + name + '.png')}`"
+    plots = "\n".join(f"- {name}: `{store.uri(layout.model_file_key(version, name + '.png'))}`"
                       for name in evaluation.plots)
     verdict = "PROMOTED" if decision.promote else "not promoted"
     create_markdown_artifact(
