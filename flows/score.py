@@ -6,13 +6,16 @@ URLs, a model file) and ``benchmarks.scoring`` all run this flow. Which slides a
 killed run resumes, and why a lease in the bucket keeps two runs off the same slide: see
 malaria.scoring. The task runner is a parameter: threads in this process by default, or Dask
 (a running cluster's address, or a local cluster of n worker processes) through prefect-dask.
-Shards run as a subflow so that its runner can be chosen per run, from a deployment's
-parameters too.
+The flow enters the chosen runner itself and submits the shard tasks to it (no subflow:
+a subflow run's start and end cost about a second of API calls per run), so the runner is
+chosen per run, from a deployment's parameters too.
 
 Scheduling: the flow claims the due slides' leases and waits for the settle (one second by
 default, once per run) before the first shard, so nothing is fetched or scored for a slide
-another run holds. Each slide's CSV is written, in the flow's process, as soon as its last
-shard is in.
+another run holds. Then each leased slide is planned afresh and its shards are submitted at
+once, so shards run while later slides are still being planned. Each slide's CSV is written
+in the flow's own thread (a plain step, not a task run) as soon as its last shard is in,
+unless the slide's lease was lost meanwhile.
 """
 
 from __future__ import annotations
@@ -23,7 +26,7 @@ from uuid import UUID
 
 from prefect import flow, get_run_logger
 from prefect.artifacts import create_progress_artifact, update_progress_artifact
-from prefect.futures import as_completed
+from prefect.futures import PrefectFuture, as_completed
 from prefect.task_runners import TaskRunner, ThreadPoolTaskRunner
 
 from malaria.core.defaults import (
@@ -39,11 +42,10 @@ from malaria.scoring.leases import SlideLeases
 from malaria.scoring.model import ModelRef
 from malaria.scoring.paths import ScoringPaths
 from malaria.scoring.report import ScoreReport, SlideTally
-from malaria.scoring.shards import ShardResult
+from malaria.scoring.shards import Shard, ShardResult, plan_slide
 from tasks.scoring import (
-    finalize_slide_task,
+    finalize_slide_step,
     find_due,
-    plan_slides,
     publish_scoring_report,
     resolve_scoring_model,
     score_shard_task,
@@ -73,14 +75,16 @@ def build_task_runner(runner: str = "threads", *, dask_address: str | None = Non
     raise ValueError(f"unknown task runner {runner!r}; one of {RUNNERS}")
 
 
-@flow(name="score-slides", description="Score the shards of leased slides and write each "
-      "slide's CSV when its last shard is in (runs on the chosen task runner).")
-def score_slides_flow(paths: ScoringPaths, ref: ModelRef, slides: list[str], shard_size: int,
-                      batch_size: int, concurrency: int, total_cells: int,
-                      progress_id: UUID | None = None,
-                      slides_per_group: int = SLIDES_PER_GROUP) -> dict[str, Any]:
-    """Returns ``{"report": ScoreReport, "failed": [shard or finalize errors]}``; the report
-    counts this run's shards and cells, and slides another run finished meanwhile."""
+def score_leased_slides(task_runner: TaskRunner[Any], paths: ScoringPaths, ref: ModelRef,
+                        slides: list[str], *, shard_size: int, batch_size: int,
+                        concurrency: int, total_cells: int, leases: SlideLeases | None = None,
+                        progress_id: UUID | None = None,
+                        slides_per_group: int = SLIDES_PER_GROUP) -> tuple[ScoreReport, list[str]]:
+    """Plan each slide afresh (it is leased now) and submit its shards to ``task_runner``
+    (entered) at once, so the first shards run while later slides are still being planned;
+    write each slide's CSV, in this thread, as soon as its last shard is in. Returns this
+    run's report (slides another run finished meanwhile count as up to date) and the shards
+    or slides that failed (they stay due; their written parts are kept)."""
     logger = get_run_logger()
     started = time.perf_counter()
     report = ScoreReport(model_version=ref.version)
@@ -88,31 +92,46 @@ def score_slides_flow(paths: ScoringPaths, ref: ModelRef, slides: list[str], sha
     done = 0  # cells of these slides in written parts, earlier runs' parts included
     failed: list[str] = []
     total = max(total_cells, 1)
+
+    def finalize(slide: str) -> None:
+        plan = tally.pop(slide)
+        if leases is not None and slide in leases.lost:  # another run holds it now
+            failed.append(f"finalize {slide}: lease lost")
+            logger.warning("slide %s: lease lost before its CSV was written; left to the "
+                           "run that holds it", slide)
+            return
+        try:
+            report.slides.append(finalize_slide_step(paths, ref, plan))
+        except Exception as error:  # the slide stays due; its parts are kept
+            failed.append(f"finalize {slide}: {error}")
+            logger.error("finalizing slide %s failed: %s", slide, error)
+
     # Slides go in groups, so the plans (a few hundred bytes per cell) held here stay
     # bounded however many cells are due.
-    for start in range(0, len(slides), slides_per_group):
-        group = slides[start:start + slides_per_group]
-        planned = {p.slide: p for p in plan_slides(paths, ref.version, group, shard_size)}
-        for slide in group:
-            tally.add(planned.get(slide))
-        done += sum(len(s.cells) for p in planned.values() for s in p.shards if s.index in p.done)
-
-        def finalize(slide: str) -> None:
-            # In this process, at once: the CSV does not wait behind queued shards.
+    for first in range(0, len(slides), slides_per_group):
+        shard_of: dict[PrefectFuture[ShardResult], Shard] = {}
+        for slide in slides[first:first + slides_per_group]:
             try:
-                report.slides.append(finalize_slide_task(paths, ref, tally.pop(slide), slide))
-            except Exception as error:  # the slide stays due; its parts are kept
-                failed.append(f"finalize {slide}: {error}")
-                logger.error("finalizing slide %s failed: %s", slide, error)
-
-        for slide in [s for s in planned if tally.complete(s)]:
-            finalize(slide)  # every part was written by an earlier, killed run
-        # Shards go unquoted: prefect's quote() does not survive pickling to Dask workers
-        # (it comes back wrapping a 1-tuple), and walking a shard's small dataclasses
-        # costs milliseconds.
-        shard_of = {score_shard_task.submit(paths, ref, shard, shard.name, batch_size,
-                                            concurrency): shard
-                    for plan in planned.values() for shard in plan.pending}
+                plan = plan_slide(paths, ref.version, slide, shard_size)
+            except Exception as error:  # the slide stays due for the next run
+                failed.append(f"plan {slide}: {error}")
+                logger.error("planning slide %s failed: %s", slide, error)
+                continue
+            tally.add(plan)
+            if plan is None:
+                logger.info("slide %s was finished by another run meanwhile", slide)
+                continue
+            done += sum(len(s.cells) for s in plan.shards if s.index in plan.done)
+            if tally.complete(slide):
+                finalize(slide)  # every part was written by an earlier, killed run
+                continue
+            # Shards go unquoted: prefect's quote() does not survive pickling to Dask
+            # workers (it comes back wrapping a 1-tuple).
+            for shard in plan.pending:
+                future = task_runner.submit(score_shard_task, {
+                    "paths": paths, "ref": ref, "shard": shard, "label": shard.name,
+                    "batch_size": batch_size, "concurrency": concurrency})
+                shard_of[future] = shard
         for future in as_completed(list(shard_of)):
             shard = shard_of[future]
             try:
@@ -131,7 +150,7 @@ def score_slides_flow(paths: ScoringPaths, ref: ModelRef, slides: list[str], sha
             if last:
                 finalize(shard.slide)
     report.seconds = time.perf_counter() - started
-    return {"report": report, "failed": failed}
+    return report, failed
 
 
 @flow(name="score", description="Score every due slide under scans/ with the serving model: "
@@ -176,13 +195,15 @@ def score_flow(data_url: str | None = None, model_path: str | None = None,
                 logger.info("%d due slides are being scored by another run: %s", len(busy),
                             ", ".join(busy[:20]))
             if granted:
-                outcome = score_slides_flow.with_options(task_runner=task_runner)(
-                    paths, ref, granted, shard_size, batch_size, concurrency,
-                    sum(d.cells for d in due if d.slide in held), progress_id)
-                report, failed = outcome["report"], outcome["failed"]
+                with task_runner:
+                    report, failed = score_leased_slides(
+                        task_runner, paths, ref, granted, shard_size=shard_size,
+                        batch_size=batch_size, concurrency=concurrency,
+                        total_cells=sum(d.cells for d in due if d.slide in held),
+                        leases=leases, progress_id=progress_id)
         update_progress_artifact(progress_id, 100.0)
     seconds = time.perf_counter() - started
-    # The subflow's report counts the slides that another run finished after the listing.
+    # The report counts the slides that another run finished after the listing.
     report.up_to_date += up_to_date
     report.slides_due, report.slides_busy = [d.slide for d in due], busy
     report.seconds = seconds

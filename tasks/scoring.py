@@ -9,14 +9,14 @@ from prefect.artifacts import create_markdown_artifact, create_table_artifact
 from prefect.cache_policies import NO_CACHE
 
 from malaria.core.settings import redact
-from malaria.evaluation.drift import DriftReport, drift_of_predictions
+from malaria.evaluation.drift import DriftReport, compare, drift_of_predictions
 from malaria.io.store import open_store
 from malaria.registry.registry import ModelRegistry
 from malaria.scoring.due import DueSlide, find_due_slides
 from malaria.scoring.model import ModelRef, resolve_model
 from malaria.scoring.output import SlideSummary, finalize_slide, rebuild_summary
 from malaria.scoring.paths import ScoringPaths
-from malaria.scoring.shards import Shard, ShardResult, SlidePlan, plan_slide, score_shard
+from malaria.scoring.shards import Shard, ShardResult, SlidePlan, score_shard
 
 
 @task(name="resolve-scoring-model", retries=2, retry_delay_seconds=5, cache_policy=NO_CACHE)
@@ -39,18 +39,6 @@ def find_due(paths: ScoringPaths, version: str) -> tuple[list[DueSlide], int]:
     return due, up_to_date
 
 
-@task(name="plan-slides", retries=2, retry_delay_seconds=5, cache_policy=NO_CACHE)
-def plan_slides(paths: ScoringPaths, version: str, slides: list[str],
-                shard_size: int) -> list[SlidePlan]:
-    plans = [p for s in slides if (p := plan_slide(paths, version, s, shard_size)) is not None]
-    resumed = sum(len(p.done) for p in plans)
-    get_run_logger().info(
-        "%d slides in %d shards (%d already written by an earlier run); %d slides were "
-        "finished by another run meanwhile", len(plans), sum(len(p.shards) for p in plans),
-        resumed, len(slides) - len(plans))
-    return plans
-
-
 # A shard is idempotent (its part is one whole object under a key fixed by its cells and
 # the model), so a retry after a network error or a lost worker is safe.
 @task(name="score-shard", retries=2, retry_delay_seconds=[5, 30], cache_policy=NO_CACHE,
@@ -68,13 +56,13 @@ def score_shard_task(paths: ScoringPaths, ref: ModelRef, shard: Shard, label: st
     return result
 
 
-@task(name="finalize-slide", retries=2, retry_delay_seconds=5, cache_policy=NO_CACHE,
-      task_run_name="finalize-slide-{label}")
-def finalize_slide_task(paths: ScoringPaths, ref: ModelRef, plan: SlidePlan,
-                        label: str) -> SlideSummary:
+def finalize_slide_step(paths: ScoringPaths, ref: ModelRef, plan: SlidePlan) -> SlideSummary:
+    """Concatenate a slide's parts into its CSV. A plain call in the flow's own thread, not
+    a task: it runs as soon as the slide's last shard is in, and a task run's API calls
+    would cost more than the step; an error leaves the slide due with its parts kept."""
     summary = finalize_slide(paths, ref, plan)
     get_run_logger().info(
-        "slide %s: %d cells scored, %d unreadable, parasitemia %s%% -> %s", label,
+        "slide %s: %d cells scored, %d unreadable, parasitemia %s%% -> %s", summary.slide,
         summary.cells_scored, summary.unreadable, summary.parasitemia_pct,
         paths.out_store().uri(paths.prediction_key(summary.slide)))
     return summary
@@ -89,6 +77,10 @@ def drift_against_validation(paths: ScoringPaths, ref: ModelRef,
         with contextlib.suppress(Exception):  # an older record without it: say so, go on
             reference = ModelRegistry(open_store(ref.location)).get(ref.version).get(
                 "validation_distribution")
+    if all(s.probability_counts for s in summaries):  # binned when the slide was finalized
+        counts = [sum(column) for column in zip(*(s.probability_counts for s in summaries),
+                                                strict=True)]
+        return compare(reference, counts, sum(s.parasitized for s in summaries))
     return drift_of_predictions(paths.out_store(),
                                 (paths.prediction_key(s.slide) for s in summaries), reference)
 

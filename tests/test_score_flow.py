@@ -45,7 +45,9 @@ def test_score_flow_on_seaweedfs_threads_and_dask_agree(
     from prefect.client.orchestration import get_client
     from prefect.client.schemas.filters import ArtifactFilter, ArtifactFilterKey
 
-    from flows.score import score_flow, score_slides_flow
+    from prefect import flow
+
+    from flows.score import build_task_runner, score_flow, score_leased_slides
     from malaria.model.architectures import build_model
     from malaria.model.checkpoints import save_for_serving
     from malaria.scoring.model import resolve_model
@@ -81,9 +83,16 @@ def test_score_flow_on_seaweedfs_threads_and_dask_agree(
     # counted as up to date, not scored again.
     paths = ScoringPaths.bucket(threads.url)
     ref = resolve_model(paths, None, None, None)
-    meanwhile = score_slides_flow(paths, ref, ["601"], 16, 16, 4, SLIDES["601"])
-    report = meanwhile["report"]
-    assert report.up_to_date == 1 and report.slides == [] and report.cells == 0
+
+    @flow
+    def rescore_601() -> tuple[object, list[str]]:
+        runner = build_task_runner()
+        with runner:
+            return score_leased_slides(runner, paths, ref, ["601"], shard_size=16,
+                                       batch_size=16, concurrency=4, total_cells=SLIDES["601"])
+
+    report, failed = rescore_601()
+    assert report.up_to_date == 1 and report.slides == [] and report.cells == 0 and not failed
 
     # The same scans on a local Dask cluster of 2 worker processes: the same rows.
     on_dask = score_flow(data_url=dask.url, shard_size=16, batch_size=16, runner="dask",

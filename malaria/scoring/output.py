@@ -8,13 +8,14 @@ import io
 import logging
 from collections.abc import Iterable, Sequence
 from concurrent.futures import ThreadPoolExecutor
-from dataclasses import asdict, dataclass
+from dataclasses import dataclass, field
 from datetime import UTC, datetime
 from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
 from malaria.core.labels import PARASITIZED
+from malaria.evaluation.drift import probability_histogram
 from malaria.io.store import ObjectInfo, ObjectNotFound, get_csv, get_json, put_csv, put_json
 from malaria.scoring.due import marker_id, marker_names
 from malaria.scoring.paths import ScoringError, ScoringPaths
@@ -60,6 +61,9 @@ class SlideSummary:
     model_version: str
     scored_at: str
     scan_fingerprint: str
+    # The slide's scores binned as drift bins them: this run's drift check needs no second
+    # read of the CSVs. Not a summary column (a rebuilt summary has none).
+    probability_counts: tuple[int, ...] = field(default=(), compare=False, repr=False)
 
     @classmethod
     def from_rows(cls, slide: str, rows: Sequence[dict[str, str]], version: str,
@@ -77,10 +81,12 @@ class SlideSummary:
             model_version=version,
             scored_at=max((r["scored_at"] for r in rows), default=utc_now()),
             scan_fingerprint=fp,
+            probability_counts=tuple(probability_histogram(probabilities)),
         )
 
     def to_dict(self) -> dict[str, Any]:
-        return asdict(self)
+        """The summary columns (what a marker and ``summary.csv`` hold)."""
+        return {name: getattr(self, name) for name in SUMMARY_COLUMNS}
 
 
 def finalize_slide(paths: ScoringPaths, ref: ModelRef, plan: SlidePlan) -> SlideSummary:
