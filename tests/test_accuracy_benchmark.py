@@ -176,3 +176,102 @@ def test_scores_come_from_malaria_evaluation() -> None:
     assert row["cells"] == 200 and row["slides"] == 5
     assert set(row) >= {"accuracy", "sensitivity", "specificity", "precision", "f1", "mcc",
                         "confusion", "per_slide_accuracy_min", "per_slide_accuracy_median"}
+
+
+def test_a_pack_holds_what_folds_are_built_from(cells: Path, tmp_path: Path) -> None:
+    """Slide and label per cell: the folds (and each fold's validation slides) from a pack
+    are the folds from the folder."""
+    from benchmarks.accuracy import cv_splits
+
+    records = records_from_folder(cells)
+    write_pack(tmp_path / "cells.npz", records, folder_loader(cells, tmp_path / "cache"), SIZE)
+    packed, _ = read_pack(tmp_path / "cells.npz")
+
+    assert [(r.slide, r.label) for r in packed] == [(r.slide, r.label) for r in records]
+    assert cv_splits(packed, 4) == cv_splits(records, 4)
+
+
+def test_cv_summary_pools_folds_at_their_own_thresholds() -> None:
+    from benchmarks.accuracy import Scored, cv_summary
+
+    def fold(slides: list[str], probs: list[float], labels: list[int],
+             threshold: float) -> Scored:
+        return Scored(np.array(labels, dtype=np.float32), np.array(probs),
+                      np.array(slides), threshold)
+
+    # Fold 0 (threshold 0.5): slide a all right; slide b one cell of 4 over-called.
+    # Fold 1 (threshold 0.3): slide c all right at 0.3 (it would be wrong at 0.5).
+    scored = [fold(["a"] * 2 + ["b"] * 4, [0.9, 0.8, 0.6, 0.1, 0.2, 0.1], [1, 1, 0, 0, 0, 0],
+                   0.5),
+              fold(["c"] * 3, [0.35, 0.1, 0.4], [1, 0, 1], 0.3)]
+    rows = [{"accuracy": a, "auc": 1.0, "sensitivity": 1.0, "specificity": s,
+             "parasitemia_error_mean": e, "parasitemia_error_max": 2 * e,
+             "per_slide_accuracy_min": a, "threshold": t, "train_seconds": sec,
+             "precision_policy": "float32", "input_size": 32, "params": 10, "model_bytes": 99}
+            for a, s, e, t, sec in ((5 / 6, 0.75, 12.5, 0.5, 10.0), (1.0, 1.0, 0.0, 0.3, 14.0))]
+
+    summary = cv_summary(rows, scored, {"a": 0, "b": 0, "c": 1}, resamples=200)
+
+    assert summary["accuracy"] == pytest.approx(8 / 9)
+    assert summary["sensitivity"] == 1.0 and summary["specificity"] == pytest.approx(4 / 5)
+    assert summary["cells"] == 9 and summary["slides"] == 3 and summary["cv_folds"] == 2
+    per_slide = {row["slide"]: row for row in summary["parasitemia"]["per_slide"]}
+    assert per_slide["b"]["error_pp"] == pytest.approx(25.0) and per_slide["b"]["fold"] == 0
+    assert per_slide["c"]["predicted_pct"] == pytest.approx(200 / 3)
+    assert summary["parasitemia"]["max"] == pytest.approx(25.0)
+    assert summary["parasitemia"]["mean"] == pytest.approx(25 / 3)
+    assert summary["spread"]["accuracy"]["min"] == pytest.approx(5 / 6)
+    assert summary["spread"]["accuracy"]["sd"] == pytest.approx(np.std([5 / 6, 1], ddof=1))
+    assert summary["train_seconds"] == {"per_fold": [10.0, 14.0], "total": 24.0, "mean": 12.0}
+    boot = summary["bootstrap"]
+    assert boot["accuracy"]["estimate"] == pytest.approx(8 / 9)
+    assert boot["accuracy"]["low"] <= 8 / 9 <= boot["accuracy"]["high"]
+
+
+def test_cv_end_to_end_from_a_pack(cells: Path, tmp_path: Path,
+                                   capsys: pytest.CaptureFixture[str]) -> None:
+    """A tiny real run: every slide tested once, in the folds the JSON records."""
+    import json
+
+    from benchmarks.accuracy import main
+
+    pack = tmp_path / "cells.npz"
+    assert main(["--data", str(cells), "--write-pack", str(pack), "--size", str(SIZE),
+                 "--cache", str(tmp_path / "cache")]) == 0
+    out = tmp_path / "cv.json"
+    assert main(["--pack", str(pack), "--cv", "3", "--archs", "cellnet-tiny", "--size",
+                 str(SIZE), "--minutes", "0.3", "--tta", "1", "--override", '{"epochs": 1}',
+                 "--workdir", str(tmp_path / "work"), "--json", str(out)]) == 0
+
+    report = json.loads(out.read_text())
+    folds = report["meta"]["folds"]
+    slides = {r.slide for r in records_from_folder(cells)}
+    assert set(folds) == slides and set(folds.values()) == {0, 1, 2}
+    result = report["cellnet-tiny"]
+    assert [f["fold"] for f in result["folds"]] == [0, 1, 2]
+    tested = [s for f in result["folds"] for s in f["slides"]["test"]]
+    assert sorted(tested) == sorted(slides)  # each slide tested exactly once
+    for f in result["folds"]:
+        assert set(f["slides"]["test"]) == {s for s, i in folds.items() if i == f["fold"]}
+        assert not set(f["slides"]["val"]) & set(f["slides"]["test"])
+    assert result["cells"] == 160
+    assert {p["slide"] for p in result["parasitemia"]["per_slide"]} == slides
+    for key in ("accuracy", "auc", "sensitivity", "specificity"):
+        assert set(result["spread"][key]) == {"mean", "sd", "min", "max"}
+    assert set(result["bootstrap"]) >= {"accuracy", "auc", "parasitemia_error_mean"}
+    assert len(result["train_seconds"]["per_fold"]) == 3
+    assert "cpu_flags" in report["meta"]["machine"]
+    assert "cellnet-tiny" in report["meta"]["precision_policy"]
+    printed = capsys.readouterr().out
+    assert all(f"cellnet-tiny fold {i}/3" in printed for i in (1, 2, 3))
+
+
+def test_cv_refuses_what_does_not_go_with_it(cells: Path) -> None:
+    from benchmarks.accuracy import main
+
+    for extra in (["--eval", "val"], ["--fit-on", "train+val", "--threshold-from", "x.json"]):
+        with pytest.raises(SystemExit) as refused:
+            main(["--data", str(cells), "--cv", "3", *extra])
+        assert refused.value.code == 2
+    with pytest.raises(SystemExit, match="number of slides"):
+        main(["--data", str(cells), "--cv", "9"])

@@ -6,6 +6,7 @@ import io
 import json
 import math
 from itertools import product
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -343,3 +344,43 @@ def test_montage_without_mistakes_and_bad_images() -> None:
         plot_worst_misclassified(images[:1], [0, 1], [0.1, 0.9], 0.5)
     with pytest.raises(ValueError, match="uint8"):
         plot_worst_misclassified(images.astype(np.float32), [0, 1], [0.9, 0.1], 0.5)
+
+
+def test_parasitemia_error_sits_beside_accuracy_and_auc() -> None:
+    # Slide s1: 2 of 4 labelled parasitized, 1 called -> 25 points; s2: 0 of 2, 0 called.
+    report = evaluate([1, 1, 0, 0, 0, 0], [0.9, 0.2, 0.1, 0.3, 0.1, 0.2], 0.5,
+                      slides=["s1"] * 4 + ["s2"] * 2)
+    data = report.to_dict()
+    assert data["parasitemia_error_mean"] == pytest.approx(12.5)
+    assert data["parasitemia_error_max"] == pytest.approx(25.0)
+    no_slides = evaluate([0, 1], [0.2, 0.7], 0.5).to_dict()
+    assert no_slides["parasitemia_error_mean"] is None
+    assert no_slides["parasitemia_error_max"] is None
+
+
+def test_the_report_table_and_evaluate_json_show_parasitemia_error(
+        tmp_path: Path, monkeypatch: pytest.MonkeyPatch,
+        capsys: pytest.CaptureFixture[str]) -> None:
+    """``malaria evaluate`` (model scoring stood in) prints the training report's table and
+    writes the keys the issue names."""
+    import malaria.model.local as local
+    from malaria.model.candidate import metrics_table
+    from malaria_cli.main import main
+
+    report = evaluate([1, 1, 0, 0, 1, 0], [0.9, 0.2, 0.1, 0.3, 0.8, 0.2], 0.5,
+                      slides=["s1"] * 4 + ["s2"] * 2)
+    table = metrics_table(report)
+    assert "| per-slide parasitemia error, mean (percentage points) | 12.50 |" in table
+    assert "| per-slide parasitemia error, max (percentage points) | 25.00 |" in table
+
+    monkeypatch.setattr(local, "evaluate_local", lambda *args, **kwargs: report)
+    monkeypatch.setenv("MALARIA_CACHE_DIR", str(tmp_path / "cache"))
+    out = tmp_path / "metrics.json"
+    assert main(["evaluate", "--model", "m.keras", "--data", str(tmp_path),
+                 "--json", str(out)]) == 0
+    written = json.loads(out.read_text())
+    for key in ("accuracy", "roc_auc", "sensitivity", "specificity", "slide_accuracy_min",
+                "parasitemia_error_mean", "parasitemia_error_max"):
+        assert written[key] is not None, key
+    assert written["parasitemia_error_max"] == pytest.approx(25.0)
+    assert "parasitemia error, max" in capsys.readouterr().out

@@ -42,10 +42,9 @@ def _rows(store: S3Store, slide: str) -> pd.DataFrame:
 
 def test_score_flow_on_seaweedfs_threads_and_dask_agree(
         seaweed_bucket: S3Store, prefect_harness: None, tmp_path: Path) -> None:
+    from prefect import flow
     from prefect.client.orchestration import get_client
     from prefect.client.schemas.filters import ArtifactFilter, ArtifactFilterKey
-
-    from prefect import flow
 
     from flows.score import build_task_runner, score_flow, score_leased_slides
     from malaria.model.architectures import build_model

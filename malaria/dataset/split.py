@@ -46,19 +46,13 @@ def split_by_slide(records: Sequence[CellRecord], *, seed: int = 0,
     """
     if not 0 <= val_fraction < 1 or not 0 <= test_fraction < 1 or val_fraction + test_fraction >= 1:
         raise ValueError("fractions must be in [0, 1) and sum to less than 1")
-    counts: dict[str, Counter[int]] = defaultdict(Counter)
-    for record in records:
-        counts[record.slide][record.label] += 1
-    groups: dict[int, list[str]] = defaultdict(list)
-    for slide, c in counts.items():
-        groups[int(c[1] >= c[0])].append(slide)
+    groups = _slides_by_majority(records)
     rng = np.random.default_rng(seed)
     train: list[str] = []
     val: list[str] = []
     test: list[str] = []
-    total = len(counts)
-    for group in sorted(groups):
-        slides = sorted(groups[group], key=_slide_sort_key)
+    total = sum(len(s) for s in groups.values())
+    for slides in groups.values():
         order = [slides[i] for i in rng.permutation(len(slides))]
         n_test = round(len(order) * test_fraction)
         n_val = round(len(order) * val_fraction)
@@ -71,3 +65,56 @@ def split_by_slide(records: Sequence[CellRecord], *, seed: int = 0,
             part.append(train.pop(int(rng.integers(len(train)))))
     key = _slide_sort_key
     return SlideSplit(sorted(train, key=key), sorted(val, key=key), sorted(test, key=key))
+
+
+def _slides_by_majority(records: Iterable[CellRecord]) -> dict[int, list[str]]:
+    """Slide ids grouped by their majority class (1 = parasitized, ties counted as 1, as
+    :func:`split_by_slide` does), each group sorted."""
+    counts: dict[str, Counter[int]] = defaultdict(Counter)
+    for record in records:
+        counts[record.slide][record.label] += 1
+    groups: dict[int, list[str]] = defaultdict(list)
+    for slide, c in counts.items():
+        groups[int(c[1] >= c[0])].append(slide)
+    return {g: sorted(s, key=_slide_sort_key) for g, s in sorted(groups.items())}
+
+
+def slide_folds(records: Sequence[CellRecord], k: int, seed: int = 0) -> dict[str, int]:
+    """Slide -> fold (0 .. k-1) for slide-grouped, class-stratified K-fold cross-validation.
+
+    Every slide lands in exactly one fold. Slides are grouped by majority class, each group
+    shuffled with ``seed`` and dealt round-robin; the deal carries on from group to group, so
+    fold sizes differ by at most one slide overall and by at most one within each class. Like
+    :func:`split_by_slide` it depends only on the slide ids and their majority class.
+    """
+    groups = _slides_by_majority(records)
+    total = sum(len(s) for s in groups.values())
+    if k < 2 or k > total:
+        raise ValueError(f"k must be between 2 and the number of slides ({total}), not {k}")
+    rng = np.random.default_rng(seed)
+    folds: dict[str, int] = {}
+    dealt = 0
+    for slides in groups.values():
+        for i in rng.permutation(len(slides)):
+            folds[slides[i]] = dealt % k
+            dealt += 1
+    return dict(sorted(folds.items(), key=lambda item: _slide_sort_key(item[0])))
+
+
+def fold_split(records: Sequence[CellRecord], folds: dict[str, int], fold: int, *,
+               seed: int = 0,
+               val_fraction: float = VAL_FRACTION / (1 - TEST_FRACTION)) -> SlideSplit:
+    """Fold ``fold``'s slides as test; validation slides (threshold, early stopping) taken,
+    stratified, from the other folds' slides, the rest train.
+
+    The default validation share of the training slides keeps the product split's
+    proportions when k = 5 (65/15/20% of the slides); the validation slides never come from
+    the test fold, so the threshold is chosen without looking at it.
+    """
+    if fold not in set(folds.values()):
+        raise ValueError(f"no fold {fold} in the assignment")
+    test = sorted((s for s, f in folds.items() if f == fold), key=_slide_sort_key)
+    held = set(test)
+    inner = split_by_slide([r for r in records if r.slide not in held], seed=seed,
+                           val_fraction=val_fraction, test_fraction=0.0)
+    return SlideSplit(inner.train, inner.val, test)

@@ -172,6 +172,10 @@ def metrics_table(report: EvaluationReport) -> str:
             ("per-slide accuracy, median", report.slide_accuracy_median)]
     lines = ["| metric | value |", "|---|---|"]
     lines += [f"| {name} | {value:.4f} |" for name, value in rows]
+    # Percentage points, so two decimals: what a lab reads per slide.
+    lines += [f"| per-slide parasitemia error, {name} (percentage points) | {value:.2f} |"
+              for name, value in (("mean", report.parasitemia_error_mean),
+                                  ("max", report.parasitemia_error_max))]
     c = report.confusion
     lines += ["", "| | predicted Uninfected | predicted Parasitized |", "|---|---|---|",
               f"| true Uninfected | {c.tn} | {c.fp} |", f"| true Parasitized | {c.fn} | {c.tp} |"]

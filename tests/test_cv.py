@@ -1,0 +1,170 @@
+"""Cross-validation's pure parts: slide folds, the validation slides inside a fold, the
+per-slide parasitemia error and the slide-level bootstrap."""
+
+from __future__ import annotations
+
+from collections import Counter
+
+import numpy as np
+import pytest
+
+from malaria.dataset.records import CellRecord
+from malaria.dataset.split import fold_split, slide_folds
+from malaria.evaluation.metrics import evaluate, evaluate_pooled, parasitemia_errors, roc_auc
+from malaria.evaluation.slides import slide_bootstrap, weighted_roc_auc
+
+
+def make_records(per_slide: dict[str, tuple[int, int]]) -> list[CellRecord]:
+    """(parasitized, uninfected) cell counts per slide -> records."""
+    records = []
+    for slide, (pos, neg) in per_slide.items():
+        for i in range(pos + neg):
+            label = int(i < pos)
+            key = f"{'Parasitized' if label else 'Uninfected'}/C{slide}_cell_{i}.png"
+            records.append(CellRecord(key=key, label=label, slide=slide, content_id=key))
+    return records
+
+
+# 23 slides mostly parasitized, 12 of healthy patients (uninfected only), like the NIH set.
+SLIDES = {**{str(i): (30 + i, 10) for i in range(1, 24)},
+          **{str(i): (0, 25 + i) for i in range(24, 36)}}
+
+
+def majority(slide: str) -> int:
+    pos, neg = SLIDES[slide]
+    return int(pos >= neg)
+
+
+def test_every_slide_is_in_exactly_one_fold() -> None:
+    folds = slide_folds(make_records(SLIDES), 5, seed=1)
+    assert set(folds) == set(SLIDES)
+    assert set(folds.values()) == set(range(5))
+    tested = [s for fold in range(5) for s, f in folds.items() if f == fold]
+    assert sorted(tested) == sorted(SLIDES)  # each once
+
+
+def test_folds_are_balanced_by_majority_class() -> None:
+    folds = slide_folds(make_records(SLIDES), 5, seed=1)
+    sizes = Counter(folds.values())
+    assert max(sizes.values()) - min(sizes.values()) <= 1
+    for group in (0, 1):
+        per_fold = Counter(f for s, f in folds.items() if majority(s) == group)
+        counts = [per_fold.get(fold, 0) for fold in range(5)]
+        assert max(counts) - min(counts) <= 1, (group, counts)
+
+
+def test_folds_depend_on_the_seed_only() -> None:
+    records = make_records(SLIDES)
+    assert slide_folds(records, 5, seed=7) == slide_folds(list(reversed(records)), 5, seed=7)
+    assert slide_folds(records, 5, seed=7) != slide_folds(records, 5, seed=8)
+
+
+def test_fold_count_must_fit_the_slides() -> None:
+    records = make_records({"1": (3, 1), "2": (0, 4), "3": (2, 2)})
+    for k in (1, 4):
+        with pytest.raises(ValueError, match="number of slides"):
+            slide_folds(records, k)
+    assert len(set(slide_folds(records, 3).values())) == 3
+
+
+def test_validation_slides_come_from_the_folds_training_slides() -> None:
+    records = make_records(SLIDES)
+    folds = slide_folds(records, 5, seed=1)
+    for fold in range(5):
+        split = fold_split(records, folds, fold, seed=fold)
+        assert set(split.test) == {s for s, f in folds.items() if f == fold}
+        assert not set(split.val) & set(split.test) and not set(split.train) & set(split.test)
+        assert not set(split.val) & set(split.train)
+        assert set(split.train) | set(split.val) | set(split.test) == set(SLIDES)
+        # The product split's share: 15% of all slides, here 3/16 of the training pool.
+        pool = len(SLIDES) - len(split.test)
+        assert len(split.val) == pytest.approx(pool * 0.15 / 0.8, abs=1.01)
+        assert {majority(s) for s in split.val} == {0, 1}  # stratified
+        assert fold_split(records, folds, fold, seed=fold) == split
+    with pytest.raises(ValueError, match="fold 5"):
+        fold_split(records, folds, 5)
+
+
+def test_parasitemia_error_on_a_hand_made_example() -> None:
+    # Slide A: 4 cells, 2 labelled parasitized, 3 called -> 75% vs 50% = 25 points.
+    # Slide B: 5 cells, 1 labelled, 1 called (a different cell) -> 0 points, though 2 wrong.
+    # Slide C: 2 uninfected cells, both called uninfected -> 0 points.
+    y = [1, 1, 0, 0, 1, 0, 0, 0, 0, 0, 0]
+    prob = [0.9, 0.8, 0.7, 0.1, 0.2, 0.6, 0.1, 0.1, 0.1, 0.3, 0.2]
+    slides = ["A"] * 4 + ["B"] * 5 + ["C"] * 2
+
+    report = evaluate(y, prob, 0.5, slides=slides)
+
+    assert parasitemia_errors(report.per_slide) == pytest.approx([25.0, 0.0, 0.0])
+    assert report.parasitemia_error_mean == pytest.approx(25 / 3)
+    assert report.parasitemia_error_max == pytest.approx(25.0)
+    data = report.to_dict()
+    assert data["parasitemia_error_mean"] == pytest.approx(25 / 3)
+    assert data["parasitemia_error_max"] == pytest.approx(25.0)
+
+
+def test_pooled_cells_are_judged_at_their_own_folds_threshold() -> None:
+    y = [1, 0, 1, 0]
+    prob = [0.6, 0.4, 0.3, 0.2]
+    # Fold 1 chose 0.5, fold 2 chose 0.25: cell 3 (p 0.3) is then called parasitized.
+    report = evaluate_pooled(y, prob, [0.5, 0.5, 0.25, 0.25], slides=["a", "a", "b", "b"])
+    assert report.accuracy == 1.0
+    assert report.roc_auc == pytest.approx(roc_auc(y, prob))
+    assert report.to_dict()["threshold"] is None
+    with pytest.raises(ValueError, match="thresholds"):
+        evaluate_pooled(y, prob, [0.5])
+
+
+def scored_cells(seed: int = 0) -> tuple[np.ndarray, np.ndarray, np.ndarray, list[str]]:
+    rng = np.random.default_rng(seed)
+    slides, labels, probs = [], [], []
+    for s in range(20):
+        n = int(rng.integers(20, 60))
+        share = 0.0 if s % 3 == 0 else rng.uniform(0.3, 0.9)
+        y = (rng.random(n) < share).astype(np.int8)
+        # Slide-specific shift, so slides differ the way stains do.
+        p = np.clip(0.25 + 0.5 * y + rng.normal(0, 0.2, n) + rng.normal(0, 0.08), 0, 1)
+        slides += [f"s{s}"] * n
+        labels.append(y)
+        probs.append(p)
+    y_all, p_all = np.concatenate(labels), np.concatenate(probs)
+    return y_all, p_all, (p_all >= 0.5).astype(np.int8), slides
+
+
+def test_bootstrap_interval_holds_the_estimate_and_repeats() -> None:
+    y, p, calls, slides = scored_cells()
+
+    result = slide_bootstrap(y, p, calls, slides, resamples=500, seed=3)
+
+    assert result["slides"] == 20 and result["resamples"] == 500
+    assert result["accuracy"]["estimate"] == pytest.approx(float(np.mean(calls == y)))
+    assert result["auc"]["estimate"] == pytest.approx(roc_auc(y, p))
+    report = evaluate(y, p, 0.5, slides=slides)
+    assert result["parasitemia_error_mean"]["estimate"] == pytest.approx(
+        report.parasitemia_error_mean)
+    for name in ("accuracy", "auc", "parasitemia_error_mean"):
+        interval = result[name]
+        assert interval["low"] <= interval["estimate"] <= interval["high"], name
+        assert interval["low"] < interval["high"], name
+    assert slide_bootstrap(y, p, calls, slides, resamples=500, seed=3) == result
+    assert slide_bootstrap(y, p, calls, slides, resamples=500, seed=4) != result
+
+
+def test_bootstrap_resamples_whole_slides() -> None:
+    # Two slides whose cells are all right and one whose cells are all wrong: every
+    # resample's accuracy is a mix of whole slides, never of single cells.
+    y = [1] * 10 + [0] * 10 + [1] * 10
+    calls = [1] * 10 + [0] * 10 + [0] * 10
+    p = [0.9] * 10 + [0.1] * 10 + [0.2] * 10
+    slides = ["a"] * 10 + ["b"] * 10 + ["c"] * 10
+    result = slide_bootstrap(y, p, calls, slides, resamples=300, seed=0)
+    assert result["accuracy"]["low"] == 0.0 and result["accuracy"]["high"] == 1.0
+    assert result["auc"]["undefined_resamples"] > 0  # a resample of one class has no AUC
+
+
+def test_weighted_auc_equals_the_auc_of_repeated_cells() -> None:
+    y, p, _, _ = scored_cells(1)
+    p = np.round(p, 1)  # ties, which count one half
+    weights = np.random.default_rng(2).integers(0, 4, y.size)
+    repeated = np.repeat(np.arange(y.size), weights)
+    assert weighted_roc_auc(y, p, weights) == pytest.approx(roc_auc(y[repeated], p[repeated]))
