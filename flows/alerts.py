@@ -18,7 +18,7 @@ from prefect import flow, get_run_logger
 from prefect.artifacts import create_markdown_artifact
 from prefect.client.orchestration import get_client
 
-from malaria.core import layout
+from malaria.core import defaults, layout
 from malaria.core.settings import data_url as resolve_data_url
 from malaria.core.settings import redact
 from malaria.io.store import open_store
@@ -34,7 +34,8 @@ def _failed_run(resource_id: str) -> dict[str, Any]:
             "message": redact(run.state.message or "") if run.state else ""}
 
 
-@flow(name="failure-alert", description="Record and forward a pipeline failure.")
+@flow(name="failure-alert", description="Record and forward a pipeline failure.",
+      timeout_seconds=defaults.ALERT_FLOW_TIMEOUT_S)
 def failure_alert_flow(failed_run: str = "", data_url: str | None = None) -> dict[str, Any]:
     logger = get_run_logger()
     now = datetime.now(UTC)

@@ -7,40 +7,52 @@ run it. How a run stays deterministic, resumable and idempotent: see malaria.ing
 from __future__ import annotations
 
 from prefect import flow, get_run_logger
+from prefect.runtime import flow_run
 from prefect.utilities.annotations import quote
 
 from malaria.core import layout
-from malaria.core.defaults import INGEST_CHUNK_SIZE, INGEST_CONCURRENCY
+from malaria.core.defaults import (
+    INGEST_CHUNK_SIZE,
+    INGEST_CONCURRENCY,
+    INGEST_LOCK_WAIT_S,
+    INGEST_RUN_TIMEOUT_S,
+)
 from malaria.core.settings import data_url as resolve_data_url
 from malaria.ingest.chunk import iter_chunks
 from malaria.ingest.manifest import OUTCOMES, IngestSummary, ManifestWriter, new_run_id
 from malaria.io.store import open_store
-from tasks.ingest import ingest_chunk, load_ingest_state, publish_ingest_report
+from tasks.ingest import ingest_chunk, ingest_lock, load_ingest_state, publish_ingest_report
 
 
 @flow(name="ingest", description="Validate, de-duplicate and sort labelled cell images "
-      "from incoming/ into dataset/<class>/<slide>/, quarantining bad files with a reason.")
+      "from incoming/ into dataset/<class>/<slide>/, quarantining bad files with a reason.",
+      timeout_seconds=INGEST_RUN_TIMEOUT_S)
 def ingest_flow(data_url: str | None = None, chunk_size: int = INGEST_CHUNK_SIZE,
-                concurrency: int = INGEST_CONCURRENCY) -> dict[str, object]:
+                concurrency: int = INGEST_CONCURRENCY,
+                lock_wait_s: float = INGEST_LOCK_WAIT_S) -> dict[str, object]:
     data_url = resolve_data_url(data_url)
     run_id = new_run_id()
     logger = get_run_logger()
     logger.info("ingest run %s on %s", run_id, data_url)
 
-    ledger, labels = load_ingest_state(data_url)
     summary = IngestSummary(run_id=run_id)
     manifest = ManifestWriter()
     try:
-        # Chunks run one after another so de-duplication is decided in key order; the
-        # concurrency is inside each chunk.
-        listing = open_store(data_url).list(layout.INCOMING)
-        for index, chunk in enumerate(iter_chunks(listing, chunk_size=chunk_size)):
-            result = ingest_chunk(data_url, chunk, index, quote(ledger), quote(labels),
-                                  run_id, concurrency)
-            manifest.add([*result.rows, *result.retracted])
-            summary.add(result)
-        publish_ingest_report(data_url, quote(summary), quote(manifest),
-                              layout.manifest_key(run_id))
+        # One writer at a time, whoever started it (see malaria.ingest.lock): the ledger is
+        # loaded under the lock, so no run decides with a ledger another run is changing.
+        with ingest_lock(data_url, label=f"{run_id} (flow run {flow_run.get_id()})",
+                         wait_s=lock_wait_s) as lock:
+            ledger, labels = load_ingest_state(data_url)
+            # Chunks run one after another so de-duplication is decided in key order; the
+            # concurrency is inside each chunk.
+            listing = open_store(data_url).list(layout.INCOMING)
+            for index, chunk in enumerate(iter_chunks(listing, chunk_size=chunk_size)):
+                result = ingest_chunk(data_url, chunk, index, quote(ledger), quote(labels),
+                                      run_id, concurrency, before_commit=quote(lock.verify))
+                manifest.add([*result.rows, *result.retracted])
+                summary.add(result)
+            publish_ingest_report(data_url, quote(summary), quote(manifest),
+                                  layout.manifest_key(run_id))
     finally:
         manifest.close()
     logger.info(summary.invariant_line())

@@ -17,7 +17,8 @@ from tasks.reports import publish_cell_gifs, publish_nightly_report
 
 
 @flow(name="nightly", description="Ingest new labelled cells, retrain, evaluate by slide, "
-      "promote only a model at least as good as the champion, and report.")
+      "promote only a model at least as good as the champion, and report.",
+      timeout_seconds=defaults.NIGHTLY_FLOW_TIMEOUT_S)
 def nightly_flow(data_url: str | None = None, arch: str = defaults.DEFAULT_ARCH,
                  input_size: int | None = None, epochs: int = defaults.TRAIN_EPOCHS,
                  max_minutes: float | None = defaults.NIGHTLY_TRAIN_MINUTES,

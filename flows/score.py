@@ -32,6 +32,7 @@ from prefect.task_runners import TaskRunner, ThreadPoolTaskRunner
 from malaria.core.defaults import (
     SCORE_BATCH_SIZE,
     SCORE_CONCURRENCY,
+    SCORE_FLOW_TIMEOUT_S,
     SCORE_LEASE_SETTLE_S,
     SCORE_LEASE_TTL_S,
     SCORE_PARALLEL_SHARDS,
@@ -95,12 +96,14 @@ def score_leased_slides(task_runner: TaskRunner[Any], paths: ScoringPaths, ref: 
 
     def finalize(slide: str) -> None:
         plan = tally.pop(slide)
-        if leases is not None and slide in leases.lost:  # another run holds it now
-            failed.append(f"finalize {slide}: lease lost")
-            logger.warning("slide %s: lease lost before its CSV was written; left to the "
-                           "run that holds it", slide)
-            return
         try:
+            # Read the lease again now, not only what the last heartbeat saw: a run that
+            # lost it meanwhile leaves the CSV to the run that holds it.
+            if leases is not None and (slide in leases.lost or not leases.still_held(slide)):
+                failed.append(f"finalize {slide}: lease lost")
+                logger.warning("slide %s: lease lost before its CSV was written; left to "
+                               "the run that holds it", slide)
+                return
             report.slides.append(finalize_slide_step(paths, ref, plan))
         except Exception as error:  # the slide stays due; its parts are kept
             failed.append(f"finalize {slide}: {error}")
@@ -154,7 +157,8 @@ def score_leased_slides(task_runner: TaskRunner[Any], paths: ScoringPaths, ref: 
 
 
 @flow(name="score", description="Score every due slide under scans/ with the serving model: "
-      "predictions/<slide>.csv per slide and predictions/summary.csv, exactly once.")
+      "predictions/<slide>.csv per slide and predictions/summary.csv, exactly once.",
+      timeout_seconds=SCORE_FLOW_TIMEOUT_S)
 def score_flow(data_url: str | None = None, model_path: str | None = None,
                threshold: float | None = None, tta: int | None = None,
                runner: str = "threads",

@@ -22,7 +22,8 @@ from tasks.training import (
 
 
 @flow(name="train", description="Train the CNN on dataset/, evaluate it on held-out slides, "
-      "register it and promote it only if it is at least as good as the champion.")
+      "register it and promote it only if it is at least as good as the champion.",
+      timeout_seconds=defaults.TRAIN_FLOW_TIMEOUT_S)
 def train_flow(data_url: str | None = None, arch: str = defaults.DEFAULT_ARCH,
                input_size: int | None = None, epochs: int = defaults.TRAIN_EPOCHS,
                max_minutes: float | None = defaults.TRAIN_MAX_MINUTES,

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import sys
 from pathlib import Path
 
 from malaria.core import defaults, settings
@@ -102,13 +103,20 @@ def cmd_models(args: argparse.Namespace) -> int:
             raise RuntimeError("no version given and no champion")
         print(json.dumps({"record": registry.get(version),
                           "gate": registry.get_decision(version)}, indent=2, default=str))
-    elif args.action == "promote":
-        if not args.version:
-            raise RuntimeError("promote needs a VERSION")
-        registry.promote(args.version, reason=f"promoted by hand: {args.reason}")
-        print(f"champion is now {args.version}")
     else:
-        print(f"champion is now {registry.rollback(reason=args.reason)}")
+        # promote and rollback change champion.json by compare-and-swap, as the train flow
+        # does: a concurrent promotion is redone on top of ours, never lost. A server without
+        # conditional writes leaves a window: say so rather than race silently.
+        if not registry.champion_writes_are_atomic():
+            print("warning: this storage server ignores conditional writes; make sure no "
+                  "training run is promoting a model right now", file=sys.stderr)
+        if args.action == "promote":
+            if not args.version:
+                raise RuntimeError("promote needs a VERSION")
+            registry.promote(args.version, reason=f"promoted by hand: {args.reason}")
+            print(f"champion is now {args.version}")
+        else:
+            print(f"champion is now {registry.rollback(reason=args.reason)}")
     return 0
 
 

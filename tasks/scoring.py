@@ -8,6 +8,7 @@ from prefect import get_run_logger, task
 from prefect.artifacts import create_markdown_artifact, create_table_artifact
 from prefect.cache_policies import NO_CACHE
 
+from malaria.core import defaults
 from malaria.core.settings import redact
 from malaria.evaluation.drift import DriftReport, compare, drift_of_predictions
 from malaria.io.store import open_store
@@ -19,7 +20,8 @@ from malaria.scoring.paths import ScoringPaths
 from malaria.scoring.shards import Shard, ShardResult, SlidePlan, score_shard
 
 
-@task(name="resolve-scoring-model", retries=2, retry_delay_seconds=5, cache_policy=NO_CACHE)
+@task(name="resolve-scoring-model", retries=2, retry_delay_seconds=5, cache_policy=NO_CACHE,
+      timeout_seconds=defaults.SCORE_STEP_TIMEOUT_S)
 def resolve_scoring_model(paths: ScoringPaths, model_path: str | None,
                           threshold: float | None, tta: int | None) -> ModelRef:
     ref = resolve_model(paths, model_path, threshold, tta)
@@ -28,7 +30,8 @@ def resolve_scoring_model(paths: ScoringPaths, model_path: str | None,
     return ref
 
 
-@task(name="find-due-slides", retries=2, retry_delay_seconds=5, cache_policy=NO_CACHE)
+@task(name="find-due-slides", retries=2, retry_delay_seconds=5, cache_policy=NO_CACHE,
+      timeout_seconds=defaults.SCORE_STEP_TIMEOUT_S)
 def find_due(paths: ScoringPaths, version: str) -> tuple[list[DueSlide], int]:
     due, up_to_date = find_due_slides(paths, version)
     logger = get_run_logger()
@@ -42,7 +45,7 @@ def find_due(paths: ScoringPaths, version: str) -> tuple[list[DueSlide], int]:
 # A shard is idempotent (its part is one whole object under a key fixed by its cells and
 # the model), so a retry after a network error or a lost worker is safe.
 @task(name="score-shard", retries=2, retry_delay_seconds=[5, 30], cache_policy=NO_CACHE,
-      task_run_name="score-shard-{label}")
+      task_run_name="score-shard-{label}", timeout_seconds=defaults.SCORE_SHARD_TIMEOUT_S)
 def score_shard_task(paths: ScoringPaths, ref: ModelRef, shard: Shard, label: str,
                      batch_size: int, concurrency: int) -> ShardResult:
     result = score_shard(paths, ref, shard, batch_size=batch_size, concurrency=concurrency)
@@ -68,7 +71,8 @@ def finalize_slide_step(paths: ScoringPaths, ref: ModelRef, plan: SlidePlan) -> 
     return summary
 
 
-@task(name="drift-against-validation", retries=2, retry_delay_seconds=5, cache_policy=NO_CACHE)
+@task(name="drift-against-validation", retries=2, retry_delay_seconds=5, cache_policy=NO_CACHE,
+      timeout_seconds=defaults.SCORE_STEP_TIMEOUT_S)
 def drift_against_validation(paths: ScoringPaths, ref: ModelRef,
                              summaries: list[SlideSummary]) -> DriftReport:
     """Tonight's scores (the slides of this run) against the champion's validation slides."""

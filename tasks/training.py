@@ -16,7 +16,7 @@ from prefect.artifacts import (
 )
 from prefect.cache_policies import NO_CACHE
 
-from malaria.core import layout
+from malaria.core import defaults, layout
 from malaria.dataset.cache import ImageCache
 from malaria.dataset.records import records_from_store, store_reader
 from malaria.io.store import open_store
@@ -43,7 +43,8 @@ from malaria.registry.provenance import new_version
 from malaria.registry.registry import ModelRegistry
 
 
-@task(name="load-training-data", retries=2, retry_delay_seconds=10, cache_policy=NO_CACHE)
+@task(name="load-training-data", retries=2, retry_delay_seconds=10, cache_policy=NO_CACHE,
+      timeout_seconds=defaults.TRAIN_LOAD_TIMEOUT_S)
 def load_training_data(data_url: str, config: RetrainConfig, cache_dir: str) -> PreparedData:
     store = open_store(data_url)
     records = records_from_store(store)
@@ -56,7 +57,7 @@ def load_training_data(data_url: str, config: RetrainConfig, cache_dir: str) -> 
     return data
 
 
-@task(name="train-candidate", cache_policy=NO_CACHE)
+@task(name="train-candidate", cache_policy=NO_CACHE, timeout_seconds=defaults.TRAIN_FIT_TIMEOUT_S)
 def train_candidate(data_url: str, config: RetrainConfig, data: PreparedData) -> dict[str, Any]:
     """Train with a checkpoint every epoch mirrored to the bucket; a re-run of the same data
     and settings resumes from the last checkpoint there."""
@@ -90,7 +91,8 @@ def train_candidate(data_url: str, config: RetrainConfig, data: PreparedData) ->
             "summary": summary}
 
 
-@task(name="evaluate-candidate", cache_policy=NO_CACHE)
+@task(name="evaluate-candidate", cache_policy=NO_CACHE,
+      timeout_seconds=defaults.TRAIN_EVALUATE_TIMEOUT_S)
 def evaluate_on_test_slides(trained: dict[str, Any], data: PreparedData,
                             config: RetrainConfig) -> CandidateEvaluation:
     evaluation = evaluate_candidate(trained["model"], data, trained["history"],
@@ -103,7 +105,8 @@ def evaluate_on_test_slides(trained: dict[str, Any], data: PreparedData,
     return evaluation
 
 
-@task(name="register-candidate", retries=2, retry_delay_seconds=5, cache_policy=NO_CACHE)
+@task(name="register-candidate", retries=2, retry_delay_seconds=5, cache_policy=NO_CACHE,
+      timeout_seconds=defaults.TRAIN_REGISTER_TIMEOUT_S)
 def register_candidate(data_url: str, trained: dict[str, Any], data: PreparedData,
                        evaluation: CandidateEvaluation, config: RetrainConfig) -> str:
     registry = ModelRegistry(open_store(data_url))
@@ -118,7 +121,8 @@ def register_candidate(data_url: str, trained: dict[str, Any], data: PreparedDat
     return version
 
 
-@task(name="promotion-gate", retries=1, cache_policy=NO_CACHE)
+@task(name="promotion-gate", retries=1, cache_policy=NO_CACHE,
+      timeout_seconds=defaults.TRAIN_GATE_TIMEOUT_S)
 def gate_candidate(data_url: str, version: str, evaluation: CandidateEvaluation,
                    data: PreparedData, config: RetrainConfig, cache_dir: str) -> GateDecision:
     store = open_store(data_url)
@@ -128,7 +132,8 @@ def gate_candidate(data_url: str, version: str, evaluation: CandidateEvaluation,
     return decision
 
 
-@task(name="publish-training-report", cache_policy=NO_CACHE)
+@task(name="publish-training-report", cache_policy=NO_CACHE,
+      timeout_seconds=defaults.REPORT_TIMEOUT_S)
 def publish_training_report(data_url: str, version: str, evaluation: CandidateEvaluation,
                             decision: GateDecision, data: PreparedData) -> None:
     store = open_store(data_url)

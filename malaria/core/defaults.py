@@ -48,3 +48,34 @@ SCORE_PARALLEL_SHARDS = 2
 SCORE_KEYS_PER_FETCH = 64  # keys a fetch thread asks the store for at once (Store.get_many)
 SCORE_LEASE_TTL_S = 900.0
 SCORE_LEASE_SETTLE_S = 1.0
+
+# ---- ingest: time bounds and the single-writer lock (malaria.ingest.lock)
+# A chunk (<= INGEST_CHUNK_SIZE objects, <= 256 MB) takes seconds at the measured 100-230
+# images/s; the timeout is ~60x that, so only a stalled store or endpoint reaches it.
+INGEST_CHUNK_TIMEOUT_S = 300.0
+INGEST_STATE_TIMEOUT_S = 600.0  # loading every ledger part and labels file (one GET each)
+INGEST_REPORT_TIMEOUT_S = 300.0  # uploading the manifest and writing the artifacts
+INGEST_LOCK_TTL_S = 600.0  # a lock not renewed for this long is stale (its run died)
+INGEST_LOCK_SETTLE_S = 1.0  # claim, wait this long, read back: a rival's write has landed
+INGEST_LOCK_POLL_S = 5.0  # how often a waiting run looks at the lock again
+INGEST_LOCK_WAIT_S = 1800.0  # how long a second run waits for the lock before it stops
+# A whole run: waiting for the lock plus two hours of chunks (~1M images at the measured
+# rate). A run that reaches it loses at most its last chunk: the next run resumes from the
+# ledger.
+INGEST_RUN_TIMEOUT_S = INGEST_LOCK_WAIT_S + 2 * 3600.0
+
+# ---- time limits: a stalled endpoint or a hung step fails the run (and frees the worker
+# slot that failure-alert needs) instead of holding it for hours. Generous against measured
+# run times; each S3 request has its own, much shorter, limits (malaria.io.s3).
+SCORE_FLOW_TIMEOUT_S = 6 * 3600
+SCORE_STEP_TIMEOUT_S = 30 * 60  # resolve the model, find due slides, drift check
+SCORE_SHARD_TIMEOUT_S = 30 * 60  # one shard of SCORE_SHARD_SIZE cells (~1 min on 2 cores)
+TRAIN_FLOW_TIMEOUT_S = 12 * 3600
+TRAIN_LOAD_TIMEOUT_S = 3 * 3600  # list, download and decode the dataset
+TRAIN_FIT_TIMEOUT_S = 10 * 3600  # the fit itself, when no minutes budget bounds it
+TRAIN_EVALUATE_TIMEOUT_S = 2 * 3600
+TRAIN_REGISTER_TIMEOUT_S = 30 * 60
+TRAIN_GATE_TIMEOUT_S = 2 * 3600  # scores the champion on the test slides, then promotes
+REPORT_TIMEOUT_S = 15 * 60  # artifacts, GIFs
+NIGHTLY_FLOW_TIMEOUT_S = 8 * 3600  # ingest + NIGHTLY_TRAIN_MINUTES of training + reports
+ALERT_FLOW_TIMEOUT_S = 5 * 60  # it must end: it shares the worker slot with scoring

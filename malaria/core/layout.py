@@ -34,6 +34,8 @@ PREDICTIONS = "predictions/"
 MODELS = "models/"
 MANIFESTS = "manifests/"
 INGEST_LEDGER = "state/ingest/"
+# Beside the ledger, not in it: the ledger loads every object under its prefix.
+INGEST_LOCK_KEY = "state/ingest.lock.json"
 CHECKPOINTS = "checkpoints/"
 REPORTS = "reports/"
 ALERTS = "alerts/"
@@ -162,3 +164,27 @@ def scoring_part_key(slide: str, fingerprint: str, version: str, start: int, end
 
 def scoring_lease_key(slide: str, state: str = SCORING_STATE) -> str:
     return f"{state}leases/{slide}.json"
+
+
+# Retention (malaria.registry.retention): the ledger parts merged into one. Named after the
+# newest merged part, minus its ".csv": it sorts right before that part and after every
+# older one, so rows replay in their original order, and parts written later sort after it.
+def ingest_ledger_compacted_key(newest_part_key: str) -> str:
+    return f"{newest_part_key.removesuffix('.csv')}-compacted.csv"
+
+
+def checkpoint_group(key: str) -> str | None:
+    """``checkpoints/<run key>/`` of a key under it, else None."""
+    return _first_folder(CHECKPOINTS, key)
+
+
+def report_group(key: str) -> str | None:
+    """``reports/<run>/`` of a key under it, else None."""
+    return _first_folder(REPORTS, key)
+
+
+def _first_folder(prefix: str, key: str) -> str | None:
+    if not key.startswith(prefix):
+        return None
+    name, sep, _ = key[len(prefix):].partition("/")
+    return f"{prefix}{name}/" if sep and name else None

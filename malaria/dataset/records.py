@@ -11,7 +11,9 @@ decoded-image cache (:mod:`malaria.dataset.cache`), splits by slide
 from __future__ import annotations
 
 import hashlib
+import logging
 import os
+from collections import Counter
 from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
@@ -29,6 +31,8 @@ from malaria.core.layout import DATASET
 
 if TYPE_CHECKING:
     from malaria.io.store import Store  # boto3 only where a store is used
+
+log = logging.getLogger(__name__)
 
 IMAGE_SUFFIXES = frozenset({".png", ".jpg", ".jpeg", ".tif", ".tiff", ".bmp", ".webp"})
 
@@ -55,7 +59,8 @@ def _label(class_name: str) -> int:
     return 1 if class_name == PARASITIZED else 0
 
 
-def records_from_store(store: Store, prefix: str = DATASET) -> list[CellRecord]:
+def records_from_store(store: Store, prefix: str = DATASET, *,
+                       skipped: Counter[str] | None = None) -> list[CellRecord]:
     """Every cell under ``dataset/<class>/<slide>/<file>``, in key order.
 
     ``content_id`` is ``<ETag>-<size>`` from the listing, so no object is downloaded to
@@ -64,17 +69,35 @@ def records_from_store(store: Store, prefix: str = DATASET) -> list[CellRecord]:
     stable id for the same upload); the local store's ETag is mtime+size, which changes
     whenever a file is replaced. Either way a changed object gets a new id and is decoded
     again, and an unchanged one is reused from the cache.
+
+    An object that is not a training cell (a slide folder holding a ``/``, so a deeper key;
+    a file that is not an image; an unknown class folder) is skipped, never silently: the
+    skips are counted by reason into ``skipped`` and logged as one warning with examples.
     """
     records = []
+    skips: Counter[str] = Counter()
+    examples: list[str] = []
     for info in store.list(prefix):
         parts = info.key[len(prefix):].split("/")
-        if len(parts) != 3 or Path(parts[2]).suffix.lower() not in IMAGE_SUFFIXES:
-            continue
         class_name = canonical_class(parts[0])
-        if class_name is None:
+        if len(parts) != 3 or not all(parts) or class_name is None:
+            reason = "unknown_class" if len(parts) == 3 and all(parts) else (
+                "not_class_slide_file")
+        elif Path(parts[2]).suffix.lower() not in IMAGE_SUFFIXES:
+            reason = "not_an_image_name"
+        else:
+            records.append(CellRecord(key=info.key, label=_label(class_name), slide=parts[1],
+                                      content_id=f"{info.etag}-{info.size}"))
             continue
-        records.append(CellRecord(key=info.key, label=_label(class_name), slide=parts[1],
-                                  content_id=f"{info.etag}-{info.size}"))
+        skips[reason] += 1
+        if len(examples) < 3:
+            examples.append(info.key)
+    if skips:
+        log.warning("%d objects under %s are not training cells (%s<class>/<slide>/<file>)"
+                    " and were skipped: %s; e.g. %s", sum(skips.values()), prefix, prefix,
+                    dict(sorted(skips.items())), ", ".join(examples))
+        if skipped is not None:
+            skipped.update(skips)
     return records
 
 

@@ -6,11 +6,12 @@ from __future__ import annotations
 import contextlib
 import hashlib
 import json
-from collections.abc import Iterable, Iterator
-from concurrent.futures import ThreadPoolExecutor
+from collections.abc import Callable, Iterable, Iterator, Sequence
+from concurrent.futures import FIRST_EXCEPTION, Future, ThreadPoolExecutor, wait
 from dataclasses import dataclass
 from datetime import UTC, datetime
 from pathlib import PurePosixPath
+from typing import TypeVar
 
 from malaria.core import layout
 from malaria.core.defaults import INGEST_CHUNK_SIZE, INGEST_CONCURRENCY
@@ -42,6 +43,60 @@ from malaria.ingest.manifest import (
     rows_to_csv,
 )
 from malaria.io.store import ObjectInfo, ObjectNotFound, Store
+
+# Quarantine reasons for names that cannot become keys (checked before anything is written).
+UNSAFE_KEY = "unsafe_key"
+UNSAFE_SLIDE = "unsafe_slide"
+# Quarantined without a copy: the source is gone, or its key cannot be read safely.
+_NO_COPY = ("missing_object", UNSAFE_KEY)
+MAX_SLIDE_LENGTH = 100
+# How long the chunk's thread blocks at a time while its pool works: a Prefect task timeout
+# is an exception sent to this thread, which Python raises only between bytecodes.
+_WAIT_SLICE_S = 0.5
+_T = TypeVar("_T")
+
+
+def unsafe_key(key: str) -> str | None:
+    """Why ``key`` cannot be read or copied safely (None when it can): an empty, ``.`` or
+    ``..`` segment escapes or collapses in a local folder and on some S3 servers."""
+    for segment in key.split("/"):
+        if segment in ("", ".", ".."):
+            return f"the key has a {segment!r} segment" if segment else \
+                "the key has an empty segment"
+    if any(ord(c) < 32 or ord(c) == 127 for c in key):
+        return "the key holds a control character"
+    return None
+
+
+def unsafe_slide(slide: str) -> str | None:
+    """Why ``slide`` cannot be one folder of ``dataset/<class>/<slide>/`` (None when it can):
+    training reads exactly one folder level there."""
+    if slide in (".", ".."):
+        return f"slide {slide!r} is not a folder name"
+    if "/" in slide or "\\" in slide:
+        return f"slide {slide!r} holds a path separator"
+    if any(ord(c) < 32 or ord(c) == 127 for c in slide):
+        return f"slide {slide!r} holds a control character"
+    if len(slide) > MAX_SLIDE_LENGTH:
+        return f"slide name longer than {MAX_SLIDE_LENGTH} characters"
+    return None
+
+
+def _run_all(pool: ThreadPoolExecutor, work: Callable[[_T], None],
+             items: Sequence[_T]) -> None:
+    """``work`` on every item in ``pool``; the first failure raises and cancels what has not
+    started. Waits in short slices so that a task timeout interrupts a stalled store."""
+    futures: list[Future[None]] = [pool.submit(work, item) for item in items]
+    try:
+        pending = set(futures)
+        while pending:
+            done, pending = wait(pending, timeout=_WAIT_SLICE_S, return_when=FIRST_EXCEPTION)
+            for future in done:
+                future.result()
+    except BaseException:
+        for future in futures:
+            future.cancel()
+        raise
 
 
 def iter_chunks(objects: Iterable[ObjectInfo], *, chunk_size: int = INGEST_CHUNK_SIZE,
@@ -84,23 +139,42 @@ class IngestChunk:
 
     def __init__(self, store: Store, ledger: Ledger, labels: dict[str, LabelEntry], *,
                  run_id: str, limits: ImageLimits = DEFAULT_LIMITS,
-                 concurrency: int = INGEST_CONCURRENCY) -> None:
+                 concurrency: int = INGEST_CONCURRENCY,
+                 before_commit: Callable[[], None] | None = None) -> None:
         self.store = store
+        # Read only until the chunk has committed (``run`` records into it last), so a
+        # retried chunk decides from the same state as its first attempt.
         self.ledger = ledger
         self.labels = labels
         self.run_id = run_id
         self.limits = limits
         self.concurrency = concurrency
+        # Called after the decisions, before the first write (the ingest lock's check).
+        self.before_commit = before_commit
 
     def run(self, objects: list[ObjectInfo], chunk_index: int) -> ChunkResult:
         items = [_Item(info, ManifestRow(self.run_id, info.key, info.size, info.etag, outcome=""))
                  for info in objects]
         pending = [item for item in items if not self._settle_without_download(item)]
-        with ThreadPoolExecutor(self.concurrency) as pool:
-            list(pool.map(self._fetch_and_validate, pending))
+        pool = ThreadPoolExecutor(self.concurrency)
+        try:
+            _run_all(pool, self._fetch_and_validate, pending)
             retractions = self._decide(pending)
-            list(pool.map(self._commit, items))
-            list(pool.map(self._retract, retractions))
+            if self.before_commit is not None:
+                self.before_commit()
+            _run_all(pool, self._commit, items)
+            _run_all(pool, self._retract, retractions)
+        except Exception:
+            # A failed request: let those in flight end (the client's timeouts bound them),
+            # so that none of them lands while the retry runs.
+            pool.shutdown(wait=True, cancel_futures=True)
+            raise
+        except BaseException:
+            # A timeout or a cancellation (sent to this thread): the store may be stalled,
+            # so do not wait for it.
+            pool.shutdown(wait=False, cancel_futures=True)
+            raise
+        pool.shutdown()
         fresh = [item.row for item in items if item.row.outcome != ALREADY_INGESTED]
         ledger_key = None
         if fresh or retractions:
@@ -119,12 +193,24 @@ class IngestChunk:
         if self.ledger.knows(item.info):
             row.outcome = ALREADY_INGESTED
             return True
+        # Names that cannot become keys go to quarantine one object at a time, before
+        # anything is read or written: a poison object must not fail the whole chunk.
+        bad_key = unsafe_key(item.info.key)
+        if bad_key is not None:
+            self._quarantine(row, UNSAFE_KEY, bad_key)
+            return True
         relative = item.info.key.removeprefix(layout.INCOMING)
         entry = self.labels.get(relative)
         folder_label = class_from_key(relative)
         file_name = PurePosixPath(relative).name
         row.slide = (entry.slide if entry and entry.slide else None) or slide_from_name(
             file_name) or UNKNOWN_SLIDE
+        bad_slide = unsafe_slide(row.slide)
+        if bad_slide is not None:
+            row.label = entry.label if entry else (folder_label or "")
+            self._quarantine(row, UNSAFE_SLIDE, f"{bad_slide} (the labels file's slide column)"
+                             if entry and entry.slide else bad_slide)
+            return True
         if entry and folder_label and entry.label != folder_label:
             row.label = entry.label
             self._quarantine(row, LABEL_CONFLICT,
@@ -165,13 +251,18 @@ class IngestChunk:
         retractions: list[ManifestRow] = []
         accepted_here: dict[int, _Item] = {}
         used_names: dict[int, int] = {}
+        # Conflicts found in this chunk: kept here, not in the shared ledger, until the chunk
+        # commits (``Ledger.record``). Marked in the ledger, a retried attempt would read
+        # the conflict as old news and never retract the copy an earlier chunk accepted.
+        conflicts: set[int] = set()
         for item in items:
             row = item.row
             if row.outcome:
                 continue
             content = content64(row.sha256)
             earlier = accepted_here.get(content)
-            known = earlier.row.label if earlier else self.ledger.content.get(content)
+            known = (earlier.row.label if earlier else
+                     CONFLICT if content in conflicts else self.ledger.content.get(content))
             if known == CONFLICT or (known and known != row.label):
                 self._quarantine(row, LABEL_CONFLICT,
                                  f"the same content is also labelled {known}")
@@ -181,7 +272,7 @@ class IngestChunk:
                     accepted_here.pop(content)
                 elif known != CONFLICT:
                     retractions.append(self._retraction(row))
-                self.ledger.content[content] = CONFLICT
+                conflicts.add(content)
                 continue
             if known:
                 row.outcome = DUPLICATE
@@ -237,7 +328,7 @@ class IngestChunk:
         elif row.outcome == QUARANTINED:
             if item.data is not None:
                 self.store.put_bytes(row.quarantine_key, item.data)
-            elif row.reason != "missing_object":
+            elif row.reason not in _NO_COPY:
                 self.store.copy(row.source_key, row.quarantine_key)
             self._write_sidecar(row)
 

@@ -15,6 +15,7 @@ from datetime import UTC, datetime
 from pathlib import Path
 from typing import TYPE_CHECKING
 
+from malaria.core.csvsafe import escape_record, unescape_record
 from malaria.io.store import Store
 
 if TYPE_CHECKING:
@@ -57,7 +58,9 @@ MANIFEST_COLUMNS = [f.name for f in fields(ManifestRow)]
 
 
 def read_rows(data: bytes) -> Iterator[ManifestRow]:
-    for record in csv.DictReader(io.StringIO(data.decode("utf-8"))):
+    """The rows :func:`rows_to_csv` was given (its formula-safe cells unescaped)."""
+    for record in csv.DictReader(io.StringIO(data.decode("utf-8"), newline="")):
+        record = unescape_record(record)
         values = {name: record.get(name, "") for name in MANIFEST_COLUMNS}
         values["size"] = int(values["size"] or 0)
         values["width"] = int(values["width"] or 0)
@@ -66,12 +69,16 @@ def read_rows(data: bytes) -> Iterator[ManifestRow]:
 
 
 def rows_to_csv(rows: Iterable[ManifestRow], *, header: bool = True) -> bytes:
+    """Manifest (or ledger part) rows as CSV. Keys, slides and details are bucket data and a
+    person opens manifests in a spreadsheet: every cell is formula-safe
+    (:mod:`malaria.core.csvsafe`). "\r\n" line ends, so a value holding a CR is quoted
+    (with "\n" alone the csv module leaves it bare and the file no longer reads back)."""
     buffer = io.StringIO()
-    writer = csv.DictWriter(buffer, fieldnames=MANIFEST_COLUMNS, lineterminator="\n")
+    writer = csv.DictWriter(buffer, fieldnames=MANIFEST_COLUMNS, lineterminator="\r\n")
     if header:
         writer.writeheader()
     for row in rows:
-        writer.writerow(asdict(row))
+        writer.writerow(escape_record(asdict(row)))
     return buffer.getvalue().encode("utf-8")
 
 

@@ -3,16 +3,29 @@ development, tests and single-machine runs."""
 
 from __future__ import annotations
 
+import contextlib
+import fcntl
 import os
 from collections.abc import Iterator, Sequence
 from datetime import UTC, datetime
 from pathlib import Path
 
 from malaria.io.atomic import write_atomic
-from malaria.io.store import ObjectInfo, ObjectNotFound, check_key, get_or_missing
+from malaria.io.localpath import confined
+from malaria.io.store import (
+    ObjectInfo,
+    ObjectNotFound,
+    StorageError,
+    WriteConflict,
+    check_key,
+    get_or_missing,
+)
 
 # malaria.io.atomic names its in-flight files so: a listing never shows them.
 _TEMPORARY = ".tmp-"
+# Conditional writes take this lock (in the root, hidden from listings like in-flight files):
+# flock is held per open file, so it serializes threads of one process as well as processes.
+_CONDITIONAL_LOCK = f"{_TEMPORARY}conditional.lock"
 
 
 class LocalStore:
@@ -21,7 +34,9 @@ class LocalStore:
         self.url = self.root.as_uri()
 
     def _path(self, key: str) -> Path:
-        return self.root / check_key(key)
+        # Checked segments and a resolved path inside the root: a symlink in the folder
+        # (or a key a bucket writer chose) never reads or writes elsewhere on the disk.
+        return confined(self.root, check_key(key))
 
     def uri(self, key: str) -> str:
         return self._path(key).as_uri()
@@ -40,7 +55,10 @@ class LocalStore:
         """Files under ``prefix`` in key order, walking one folder at a time."""
         # A prefix may end inside a name ("incoming/Para"), so walk from its folder and filter.
         base = prefix.rsplit("/", 1)[0] if "/" in prefix else ""
-        start = self.root / base if base else self.root
+        try:  # the prefix's folder is a key like any other: "../" lists nothing elsewhere
+            start = self._path(base) if base else self.root
+        except StorageError as error:
+            raise StorageError(f"invalid listing prefix {prefix!r}: {error}") from error
         if not start.is_dir():
             return
 
@@ -53,6 +71,8 @@ class LocalStore:
             for key, entry in keyed:
                 if entry.name.startswith(_TEMPORARY):
                     continue  # in-flight atomic writes
+                if entry.is_symlink():
+                    continue  # not an object: it may lead out of the root
                 if entry.is_dir():
                     if key.startswith(prefix) or prefix.startswith(key):
                         yield from walk(Path(entry.path), key)
@@ -92,3 +112,43 @@ class LocalStore:
 
     def exists(self, key: str) -> bool:
         return self._path(key).is_file()
+
+    # -- conditional writes: atomic against every other conditional writer (one lock per
+    # store), which is every writer of the objects that need them (leases, champion.json).
+
+    @contextlib.contextmanager
+    def _conditional(self) -> Iterator[None]:
+        self.root.mkdir(parents=True, exist_ok=True)
+        fd = os.open(self.root / _CONDITIONAL_LOCK, os.O_RDWR | os.O_CREAT, 0o600)
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX)
+            yield
+        finally:
+            os.close(fd)  # closing releases the lock
+
+    def conditional_writes(self, near: str) -> bool:
+        return True
+
+    def put_if_absent(self, key: str, data: bytes, *, content_type: str | None = None) -> None:
+        # Check and write under the lock; the write itself is put_bytes, so a store that
+        # wraps put_bytes (recording, fault injection) sees conditional writes too.
+        with self._conditional():
+            if self._path(key).exists():
+                raise WriteConflict(f"{key!r} already exists")
+            self.put_bytes(key, data, content_type=content_type)
+
+    def put_if_match(self, key: str, data: bytes, etag: str, *,
+                     content_type: str | None = None) -> None:
+        path = self._path(key)
+        with self._conditional():
+            before = self.head(key)
+            if before is None or before.etag != etag:
+                raise WriteConflict(f"{key!r} changed since it was read")
+            self.put_bytes(key, data, content_type=content_type)
+            # The ETag is mtime and size, and file times are coarse (a jiffy): a replacement
+            # could get an ETag seen before, and a stale If-Match would pass. Keep mtimes
+            # strictly increasing across conditional replacements instead.
+            previous_ns = int(before.etag.split("-", 1)[0], 16)
+            after = path.stat()
+            if after.st_mtime_ns <= previous_ns:
+                os.utime(path, ns=(after.st_atime_ns, previous_ns + 1))

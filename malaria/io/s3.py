@@ -22,6 +22,7 @@ import asyncio
 import logging
 import os
 import threading
+import uuid
 from collections.abc import Coroutine, Iterator, Sequence
 from dataclasses import dataclass
 from datetime import UTC, datetime, timedelta
@@ -42,6 +43,7 @@ from malaria.io.store import (
     ObjectInfo,
     ObjectNotFound,
     StorageError,
+    WriteConflict,
     check_key,
     get_or_missing,
     join_key,
@@ -54,6 +56,15 @@ log = logging.getLogger(__name__)
 MAX_ATTEMPTS = 8
 CONNECT_TIMEOUT_S = 10
 READ_TIMEOUT_S = 60
+# obstore's bound on one read, retries included: a black-holed endpoint fails within it.
+# boto3 has no such total: its bound is MAX_ATTEMPTS x the timeouts plus back-off.
+RETRY_TIMEOUT_S = 120
+# The same limits from the environment, for a deployment on a slow link and for tests that
+# must see a dead endpoint fail in seconds; unset, the constants above apply.
+ENV_MAX_ATTEMPTS = "MALARIA_S3_MAX_ATTEMPTS"
+ENV_CONNECT_TIMEOUT = "MALARIA_S3_CONNECT_TIMEOUT_S"
+ENV_READ_TIMEOUT = "MALARIA_S3_READ_TIMEOUT_S"
+ENV_RETRY_TIMEOUT = "MALARIA_S3_RETRY_TIMEOUT_S"
 # Refreshable (role, SSO) credentials are handed to obstore for this long, then asked again.
 CREDENTIAL_REFRESH = timedelta(minutes=5)
 LIST_PAGE_SIZE = 1000
@@ -84,6 +95,35 @@ def connection(endpoint_url: str | None = None, region: str | None = None) -> Co
     return Connection(endpoint, region, style)
 
 
+@dataclass(frozen=True)
+class Limits:
+    """How long a request may take and how often it is tried, both clients."""
+
+    max_attempts: int
+    connect_timeout: float
+    read_timeout: float
+    retry_timeout: float
+
+
+def limits() -> Limits:
+    def number(name: str, default: float) -> float:
+        raw = os.environ.get(name)
+        if not raw:
+            return default
+        try:
+            value = float(raw)
+        except ValueError:
+            raise StorageError(f"{name} must be a number, not {raw!r}") from None
+        if value <= 0:
+            raise StorageError(f"{name} must be positive, not {raw!r}")
+        return value
+
+    return Limits(max(1, int(number(ENV_MAX_ATTEMPTS, MAX_ATTEMPTS))),
+                  number(ENV_CONNECT_TIMEOUT, CONNECT_TIMEOUT_S),
+                  number(ENV_READ_TIMEOUT, READ_TIMEOUT_S),
+                  number(ENV_RETRY_TIMEOUT, RETRY_TIMEOUT_S))
+
+
 # -------------------------------------------------------------------------------- boto3
 
 _client_lock = threading.Lock()
@@ -92,9 +132,9 @@ _clients: dict[tuple[Any, ...], Any] = {}
 
 def s3_client(endpoint_url: str | None = None, *, pool_size: int = DEFAULT_POOL_SIZE,
               region: str | None = None, access_key: str | None = None,
-              secret_key: str | None = None, max_attempts: int = MAX_ATTEMPTS,
-              connect_timeout: float = CONNECT_TIMEOUT_S,
-              read_timeout: float = READ_TIMEOUT_S) -> Any:
+              secret_key: str | None = None, max_attempts: int | None = None,
+              connect_timeout: float | None = None,
+              read_timeout: float | None = None) -> Any:
     """The project's boto3 S3 client, shared by all threads of the process (one per set of
     arguments).
 
@@ -102,9 +142,15 @@ def s3_client(endpoint_url: str | None = None, *, pool_size: int = DEFAULT_POOL_
     as large as our thread pools is the cheapest way to run concurrent requests. Retries are
     adaptive (client-side rate limiting plus exponential back-off on throttling and 5xx).
     ``access_key``/``secret_key`` override boto3's credential chain (the local stack's
-    generated identity); ``max_attempts`` and the timeouts let a health probe fail fast.
+    generated identity); ``max_attempts`` and the timeouts let a health probe fail fast
+    (unset: ``limits()``, so every request has a connect and read timeout and a bounded
+    number of tries, and a black-holed endpoint is an error, not a hang).
     """
     conn = connection(endpoint_url, region)
+    bounds = limits()
+    max_attempts = bounds.max_attempts if max_attempts is None else max_attempts
+    connect_timeout = bounds.connect_timeout if connect_timeout is None else connect_timeout
+    read_timeout = bounds.read_timeout if read_timeout is None else read_timeout
     cache_key = (os.getpid(), conn, pool_size, access_key, secret_key, max_attempts,
                  connect_timeout, read_timeout)
     with _client_lock:
@@ -179,15 +225,19 @@ def object_store(bucket: str, endpoint_url: str | None = None) -> Any:
     """The obstore ``S3Store`` for ``bucket``, configured like ``s3_client`` (one per
     endpoint, bucket and process: it holds its own connection pool)."""
     conn = connection(endpoint_url)
-    cache_key = (os.getpid(), conn, bucket)
+    # Read per call, not at import: tests lower MAX_ATTEMPTS for a failure they can wait for.
+    bounds = limits()
+    cache_key = (os.getpid(), conn, bucket, bounds)
     with _client_lock:
         store = _object_stores.get(cache_key)
     if store is not None:
         return store
     from obstore.store import S3Store as ObstoreS3
 
-    options: dict[str, Any] = {"connect_timeout": f"{CONNECT_TIMEOUT_S}s",
-                               "timeout": f"{READ_TIMEOUT_S}s", **_proxy_options(conn)}
+    # object_store's durations are humantime strings: whole milliseconds parse everywhere.
+    options: dict[str, Any] = {"connect_timeout": f"{round(bounds.connect_timeout * 1000)}ms",
+                               "timeout": f"{round(bounds.read_timeout * 1000)}ms",
+                               **_proxy_options(conn)}
     config: dict[str, Any] = {"region": conn.region,
                               "virtual_hosted_style_request": conn.addressing_style == "virtual"}
     if conn.https:
@@ -204,8 +254,8 @@ def object_store(bucket: str, endpoint_url: str | None = None) -> Any:
         # Both keys: object_store prefers AWS_ENDPOINT_URL_S3 from the environment otherwise.
         config["endpoint"] = config["aws_endpoint_url_s3"] = endpoint
     store = ObstoreS3(bucket, config=config, client_options=options,
-                      retry_config={"max_retries": MAX_ATTEMPTS - 1,
-                                    "retry_timeout": timedelta(minutes=2)},
+                      retry_config={"max_retries": bounds.max_attempts - 1,
+                                    "retry_timeout": timedelta(seconds=bounds.retry_timeout)},
                       credential_provider=_Boto3Credentials())
     with _client_lock:
         return _object_stores.setdefault(cache_key, store)
@@ -238,11 +288,25 @@ def reset_clients() -> None:
     with _client_lock:
         _clients.clear()
         _object_stores.clear()
+        _conditional_support.clear()
 
 
 def _is_missing(error: ClientError) -> bool:
     code = str(error.response.get("Error", {}).get("Code", ""))
     return code in ("404", "NoSuchKey", "NotFound")
+
+
+# Whether an endpoint honours If-None-Match / If-Match on PUT, probed once per endpoint.
+_conditional_support: dict[Connection, bool] = {}
+
+
+def _failed_condition(error: ClientError) -> bool:
+    """A conditional PUT refused because of its condition: 412, or AWS's 409 for two
+    conditional writes at once; an If-Match on a missing object is a 404."""
+    code = str(error.response.get("Error", {}).get("Code", ""))
+    status = error.response.get("ResponseMetadata", {}).get("HTTPStatusCode")
+    return (status in (409, 412) or code in ("PreconditionFailed", "ConditionalRequestConflict")
+            or _is_missing(error))
 
 
 class _Unparsable(Exception):
@@ -483,3 +547,78 @@ class S3Store:
             self.client.head_bucket(Bucket=self.bucket)
         except ClientError:
             self.client.create_bucket(Bucket=self.bucket)
+
+    # -- conditional writes (see malaria.io.store.Store)
+
+    def conditional_writes(self, near: str) -> bool:
+        """Whether the server honours ``If-None-Match: *`` and ``If-Match`` on PUT (AWS
+        since 2024, SeaweedFS, moto do; older MinIO and others ignore them). Probed once per
+        endpoint with a throwaway object beside ``near``: written, then overwritten under
+        each condition, which must be refused."""
+        conn = connection(self.endpoint_url)
+        with _client_lock:
+            known = _conditional_support.get(conn)
+        if known is not None:
+            return known
+        probe = self._key(f"{near}.probe-{uuid.uuid4().hex}")
+        client = self.client
+        client.put_object(Bucket=self.bucket, Key=probe, Body=b"probe")
+        honoured = True
+        try:
+            for condition in ({"IfNoneMatch": "*"}, {"IfMatch": '"' + "0" * 32 + '"'}):
+                try:
+                    client.put_object(Bucket=self.bucket, Key=probe, Body=b"x", **condition)
+                    honoured = False  # written despite the condition: ignored
+                except ClientError as error:
+                    if not _failed_condition(error):
+                        honoured = False  # e.g. 501 NotImplemented
+                if not honoured:
+                    break
+        finally:
+            client.delete_object(Bucket=self.bucket, Key=probe)
+        if not honoured:
+            log.warning("%s ignores conditional writes: leases and champion.json fall back "
+                        "to check-then-write", conn.endpoint_url or "S3")
+        with _client_lock:
+            return _conditional_support.setdefault(conn, honoured)
+
+    def put_if_absent(self, key: str, data: bytes, *, content_type: str | None = None) -> None:
+        """Create ``key`` only if there is no such object (``If-None-Match: *``)."""
+        if self.conditional_writes(key):
+            self._put_conditional(key, data, content_type, {"IfNoneMatch": "*"})
+        else:  # check-then-write: a rival's write can land in between (callers settle)
+            if self.head(key) is not None:
+                raise WriteConflict(f"{key!r} already exists")
+            self.put_bytes(key, data, content_type=content_type)
+
+    def put_if_match(self, key: str, data: bytes, etag: str, *,
+                     content_type: str | None = None) -> None:
+        """Replace ``key`` only if it is still the object whose ETag is ``etag``."""
+        if self.conditional_writes(key):
+            quoted = etag if etag.startswith('"') else f'"{etag}"'
+            self._put_conditional(key, data, content_type, {"IfMatch": quoted})
+        else:
+            current = self.head(key)
+            if current is None or current.etag != etag.strip('"'):
+                raise WriteConflict(f"{key!r} changed since it was read")
+            self.put_bytes(key, data, content_type=content_type)
+
+    def _put_conditional(self, key: str, data: bytes, content_type: str | None,
+                         condition: dict[str, str]) -> None:
+        extra: dict[str, Any] = {"ContentType": content_type} if content_type else {}
+        try:
+            self.client.put_object(Bucket=self.bucket, Key=self._key(key), Body=data,
+                                   **condition, **extra)
+        except ClientError as error:
+            if not _failed_condition(error):
+                raise
+            # boto3 retries a PUT whose answer was lost (a reset, a 5xx after the write):
+            # the retry then fails its own condition. Holding exactly our bytes means the
+            # write that landed was ours (lease tokens and history entries are unique).
+            try:
+                if self.get_bytes(key) == data:
+                    return
+            except ObjectNotFound:
+                pass
+            raise WriteConflict(f"{key!r} was written by another writer "
+                                f"({error.response.get('Error', {}).get('Code')})") from None

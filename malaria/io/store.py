@@ -41,6 +41,11 @@ class ObjectNotFound(StorageError, KeyError):
     """The key does not exist."""
 
 
+class WriteConflict(StorageError):
+    """A conditional write lost: the object already existed (create-if-absent) or was no
+    longer the one read (replace-if-unchanged, or it is gone). Re-read and decide again."""
+
+
 @dataclass(frozen=True)
 class ObjectInfo:
     key: str
@@ -64,6 +69,15 @@ class Store(Protocol):
     def exists(self, key: str) -> bool: ...
     def head(self, key: str) -> ObjectInfo | None: ...
     def uri(self, key: str) -> str: ...
+    # Conditional writes (``If-None-Match: *`` / ``If-Match: <etag>``), for the objects two
+    # writers may race on (leases, ``champion.json``). Both raise ``WriteConflict`` when the
+    # condition fails; ``etag`` is as ``head`` and ``list`` give it. They are atomic only
+    # where ``conditional_writes`` says so; elsewhere they check, then write (a window).
+    def put_if_absent(self, key: str, data: bytes, *,
+                      content_type: str | None = None) -> None: ...
+    def put_if_match(self, key: str, data: bytes, etag: str, *,
+                     content_type: str | None = None) -> None: ...
+    def conditional_writes(self, near: str) -> bool: ...
 
 
 def get_or_missing(read: Callable[[str], bytes], key: str) -> bytes | ObjectNotFound:
@@ -81,12 +95,27 @@ def join_key(prefix: str, key: str) -> str:
     return f"{prefix.rstrip('/')}/{key}"
 
 
+def key_problem(key: str) -> str | None:
+    """Why ``key`` is not a safe key (``None`` when it is): an empty, ``.`` or ``..`` segment
+    (``a//b``, ``a/``, ``/a``, ``a/../b``) names another place once joined to a local folder
+    (``folder / "/abs"`` is ``/abs``), and S3 services differ on whether they keep them."""
+    if not key:
+        return "empty"
+    if "\x00" in key:
+        return "contains NUL"
+    if any(part in ("", ".", "..") for part in key.split("/")):
+        return "has an empty, '.' or '..' segment"
+    return None
+
+
 def check_key(key: str) -> str:
     """``key``, or ``StorageError`` for a key that could escape the root of a local store
-    or that S3 would mangle."""
-    parts = key.split("/")
-    if not key or key.startswith("/") or any(p in ("..", ".") for p in parts) or "\x00" in key:
-        raise StorageError(f"invalid object key: {key!r}")
+    or that S3 would mangle (see :func:`key_problem`). Every store checks every key it
+    reads or writes; a listing from a hostile bucket may still return such keys, and its
+    callers skip them (:func:`malaria.io.localpath.confined`)."""
+    problem = key_problem(key)
+    if problem is not None:
+        raise StorageError(f"invalid object key: {key!r} ({problem})")
     return key
 
 
@@ -110,10 +139,30 @@ def open_store(url: str, *, endpoint_url: str | None = None,
     raise StorageError(f"unsupported storage URL scheme {parsed.scheme!r} in {url!r}")
 
 
+def json_bytes(payload: Any) -> bytes:
+    """A JSON document as the project writes it (``put_json``)."""
+    return json.dumps(payload, indent=2, sort_keys=True, default=str).encode()
+
+
 def put_json(store: Store, key: str, payload: Any) -> None:
     """Write a JSON document as one whole object."""
-    data = json.dumps(payload, indent=2, sort_keys=True, default=str).encode()
-    store.put_bytes(key, data, content_type="application/json")
+    store.put_bytes(key, json_bytes(payload), content_type="application/json")
+
+
+def read_for_update(store: Store, key: str) -> tuple[bytes, str] | None:
+    """The object's bytes and the ETag to replace it on (``put_if_match``), or None when
+    there is none. HEAD first, then GET: an object replaced in between yields the older
+    ETag, so the replace fails and is retried; the other order could pair new bytes with a
+    newer ETag read later, and overwrite a change never seen."""
+    for _ in range(3):
+        info = store.head(key)
+        if info is None:
+            return None
+        try:
+            return store.get_bytes(key), info.etag
+        except ObjectNotFound:  # deleted between the two: look again
+            continue
+    return None
 
 
 def get_json(store: Store, key: str) -> Any:

@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import logging
 import math
 from dataclasses import asdict
 from pathlib import Path
@@ -23,10 +24,13 @@ import keras
 
 from malaria.core import layout
 from malaria.io.atomic import save_atomic, write_atomic
+from malaria.io.localpath import UnsafePath, confined
 from malaria.model.config import RetrainConfig, TrainConfig
 
 if TYPE_CHECKING:
     from malaria.io.store import Store
+
+log = logging.getLogger(__name__)
 
 LAST_MODEL = "last.keras"
 BEST_WEIGHTS = "best.weights.h5"
@@ -100,10 +104,27 @@ def upload_folder(store: Store, folder: Path, prefix: str) -> int:
 
 
 def download_folder(store: Store, prefix: str, folder: Path) -> int:
+    """Every object under ``prefix`` into ``folder`` at its relative key; returns the count.
+
+    A key that would land outside ``folder`` (``<prefix>//abs/path``, ``..`` segments: a
+    hostile or mangled bucket), or whose path clashes with another key's folder, is skipped
+    with a warning: a checkpoint set never has one, and the rest of the set is still good.
+    """
     count = 0
     for info in store.list(prefix):
-        target = folder / info.key[len(prefix):]
-        target.parent.mkdir(parents=True, exist_ok=True)
-        store.download_file(info.key, target)
+        try:
+            if not info.key.startswith(prefix):
+                raise UnsafePath(f"key {info.key!r} is not under {prefix!r}")
+            target = confined(Path(folder), info.key[len(prefix):])
+            target.parent.mkdir(parents=True, exist_ok=True)
+            store.download_file(info.key, target)
+        except UnsafePath as error:
+            log.warning("download of %s skipped: %s", info.key, error)
+            continue
+        except (NotADirectoryError, IsADirectoryError, FileExistsError) as error:
+            # "a" and "a/b" both listed: S3 allows it, a folder cannot hold both.
+            log.warning("download of %s skipped: a file and a folder share its path (%s)",
+                        info.key, error)
+            continue
         count += 1
     return count

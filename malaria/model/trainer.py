@@ -274,8 +274,13 @@ def _resumed_model(checkpoint_dir: Path, jit: bool) -> keras.Model | None:
     """The last checkpoint's model, or None when it cannot be loaded (written by an older
     version of the trainer, or damaged): training then starts afresh instead of failing
     every retry."""
+    from keras.src.saving.serialization_lib import SafeModeScope
+
     try:
-        model = keras.models.load_model(checkpoint_dir / LAST_MODEL)
+        # The checkpoint came back from the bucket: load it as strictly as a served model
+        # (an ambient enable_unsafe_deserialization() must not apply).
+        with SafeModeScope(True):
+            model = keras.models.load_model(checkpoint_dir / LAST_MODEL, safe_mode=True)
     except Exception as error:  # Keras raises TypeError/ValueError/OSError, version-dependent
         log.warning("checkpoint in %s cannot be loaded (%s); training from the start",
                     checkpoint_dir, str(error).splitlines()[0] if str(error) else error)

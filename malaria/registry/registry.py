@@ -18,9 +18,16 @@ champion and ``history``: every promotion and rollback in order, append-only. Ro
 replays that history as a stack (a promotion pushes, a rollback pops), so rolling back twice
 goes two champions back rather than bouncing between the last two.
 
-All writes are whole objects (see :mod:`malaria.io.store`). ``champion.json`` is a
-read-modify-write: run promotions from one flow at a time (a Prefect concurrency limit),
-since not every S3-compatible server offers conditional writes.
+All writes are whole objects (see :mod:`malaria.io.store`). ``champion.json`` is changed
+by compare-and-swap: read it with its ETag, build the new document, write it only if the
+ETag is unchanged (``If-Match``; ``If-None-Match: *`` for the first), and on a conflict read
+again and redo the change. Two promotions at once (the train flow and ``malaria models
+promote``) therefore both land in the history, in some order; every writer of
+``champion.json`` goes through ``_update_champion``, so that is the single-writer guard.
+Each history entry has an ``id``: a write whose answer was lost and whose retry found the
+object changed is recognised as done, not applied twice. On a server that ignores
+conditional writes the same code checks, then writes: a small window remains there, and
+promotions should run one at a time (``champion_writes_are_atomic`` says which).
 
 No TensorFlow import here: the registry runs in flows and CLI commands that never load a
 model, and package versions come from installed metadata instead.
@@ -28,15 +35,27 @@ model, and package versions come from installed metadata instead.
 
 from __future__ import annotations
 
+import json
+import random
 import re
-from collections.abc import Iterable, Mapping
+import time
+import uuid
+from collections.abc import Callable, Iterable, Mapping
 from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
 
 from malaria.core.layout import CHAMPION_KEY, MODELS, model_file_key
 from malaria.io.atomic import atomic_path
-from malaria.io.store import ObjectNotFound, Store, get_json, put_json
+from malaria.io.store import (
+    ObjectNotFound,
+    Store,
+    WriteConflict,
+    get_json,
+    json_bytes,
+    put_json,
+    read_for_update,
+)
 from malaria.registry.gate import GateDecision
 from malaria.registry.provenance import code_revision, package_versions, sha256_file
 
@@ -46,6 +65,10 @@ GATE_FILE = "gate.json"
 _VERSION = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,127}$")
 _FILE_NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,127}$")
 _RESERVED = {METRICS_FILE, GATE_FILE}
+# Compare-and-swap on champion.json: tries before giving up, and the back-off between them
+# (jittered, so two writers that collided do not collide again).
+CHAMPION_CAS_ATTEMPTS = 20
+CHAMPION_CAS_BACKOFF_S = 0.05
 
 
 class RegistryError(RuntimeError):
@@ -164,61 +187,97 @@ class ModelRegistry:
         add history). An unregistered version is refused with :class:`UnknownVersion`.
         """
         self._require(version)
-        current = self.champion()
-        if current is not None and current.get("version") == version:
-            return current
         decision_dict = (
             decision.to_dict() if isinstance(decision, GateDecision)
             else dict(decision) if decision is not None else None
         )
-        event: dict[str, Any] = {
-            "action": "promote",
-            "version": version,
-            "at": _now(),
-            "reason": reason,
-            "previous": current.get("version") if current else None,
-        }
-        if decision_dict is not None:
-            event["decision"] = decision_dict
-        return self._write_champion(current, event)
+
+        def promoted(current: dict[str, Any] | None) -> dict[str, Any] | None:
+            if current is not None and current.get("version") == version:
+                return None
+            event: dict[str, Any] = {
+                "action": "promote",
+                "version": version,
+                "at": _now(),
+                "reason": reason,
+                "previous": current.get("version") if current else None,
+            }
+            if decision_dict is not None:
+                event["decision"] = decision_dict
+            return event
+
+        return self._update_champion(promoted)
 
     def rollback(self, *, reason: str | None = None) -> str:
         """Serve the champion before the current one again; return its version.
 
         Raises :class:`RegistryError` when there is no earlier champion to return to.
         """
-        current = self.champion()
-        if current is None:
-            raise RegistryError("no champion yet, nothing to roll back")
-        stack = _serving_stack(current.get("history", []))
-        if len(stack) < 2:
-            raise RegistryError(
-                f"no previous champion to roll back to (only {current.get('version')} served)"
-            )
-        leaving, target = stack[-1], stack[-2]
-        self._require(target)
-        event = {
-            "action": "rollback",
-            "version": target,
-            "at": _now(),
-            "reason": reason or f"rollback from {leaving}",
-            "previous": leaving,
-        }
-        self._write_champion(current, event)
-        return target
 
-    def _write_champion(self, current: dict[str, Any] | None,
-                        event: dict[str, Any]) -> dict[str, Any]:
-        history = [*(current.get("history", []) if current else []), event]
-        payload = {
-            "version": event["version"],
-            "at": event["at"],
-            "reason": event["reason"],
-            "decision": event.get("decision"),
-            "history": history,
-        }
-        put_json(self.store, CHAMPION_KEY, payload)  # one whole object, after all else
-        return payload
+        def rolled_back(current: dict[str, Any] | None) -> dict[str, Any]:
+            if current is None:
+                raise RegistryError("no champion yet, nothing to roll back")
+            stack = _serving_stack(current.get("history", []))
+            if len(stack) < 2:
+                raise RegistryError(
+                    f"no previous champion to roll back to (only {current.get('version')} "
+                    "served)"
+                )
+            leaving, target = stack[-1], stack[-2]
+            self._require(target)
+            return {
+                "action": "rollback",
+                "version": target,
+                "at": _now(),
+                "reason": reason or f"rollback from {leaving}",
+                "previous": leaving,
+            }
+
+        return str(self._update_champion(rolled_back)["version"])
+
+    def champion_writes_are_atomic(self) -> bool:
+        """Whether the store decides champion.json's compare-and-swap itself (conditional
+        writes); if not, run promotions and rollbacks one at a time."""
+        return self.store.conditional_writes(CHAMPION_KEY)
+
+    def _update_champion(
+        self, change: Callable[[dict[str, Any] | None], dict[str, Any] | None],
+    ) -> dict[str, Any]:
+        """Append ``change(current)`` (an event; None: nothing to do) to champion.json by
+        compare-and-swap; on a conflict, read again and ask ``change`` again. Returns the
+        champion.json now in force."""
+        event_id = uuid.uuid4().hex
+        for attempt in range(CHAMPION_CAS_ATTEMPTS):
+            found = read_for_update(self.store, CHAMPION_KEY)
+            current: dict[str, Any] | None = json.loads(found[0]) if found else None
+            history = current.get("history", []) if current else []
+            if any(entry.get("id") == event_id for entry in history):
+                return current  # type: ignore[return-value]  # our write landed already
+            event = change(current)
+            if event is None:
+                return current  # type: ignore[return-value]  # nothing to change
+            event = {**event, "id": event_id}
+            payload = {
+                "version": event["version"],
+                "at": event["at"],
+                "reason": event["reason"],
+                "decision": event.get("decision"),
+                "history": [*history, event],
+            }
+            data = json_bytes(payload)
+            try:
+                if found is None:
+                    self.store.put_if_absent(CHAMPION_KEY, data,
+                                             content_type="application/json")
+                else:
+                    self.store.put_if_match(CHAMPION_KEY, data, found[1],
+                                            content_type="application/json")
+            except WriteConflict:  # another promotion or rollback won: redo on top of it
+                time.sleep(random.uniform(0, CHAMPION_CAS_BACKOFF_S * (attempt + 1)))
+                continue
+            return payload
+        raise RegistryError(f"{CHAMPION_KEY} kept changing: gave up after "
+                            f"{CHAMPION_CAS_ATTEMPTS} tries")
 
     # -- reading
 
@@ -281,16 +340,29 @@ class ModelRegistry:
         The download lands in a temporary file, is checked against the recorded SHA-256, and
         is then renamed into place, so a reader never loads a partial or corrupted model.
         """
+        from malaria.io.localpath import UnsafePath, confined
+
         record = self.get(version)
-        model = record["model"]
+        model = record.get("model")
+        model = model if isinstance(model, dict) else {}
+        name = model.get("file")
+        # metrics.json is bucket data: its file name must be what register() writes (one
+        # plain name), and the path must stay inside ``dest`` (the checksum beside it in the
+        # same bucket proves nothing against a bucket writer).
+        if not isinstance(name, str) or not _FILE_NAME.fullmatch(name) or name in _RESERVED:
+            raise RegistryError(f"model file name {name!r} in the record of {version} is "
+                                "not a plain file name: refused")
         dest = Path(dest)
-        target = dest / model["file"] if dest.is_dir() else dest
+        try:
+            target = confined(dest, name, what="model file name") if dest.is_dir() else dest
+        except UnsafePath as error:
+            raise RegistryError(f"model file name of {version}: {error}") from error
         with atomic_path(target) as tmp:
-            self.store.download_file(self.file_key(version, model["file"]), tmp)
+            self.store.download_file(self.file_key(version, name), tmp)
             digest = sha256_file(tmp)
-            if digest != model["sha256"]:
+            if digest != model.get("sha256"):
                 raise RegistryError(
-                    f"model of {version} is corrupted: sha256 {digest} != {model['sha256']}"
+                    f"model of {version} is corrupted: sha256 {digest} != {model.get('sha256')}"
                 )
         return target
 

@@ -46,16 +46,15 @@ Exactly once
 Two runs at once: a lease object in the bucket
     ``state/scoring/leases/<slide>.json`` (owner token, host, pid, expiry). Chosen over a
     Prefect concurrency limit because it also guards runs on other work pools and Dask
-    workers, works against any store and is testable without a server. S3 offers no
-    portable compare-and-swap (conditional PUTs are not on every S3-compatible server), so a
-    claim is read - write - wait ``settle`` seconds - read back: the last writer wins and
-    everyone else backs off; that is safe whenever each claimant's read-to-write gap is
-    shorter than ``settle`` (milliseconds against a default of a second). The flow waits for
-    the settle before its first shard (one second per run, not per slide), so nothing is
-    scored for a slide it does not hold. After claiming, the slide is planned again, so a
-    slide finished by another run meanwhile is not scored twice. A background thread renews
-    held leases every ``ttl/3``; a lease whose expiry passed, or whose owner process on this
-    host is gone (SIGKILL), is stale and may be taken over.
+    workers, works against any store and is testable without a server. A claim is a
+    conditional write (create-if-absent, or replace-if-unchanged of a stale lease) where the
+    server honours them (SeaweedFS and S3 do; probed once per endpoint), so exactly one
+    claimant wins with no waiting; elsewhere it falls back to read - write - wait ``settle``
+    - read back (the fallback's limit is in :mod:`malaria.scoring.leases`). After claiming,
+    the slide is planned again, so a slide finished by another run meanwhile is not scored
+    twice, and the lease is re-read just before the slide's CSV is written. A background
+    thread renews held leases every ``ttl/3``; a lease whose expiry passed, or whose owner
+    process on this host is gone (SIGKILL), is stale and may be taken over.
 
 Per-slide summary: ``predictions/summary.csv``
     One row per scored slide (cells_scored, parasitized, parasitemia_pct, unreadable,

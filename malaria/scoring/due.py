@@ -36,6 +36,9 @@ def _slide_of(paths: ScoringPaths, key: str) -> str | None:
     # Objects directly under scans/ belong to no slide; hidden folders are tool litter.
     if not sep or not name or slide.startswith("."):
         return None
+    if not slide:  # scans//x: no slide name to key its CSV, marker or lease by
+        log.warning("skipping %s: an empty slide folder name", key)
+        return None
     return slide
 
 

@@ -1,8 +1,22 @@
 """Leases on slides in the bucket, so that two runs never score the same slide (see
-malaria.scoring for the claim - settle - read-back protocol)."""
+malaria.scoring for the protocol).
+
+Where the server honours conditional writes (``Store.conditional_writes``), a claim is a
+create-if-absent, or a replace-if-unchanged of a stale lease on the ETag read, and a renewal
+a replace-if-unchanged of our own: of two claimants exactly one write succeeds, however
+long either's write takes (a PUT retried after a 503 included), so a claim is decided when
+its write returns and no settle is needed. Elsewhere the fallback is today's read - write -
+wait ``settle`` - read back, which is safe only while every claimant's read-to-write gap is
+shorter than ``settle``: a write delayed past it (retries after 5xx, a stalled connection)
+can land on a lease another run has already confirmed, and both would then hold the slide
+until the next renewal shows one of them the loss. The flow re-checks a lease before
+writing a slide's CSV (``still_held``), which narrows that window to the CSV write itself;
+the CSV and its rows are the same whoever writes them.
+"""
 
 from __future__ import annotations
 
+import json
 import logging
 import os
 import socket
@@ -17,10 +31,19 @@ from typing import Any
 
 from malaria.core.defaults import SCORE_LEASE_SETTLE_S, SCORE_LEASE_TTL_S
 from malaria.io.processes import pid_alive
-from malaria.io.store import ObjectNotFound, get_json, put_json
+from malaria.io.store import ObjectNotFound, WriteConflict, json_bytes, read_for_update
 from malaria.scoring.paths import ScoringPaths
 
 log = logging.getLogger(__name__)
+
+
+def _parse(data: bytes) -> dict[str, Any]:
+    """A lease document; {} (stale) when unparsable."""
+    try:
+        lease = json.loads(data)
+    except ValueError:
+        return {}
+    return lease if isinstance(lease, dict) else {}
 
 
 @dataclass(frozen=True)
@@ -58,17 +81,30 @@ class SlideLeases:
         self._stop = threading.Event()
         self._thread: threading.Thread | None = None
         self._claimed_at = 0.0
+        self._atomic: bool | None = None  # conditional writes honoured (asked once)
 
     # -- reading
 
     def read(self, slide: str) -> dict[str, Any] | None:
         try:
-            lease = get_json(self.store, self.paths.lease_key(slide))
+            return _parse(self.store.get_bytes(self.paths.lease_key(slide)))
         except ObjectNotFound:
             return None
-        except ValueError:  # unparsable: treated as stale
-            return {}
-        return lease if isinstance(lease, dict) else {}
+
+    def _read_versioned(self, slide: str) -> tuple[dict[str, Any] | None, str | None]:
+        """The lease (None: none; {}: unparsable, treated as stale) and its ETag."""
+        found = read_for_update(self.store, self.paths.lease_key(slide))
+        if found is None:
+            return None, None
+        data, etag = found
+        return _parse(data), etag
+
+    @property
+    def atomic(self) -> bool:
+        """Whether claims are decided by conditional writes (no settle needed)."""
+        if self._atomic is None:
+            self._atomic = self.store.conditional_writes(self.paths.lease_key("probe"))
+        return self._atomic
 
     def is_live(self, lease: dict[str, Any] | None, now: float | None = None) -> bool:
         """Held by someone: not expired, and its owner process (when on this host) alive."""
@@ -91,12 +127,24 @@ class SlideLeases:
                 "label": self.owner.label, "renewed_at": now, "expires_at": now + self.ttl,
                 "expires": datetime.fromtimestamp(now + self.ttl, UTC).isoformat()}
 
+    def _write(self, slide: str, etag: str | None) -> bool:
+        """Write our lease over the one read (``etag``; None: there was none); False when
+        another writer got there first."""
+        key, data = self.paths.lease_key(slide), json_bytes(self._payload())
+        try:
+            if etag is None:
+                self.store.put_if_absent(key, data, content_type="application/json")
+            else:
+                self.store.put_if_match(key, data, etag, content_type="application/json")
+        except WriteConflict:
+            return False
+        return True
+
     def _claim(self, slide: str) -> bool:
-        current = self.read(slide)
+        current, etag = self._read_versioned(slide)
         if current and current.get("owner") != self.owner.token and self.is_live(current):
             return False
-        put_json(self.store, self.paths.lease_key(slide), self._payload())
-        return True
+        return self._write(slide, etag)
 
     def claim(self, slides: Iterable[str]) -> list[str]:
         """First half of ``acquire``: write our claim on each slide that has no live lease of
@@ -112,11 +160,14 @@ class SlideLeases:
         return [s for s, ok in zip(slides, oks, strict=True) if ok]
 
     def confirm(self, claimed: Sequence[str]) -> list[str]:
-        """Second half: ``settle`` seconds after the claims (a rival's write, if any, has
-        landed), keep the slides whose lease is still ours; they are held from now on."""
+        """Second half: keep the slides whose lease is still ours; they are held from now
+        on. Without conditional writes, first wait until ``settle`` seconds after the
+        claims (a rival's write, if any, has landed); with them the claim was decided when
+        its write returned, and the read-back only catches a writer outside the protocol."""
         if not claimed:
             return []
-        time.sleep(max(0.0, self._claimed_at + self.settle - time.monotonic()))
+        if not self.atomic:  # a rival's unconditional write may still be on its way
+            time.sleep(max(0.0, self._claimed_at + self.settle - time.monotonic()))
         with ThreadPoolExecutor(self.concurrency) as pool:
             leases = list(pool.map(self.read, claimed))
         granted = [s for s, lease in zip(claimed, leases, strict=True)
@@ -135,10 +186,10 @@ class SlideLeases:
         with self._lock:
             held = sorted(self.held)
         for slide in held:
-            lease = self.read(slide)
-            if lease and lease.get("owner") == self.owner.token:
-                put_json(self.store, self.paths.lease_key(slide), self._payload())
-            else:
+            lease, etag = self._read_versioned(slide)
+            # Replace-if-unchanged: a takeover between our read and write is a loss, not
+            # something we overwrite.
+            if not (lease and lease.get("owner") == self.owner.token and self._write(slide, etag)):
                 lost.append(slide)
         if lost:
             log.warning("lost the lease on slides %s (expired and taken over)", lost)
@@ -146,6 +197,21 @@ class SlideLeases:
                 self.held.difference_update(lost)
                 self.lost.update(lost)
         return lost
+
+    def still_held(self, slide: str) -> bool:
+        """Read the lease again now (before writing a slide's results): ours and live? A
+        lease found lost is moved to ``lost``."""
+        with self._lock:
+            if slide not in self.held:
+                return False
+        lease = self.read(slide)
+        if lease and lease.get("owner") == self.owner.token and self.is_live(lease):
+            return True
+        log.warning("lost the lease on slide %s (taken over)", slide)
+        with self._lock:
+            self.held.discard(slide)
+            self.lost.add(slide)
+        return False
 
     def release(self, slide: str) -> None:
         with self._lock:

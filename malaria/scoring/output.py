@@ -14,9 +14,10 @@ from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
+from malaria.core.csvsafe import escape_record, escape_row, unescape_record
 from malaria.core.labels import PARASITIZED
 from malaria.evaluation.drift import probability_histogram
-from malaria.io.store import ObjectInfo, ObjectNotFound, get_csv, get_json, put_csv, put_json
+from malaria.io.store import ObjectInfo, ObjectNotFound, get_json, put_json
 from malaria.scoring.due import marker_id, marker_names
 from malaria.scoring.paths import ScoringError, ScoringPaths
 
@@ -42,12 +43,37 @@ def utc_now() -> str:
 
 
 def csv_text(rows: Iterable[Sequence[str]]) -> str:
-    """A prediction CSV (or one shard's part of it): the header, then ``rows``."""
+    """A prediction CSV (or one shard's part of it): the header, then ``rows``, each cell
+    made formula-safe (:mod:`malaria.core.csvsafe`: a slide or file name is bucket data)."""
     buffer = io.StringIO()
     writer = csv.writer(buffer)  # "\r\n" line ends, RFC 4180; pandas reads it as is
     writer.writerow(PREDICTION_COLUMNS)
-    writer.writerows(rows)
+    writer.writerows(escape_row(row) for row in rows)
     return buffer.getvalue()
+
+
+def read_prediction_rows(text: str) -> list[dict[str, str]]:
+    """The rows of a prediction CSV (or part), or of ``summary.csv``, as they were before
+    their cells were made formula-safe."""
+    return [unescape_record(row) for row in csv.DictReader(io.StringIO(text, newline=""))]
+
+
+def summary_csv_bytes(rows: Sequence[SlideSummary]) -> bytes:
+    """``summary.csv``: one row per slide, cells formula-safe (``None`` is an empty cell)."""
+    buffer = io.StringIO()
+    writer = csv.DictWriter(buffer, fieldnames=SUMMARY_COLUMNS)  # "\r\n": a CR is quoted
+    writer.writeheader()
+    writer.writerows(escape_record(r.to_dict()) for r in rows)
+    return buffer.getvalue().encode()
+
+
+def _summary_shows(data: bytes) -> tuple[set[tuple[str, str, str]], int]:
+    """(slide, fingerprint, version) of each row of a ``summary.csv``, and its row count;
+    ``ValueError`` for a file that is not one."""
+    rows = read_prediction_rows(data.decode())
+    if rows and not {"slide", "scan_fingerprint", "model_version"} <= set(rows[0]):
+        raise ValueError("foreign columns")
+    return {(r["slide"], r["scan_fingerprint"], r["model_version"]) for r in rows}, len(rows)
 
 
 @dataclass(frozen=True)
@@ -106,7 +132,7 @@ def finalize_slide(paths: ScoringPaths, ref: ModelRef, plan: SlidePlan) -> Slide
             raise ScoringError(f"part {key} does not start with the prediction header")
         texts.append(text[len(_HEADER):])
     body = _HEADER + "".join(texts)
-    rows = list(csv.DictReader(io.StringIO(body)))
+    rows = read_prediction_rows(body)  # unescaped: the keys as listed
     expected = [c.key for s in plan.shards for c in s.cells]
     if [r["key"] for r in rows] != expected:
         raise ScoringError(f"slide {plan.slide}: the parts do not hold each of its "
@@ -140,22 +166,19 @@ def rebuild_summary(paths: ScoringPaths, *, concurrency: int = 16
         latest[slide] = max(infos, key=lambda i: (i.last_modified, i.key))
     expected = {(s, *marker_id(i)) for s, i in latest.items()}
     try:
-        current = get_csv(out, paths.summary_key)
-        shown = {(str(r.slide), str(r.scan_fingerprint), str(r.model_version))
-                 for r in current.itertuples()}
-        if shown == expected and len(current) == len(expected):
+        # Read as text and unescaped: the values the markers hold (pandas would turn a
+        # slide "1.50" into 1.5, and a formula-safe "'=x" is the slide "=x").
+        shown, count = _summary_shows(out.get_bytes(paths.summary_key))
+        if shown == expected and count == len(expected):
             return False, []
     except ObjectNotFound:
         if not expected:
             return False, []
-    except (AttributeError, ValueError):  # unreadable or foreign columns: rebuild it
+    except (KeyError, ValueError, csv.Error):  # unreadable or foreign columns: rebuild it
         log.warning("%s is unreadable; rebuilding it", paths.summary_key)
     slides = sorted(latest, key=_slide_order)
     with ThreadPoolExecutor(concurrency) as pool:
         records = list(pool.map(lambda s: get_json(out, latest[s].key), slides))
     rows = [SlideSummary(**{k: r.get(k) for k in SUMMARY_COLUMNS}) for r in records]
-    import pandas as pd
-
-    frame = pd.DataFrame([r.to_dict() for r in rows], columns=list(SUMMARY_COLUMNS))
-    put_csv(out, paths.summary_key, frame)
+    out.put_bytes(paths.summary_key, summary_csv_bytes(rows), content_type="text/csv")
     return True, rows

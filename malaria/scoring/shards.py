@@ -3,21 +3,26 @@ under a key fixed by its cells and the model, so a retry or a resumed run is saf
 
 from __future__ import annotations
 
-import csv
-import io
+import logging
 import math
 import time
 from collections.abc import Sequence
 from dataclasses import dataclass
+from typing import Any
 
 from malaria.core.defaults import SCORE_BATCH_SIZE, SCORE_CONCURRENCY, SCORE_SHARD_SIZE
 from malaria.core.images import DEFAULT_LIMITS, ImageLimits
 from malaria.core.labels import PARASITIZED, predicted_class
+from malaria.io.store import key_problem
 from malaria.scoring.due import Cell, due_reason, fingerprint, marker_names
 from malaria.scoring.infer import score_cells
-from malaria.scoring.model import ModelRef, load_model
-from malaria.scoring.output import csv_text, utc_now
+from malaria.scoring.model import LoadedModel, ModelRef, load_model
+from malaria.scoring.output import csv_text, read_prediction_rows, utc_now
 from malaria.scoring.paths import ScoringPaths
+
+log = logging.getLogger(__name__)
+
+INVALID_KEY = "invalid_key"  # listed, but not a key any store may read (see check_key)
 
 
 @dataclass(frozen=True)
@@ -121,6 +126,20 @@ def _rows(shard: Shard, scored: Sequence[tuple[float | None, str]], ref: ModelRe
     return rows
 
 
+def _score_valid_keys(paths: ScoringPaths, shard: Shard, model: LoadedModel, **options: Any
+                      ) -> list[tuple[float | None, str]]:
+    """``score_cells`` over the shard, except that a listed key no store may read (an empty,
+    ``.`` or ``..`` segment: a hostile or mangled bucket) is an error row, not a failed
+    shard that would fail again on every run."""
+    problems = [key_problem(cell.key) for cell in shard.cells]
+    valid = [cell for cell, problem in zip(shard.cells, problems, strict=True) if not problem]
+    if len(valid) < len(shard.cells):
+        log.warning("%s: %d listed keys are not valid object keys; scored as %s",
+                    shard.name, len(shard.cells) - len(valid), INVALID_KEY)
+    scored = iter(score_cells(paths.scans_store(), valid, model, **options) if valid else [])
+    return [(None, INVALID_KEY) if problem else next(scored) for problem in problems]
+
+
 def score_shard(paths: ScoringPaths, ref: ModelRef, shard: Shard, *,
                 batch_size: int = SCORE_BATCH_SIZE, concurrency: int = SCORE_CONCURRENCY,
                 limits: ImageLimits = DEFAULT_LIMITS) -> ShardResult:
@@ -130,14 +149,14 @@ def score_shard(paths: ScoringPaths, ref: ModelRef, shard: Shard, *,
     key = paths.part_key(shard, ref.version)
     start = time.perf_counter()
     if out.exists(key):
-        rows = list(csv.DictReader(io.StringIO(out.get_bytes(key).decode())))
+        rows = read_prediction_rows(out.get_bytes(key).decode())
         return ShardResult(shard.slide, shard.index, shard.count, len(rows),
                            sum(1 for r in rows if r["error"]),
                            sum(1 for r in rows if r["predicted_class"] == PARASITIZED),
                            time.perf_counter() - start, resumed=True)
     model = load_model(ref)
-    scored = score_cells(paths.scans_store(), shard.cells, model, batch_size=batch_size,
-                         concurrency=concurrency, limits=limits, tta=ref.tta)
+    scored = _score_valid_keys(paths, shard, model, batch_size=batch_size,
+                               concurrency=concurrency, limits=limits, tta=ref.tta)
     rows = _rows(shard, scored, ref, utc_now())
     unreadable = sum(1 for p, _ in scored if p is None)
     parasitized = sum(1 for r in rows if r[4] == PARASITIZED)

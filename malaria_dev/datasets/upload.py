@@ -25,23 +25,31 @@ class UploadError(RuntimeError):
 @dataclass(frozen=True)
 class UploadResult:
     uploaded: int
-    skipped: int
+    skipped: int  # junk, hidden files and symlinks
     bytes: int
     seconds: float
+    skipped_links: tuple[str, ...] = ()  # symlinks (files or folders), relative to the tree
 
 
 def _is_junk(rel: PurePosixPath) -> bool:
     return any(part.startswith(".") or part.lower() in JUNK_NAMES for part in rel.parts)
 
 
-def _walk_files(src: Path) -> Iterator[PurePosixPath]:
-    """Relative paths of all files under ``src``, in a stable order, symlinked dirs not
-    followed (a link loop or a link out of the tree must not upload the world)."""
+def _walk_files(src: Path, links: list[PurePosixPath]) -> Iterator[PurePosixPath]:
+    """Relative paths of all regular files under ``src``, in a stable order. Symlinks, to
+    files or folders, are neither followed nor uploaded but appended to ``links``: a link
+    loop or a link out of the tree (a credentials file) must not upload the world."""
     for folder, dirs, files in os.walk(src, followlinks=False):
-        dirs.sort()
         base = Path(folder).relative_to(src)
-        for name in sorted(files):
-            yield PurePosixPath((base / name).as_posix())
+        linked = sorted(d for d in dirs if (Path(folder) / d).is_symlink())
+        dirs[:] = sorted(d for d in dirs if d not in linked)
+        entries = [(name, True) for name in linked] + [(name, False) for name in files]
+        for name, is_link_dir in sorted(entries):
+            rel = PurePosixPath((base / name).as_posix())
+            if is_link_dir or (Path(folder) / name).is_symlink():
+                links.append(rel)
+            else:
+                yield rel
 
 
 def upload_tree(
@@ -55,7 +63,8 @@ def upload_tree(
     """Put every file of ``src`` (any depth) under ``<to_url>/<prefix>``, keeping relative
     paths: ``src/Parasitized/x.png`` becomes ``incoming/Parasitized/x.png``.
 
-    Hidden files and OS junk are skipped. Each worker reads one file at a time, so memory
+    Hidden files, OS junk and symlinks are skipped (the symlinks are named in
+    ``skipped_links``). Each worker reads one file at a time, so memory
     stays bounded by ``concurrency`` files whatever the size of the tree. Uploading again
     rewrites the same objects with the same bytes.
     """
@@ -69,16 +78,21 @@ def upload_tree(
     started = time.perf_counter()
 
     files: list[PurePosixPath] = []
+    links: list[PurePosixPath] = []
     skipped = 0
-    for rel in _walk_files(src):
+    for rel in _walk_files(src, links):
         if _is_junk(rel):
             skipped += 1
         else:
             files.append(rel)
+    skipped += len(links)
 
     def put(rel: PurePosixPath) -> int:
         key = f"{base}/{rel}" if base else str(rel)
-        data = (src / rel).read_bytes()
+        # O_NOFOLLOW: a file swapped for a symlink after the walk is refused, not read.
+        fd = os.open(src / rel, os.O_RDONLY | getattr(os, "O_NOFOLLOW", 0))
+        with os.fdopen(fd, "rb") as handle:
+            data = handle.read()
         content_type = mimetypes.guess_type(rel.name)[0] or "application/octet-stream"
         try:
             store.put_bytes(key, data, content_type=content_type)
@@ -118,4 +132,5 @@ def upload_tree(
         skipped=skipped,
         bytes=total_bytes,
         seconds=time.perf_counter() - started,
+        skipped_links=tuple(sorted(str(rel) for rel in links)),
     )
