@@ -16,6 +16,7 @@ from malaria.core import settings
 from malaria_cli.common import apply_stack_options, stack_options
 from malaria_cli.data import add_data_command
 from malaria_cli.ingest import add_ingest_command
+from malaria_cli.maintenance import add_maintenance_commands
 from malaria_cli.models import add_model_commands
 from malaria_cli.score import add_score_command
 from malaria_cli.stack import add_stack_commands
@@ -29,6 +30,7 @@ def build_parser() -> argparse.ArgumentParser:
     add_ingest_command(sub)
     add_model_commands(sub)
     add_score_command(sub)
+    add_maintenance_commands(sub)
     # Every command that reads the bucket, the Prefect server or the state folder's cache
     # takes the stack options (stack, deploy, demo and data upload add their own).
     for name in ("ingest", "train", "evaluate", "predict", "models", "score"):

@@ -26,6 +26,7 @@ def cmd_stack(args: argparse.Namespace) -> int:
     cfg = stack_config()
     if args.action == "up":
         _print_status(stack_up(cfg))
+        print(f"UI login:      the PREFECT_API_AUTH_STRING in {cfg.env_file}")
     elif args.action == "down":
         stack_down(cfg)
         print("stack stopped")
@@ -99,7 +100,8 @@ def cmd_demo(args: argparse.Namespace) -> int:
     registry = ModelRegistry(store)
     champion = registry.champion_version()
     print()
-    print(f"Prefect UI:   {status.ui_url}  (runs, subflows, logs, artifacts, deployments)")
+    print(f"Prefect UI:   {status.ui_url}  (runs, subflows, logs, artifacts, deployments; "
+          f"log in with the PREFECT_API_AUTH_STRING in {cfg.env_file})")
     print(f"Bucket:       {data_url} at {status.s3_endpoint}")
     if champion:
         m = registry.get(champion)["metrics"]

@@ -8,11 +8,13 @@ from prefect import get_run_logger, task
 from prefect.artifacts import create_markdown_artifact
 from prefect.cache_policies import NO_CACHE
 
+from malaria.core import defaults
 from malaria.io.store import open_store
 from malaria.reports.gifs import class_gifs
 
 
-@task(name="publish-cell-gifs", retries=1, cache_policy=NO_CACHE)
+@task(name="publish-cell-gifs", retries=1, cache_policy=NO_CACHE,
+      timeout_seconds=defaults.REPORT_TIMEOUT_S)
 def publish_cell_gifs(data_url: str, run_id: str, per_class: int = 100) -> dict[str, str]:
     store = open_store(data_url)
     keys = class_gifs(store, per_class=per_class, run_id=run_id)
@@ -20,7 +22,7 @@ def publish_cell_gifs(data_url: str, run_id: str, per_class: int = 100) -> dict[
     return {name: store.uri(key) for name, key in keys.items()}
 
 
-@task(name="publish-nightly-report", cache_policy=NO_CACHE)
+@task(name="publish-nightly-report", cache_policy=NO_CACHE, timeout_seconds=defaults.REPORT_TIMEOUT_S)
 def publish_nightly_report(ingest: dict[str, Any], training: dict[str, Any] | None,
                            gifs: dict[str, str]) -> None:
     lines = ["# Nightly retraining", "",

@@ -25,7 +25,7 @@ import pytest
 
 from malaria.core import layout
 from malaria.io.store import S3Store, get_csv, reset_clients
-from malaria_dev.stack import StackConfig, stack_down, stack_env, stack_up
+from malaria_dev.stack import StackConfig, prefect_api_client, stack_down, stack_env, stack_up
 from malaria_dev.synthetic import generate_cells, generate_scan_cells
 
 pytestmark = pytest.mark.integration
@@ -136,14 +136,19 @@ def test_a_failed_run_raises_an_alert(production: Production) -> None:
     assert alert["state"] == "FAILED"
 
 
-def _flow_runs(api: str) -> list[dict[str, Any]]:
-    response = httpx.post(f"{api}/flow_runs/filter", json={"limit": 200}, timeout=30)
+def _api(production: Production) -> httpx.Client:
+    """The server wants its auth string (and a CSRF token on POSTs): stack.env has it."""
+    return prefect_api_client(production.cfg)
+
+
+def _flow_runs(production: Production) -> list[dict[str, Any]]:
+    response = _api(production).post("/flow_runs/filter", json={"limit": 200})
     response.raise_for_status()
     return response.json()
 
 
 def test_deployments_pools_and_schedules(production: Production) -> None:
-    deployments = httpx.post(f"{production.api}/deployments/filter", json={},
+    deployments = _api(production).post("/deployments/filter", json={},
                              timeout=30).json()
     by_name = {d["name"]: d for d in deployments}
     assert set(by_name) >= {"nightly-retrain", "bulk-scoring", "ingest", "failure-alert"}
@@ -152,10 +157,10 @@ def test_deployments_pools_and_schedules(production: Production) -> None:
     nightly = by_name["nightly-retrain"]["schedules"][0]["schedule"]
     assert nightly["cron"] == "0 2 * * *" and nightly["timezone"] == "UTC"
     assert by_name["bulk-scoring"]["schedules"][0]["schedule"]["interval"] == 3600
-    pools = {p["name"]: p for p in httpx.post(f"{production.api}/work_pools/filter", json={},
+    pools = {p["name"]: p for p in _api(production).post("/work_pools/filter", json={},
                                               timeout=30).json()}
     assert {pools["gpu-training"]["type"], pools["cpu-scoring"]["type"]} == {"process"}
-    automations = httpx.post(f"{production.api}/automations/filter", json={},
+    automations = _api(production).post("/automations/filter", json={},
                              timeout=30).json()
     assert "malaria-pipeline-failure" in {a["name"] for a in automations}
 
@@ -163,18 +168,18 @@ def test_deployments_pools_and_schedules(production: Production) -> None:
 def test_runs_through_workers_complete(production: Production) -> None:
     for name, run in production.runs.items():
         assert run["state"] == "COMPLETED", (name, run)
-    runs = _flow_runs(production.api)
+    runs = _flow_runs(production)
     by_name = {r["name"]: r for r in runs}
     nightly = by_name[production.runs["nightly"]["name"]]
     assert nightly["deployment_id"] and nightly["work_pool_name"] == "gpu-training"
     # ingest and train ran as subflows of the nightly run.
-    children = httpx.post(f"{production.api}/flow_runs/filter", json={
+    children = _api(production).post("/flow_runs/filter", json={
         "flow_runs": {"parent_flow_run_id": {"operator": "and_", "any_": [nightly["id"]]}}},
         timeout=30).json()
-    flows = {httpx.get(f"{production.api}/flows/{r['flow_id']}", timeout=30).json()["name"]
+    flows = {_api(production).get(f"/flows/{r['flow_id']}").json()["name"]
              for r in children}
     assert flows >= {"ingest", "train"}
-    summary = httpx.post(f"{production.api}/artifacts/filter", timeout=30, json={
+    summary = _api(production).post("/artifacts/filter", timeout=30, json={
         "artifacts": {"key": {"any_": ["score-summary"]}}, "limit": 1}).json()[0]
     assert "Drift against the champion's validation slides" in summary["data"]
     assert "no reference" not in summary["data"]
@@ -220,6 +225,12 @@ def test_prefect_ui_shows_runs_and_training_report(production: Production, chrom
                   "--disable-sync"])
         try:
             page = browser.new_page(viewport={"width": 1400, "height": 900})
+            # The UI asks for the API's auth string first (the server requires it).
+            page.goto(f"{production.ui}/runs", wait_until="domcontentloaded")
+            password = page.locator("input[type=password]")
+            password.wait_for(timeout=60_000)
+            password.fill(production.env["PREFECT_API_AUTH_STRING"])
+            page.get_by_role("button", name="Login").click()
             page.goto(f"{production.ui}/runs", wait_until="domcontentloaded")
             page.get_by_text(nightly_name).first.wait_for(timeout=60_000)
             page.screenshot(path=str(SCREENSHOTS / "runs.png"), full_page=True)
@@ -228,7 +239,7 @@ def test_prefect_ui_shows_runs_and_training_report(production: Production, chrom
             page.get_by_text("training-report").first.wait_for(timeout=60_000)
             page.screenshot(path=str(SCREENSHOTS / "artifacts.png"), full_page=True)
 
-            report = httpx.post(f"{production.api}/artifacts/filter", timeout=30, json={
+            report = _api(production).post("/artifacts/filter", timeout=30, json={
                 "artifacts": {"key": {"any_": ["training-report"]}}, "limit": 1}).json()[0]
             page.goto(f"{production.ui}/artifacts/artifact/{report['id']}",
                       wait_until="domcontentloaded")

@@ -177,6 +177,8 @@ def test_credentials_created_once_private_and_not_overriding_env(
         assert stat.S_IMODE(path.stat().st_mode) == 0o600
 
     env = stack_env(cfg)
+    auth = env.pop("PREFECT_API_AUTH_STRING")  # the Prefect API's, kept beside the S3 keys
+    assert auth.startswith("malaria:") and len(auth) > 24
     assert env == {
         "AWS_ENDPOINT_URL": "http://127.0.0.1:18333",
         "AWS_ACCESS_KEY_ID": first[0],

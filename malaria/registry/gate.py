@@ -39,6 +39,25 @@ def _metric(metrics: Mapping[str, Any], name: str) -> float | None:
     return None
 
 
+def _parasitemia_note(candidate: Mapping[str, Any],
+                      champion: Mapping[str, Any] | None) -> str:
+    """The per-slide parasitemia error (the lab's number), shown beside the decision; it
+    does not decide (yet): records written before it was measured lack it."""
+    def figures(metrics: Mapping[str, Any]) -> str | None:
+        mean = _metric(metrics, "parasitemia_error_mean")
+        worst = _metric(metrics, "parasitemia_error_max")
+        if mean is None or worst is None:
+            return None
+        return f"mean {mean:.2f} pp, max {worst:.2f} pp"
+
+    ours = figures(candidate)
+    if ours is None:
+        return ""
+    theirs = figures(champion) if champion is not None else None
+    return (f" Per-slide parasitemia error: {ours}"
+            + (f" (champion: {theirs})" if theirs else "") + ".")
+
+
 def decide_promotion(
     candidate: Mapping[str, Any],
     champion: Mapping[str, Any] | None,
@@ -94,6 +113,7 @@ def decide_promotion(
         reason = "Promoted as the first model (no champion yet): " + ", ".join(passes) + "."
     else:
         reason = "Promoted: " + ", ".join(passes) + "."
+    reason += _parasitemia_note(candidate, champion)
     return GateDecision(
         promote=not problems,
         reason=reason,

@@ -6,6 +6,8 @@ live in one state folder (``.malaria/`` by default, ``MALARIA_STATE_DIR`` or ``-
     .malaria/
       s3-identities.json   S3 access key + secret (mode 0600), given to weed -s3.config
       stack.env            what a client process needs (mode 0600): endpoint, keys, API URL
+                           and the Prefect API auth string
+      security/            SeaweedFS security.toml (JWT keys) + gRPC mTLS certificates (0600)
       stack.json           the bucket and ports this folder's stack was started with
       seaweedfs/           SeaweedFS data (volumes, filer metadata, master raft state)
       prefect/             PREFECT_HOME with the SQLite database
@@ -13,12 +15,14 @@ live in one state folder (``.malaria/`` by default, ``MALARIA_STATE_DIR`` or ``-
       run/                 seaweedfs.pid, prefect.pid, worker-<pool>.pid
       stack.lock           serialises concurrent up/down on the same folder
 
-Everything listens on loopback only, each port set by a ``MALARIA_*_PORT`` variable, so two
+Everything listens on loopback only and nothing answers without credentials (the S3 keys,
+the Prefect auth string, SeaweedFS's JWT keys and client certificate: see ``security``), each port set by a ``MALARIA_*_PORT`` variable, so two
 stacks with their own folders and ports run side by side. Secrets are written to files and
 never printed. Linux/macOS only (process groups, flock).
 
 Modules: ``config`` (folder, ports, variables), ``ports`` (free/busy ports),
-``credentials`` (S3 identity, client environment), ``processes`` (start, pid files, stop),
+``credentials`` (S3 identity, Prefect auth string, client environment), ``security``
+(SeaweedFS's keys and certificates), ``processes`` (start, pid files, stop),
 ``seaweedfs`` and ``prefect_server`` (one server each), ``workers`` (Prefect workers),
 ``lifecycle`` (up, down, status). This package exports what other code uses.
 """
@@ -32,6 +36,8 @@ from malaria_dev.stack.config import (
 )
 from malaria_dev.stack.credentials import (
     load_stack_env,
+    prefect_api_client,
+    prefect_auth_string,
     s3_credentials,
     stack_env,
     stack_s3_client,
@@ -71,7 +77,9 @@ __all__ = [
     "free_port",
     "free_ports",
     "load_stack_env",
+    "prefect_api_client",
     "prefect_argv",
+    "prefect_auth_string",
     "prefect_server_env",
     "s3_credentials",
     "seaweedfs_argv",

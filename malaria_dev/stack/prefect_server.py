@@ -7,6 +7,7 @@ import sys
 import time
 
 from malaria_dev.stack.config import StackConfig
+from malaria_dev.stack.credentials import prefect_auth_string
 from malaria_dev.stack.ports import require_free_ports
 from malaria_dev.stack.processes import spawn, wait_ready
 from malaria_dev.stack.seaweedfs import http_ok
@@ -24,7 +25,10 @@ def prefect_argv(cfg: StackConfig) -> list[str]:
 def prefect_server_env(cfg: StackConfig) -> dict[str, str]:
     """The server's environment: the caller's, minus any PREFECT_* (a profile or API URL for
     another server or for Prefect Cloud must not leak in), plus settings that keep all state
-    in the state folder and make no calls outside this machine."""
+    in the state folder and make no calls outside this machine, and lock the API: every
+    request but GET /api/health needs the auth string of stack.env (HTTP Basic; the UI asks
+    for it at login), cross-origin calls are allowed from the UI's own origin only, and
+    state-changing calls need a CSRF token (Prefect's clients and UI fetch one)."""
     env = {k: v for k, v in os.environ.items() if not k.startswith("PREFECT_")}
     db = cfg.prefect_home / "prefect.db"
     env.update({
@@ -35,6 +39,11 @@ def prefect_server_env(cfg: StackConfig) -> dict[str, str]:
         "PREFECT_SERVER_ANALYTICS_ENABLED": "false",  # no sens-o-matic.prefect.io beacon
         "PREFECT_SERVER_UI_SHOW_PROMOTIONAL_CONTENT": "false",
         "PREFECT_CLOUD_ENABLE_ORCHESTRATION_TELEMETRY": "false",
+        "PREFECT_SERVER_API_AUTH_STRING": prefect_auth_string(cfg),
+        # The server's own clients (automations, UI settings) use the same string.
+        "PREFECT_API_AUTH_STRING": prefect_auth_string(cfg),
+        "PREFECT_SERVER_CORS_ALLOWED_ORIGINS": cfg.ui_url,
+        "PREFECT_SERVER_CSRF_PROTECTION_ENABLED": "true",
     })  # fmt: skip
     return env
 

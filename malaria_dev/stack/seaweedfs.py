@@ -16,6 +16,7 @@ from malaria_dev.stack.config import StackConfig, StackError
 from malaria_dev.stack.credentials import ensure_identities, stack_s3_client
 from malaria_dev.stack.ports import require_free_ports
 from malaria_dev.stack.processes import spawn, wait_ready
+from malaria_dev.stack.security import ensure_seaweedfs_security, security_dir
 
 # Environment variables weed would otherwise pick up: `weed mini` turns AWS_ACCESS_KEY_ID /
 # AWS_SECRET_ACCESS_KEY into an extra S3 identity and S3_BUCKET into a bucket to create.
@@ -48,10 +49,15 @@ def seaweedfs_argv(cfg: StackConfig) -> list[str]:
     instead of ~3 s, SIGTERM stops it in ~2-4 s instead of ~27 s, and it sizes the volume
     count from the free disk space (server's default -volume.max=8 is soon used up: each
     bucket is a collection that grows several volumes at once).
+
+    Locked down (see :mod:`malaria_dev.stack.security`): JWT keys and gRPC certificates
+    from ``-config_dir``; ``-disableHttp`` switches off the master's and filer's HTTP APIs,
+    which S3 does not need and which would let any local process change the bucket.
     """
     return [
         find_weed(),
         "-logtostderr",  # into our log file, not glog files in /tmp
+        f"-config_dir={security_dir(cfg)}",  # a global flag: before the command
         "mini",
         f"-dir={cfg.seaweedfs_dir}",
         f"-ip={cfg.host}",
@@ -75,6 +81,8 @@ def seaweedfs_argv(cfg: StackConfig) -> list[str]:
         f"-admin.port={cfg.admin_port}",
         "-admin.ui=false",
         "-webdav=false",
+        "-disableHttp",
+        "-filer.exposeDirectoryData=false",
     ]
 
 
@@ -107,6 +115,7 @@ def start_seaweedfs(cfg: StackConfig) -> int:
     """
     cfg.seaweedfs_dir.mkdir(parents=True, exist_ok=True)
     ensure_identities(cfg)
+    ensure_seaweedfs_security(cfg)
     require_free_ports("SeaweedFS", cfg.host, cfg.weed_ports())
     return spawn(cfg, "s3", seaweedfs_argv(cfg), _weed_env(), cwd=cfg.seaweedfs_dir)
 
@@ -125,19 +134,28 @@ def s3_answers(cfg: StackConfig) -> bool:
 
 
 def _volumes_registered(cfg: StackConfig) -> bool:
-    """Has the master learnt the volume server's volumes? Until it has (about a second, more
-    after an unclean stop), S3 answers /healthz but reads fail with "volume N not found"."""
+    """Has the volume server loaded every volume on disk? Until then (about a second, more
+    after an unclean stop) S3 answers /healthz but reads fail with "volume N not found".
+    The volume server's /status, not the master's /dir/status: the master's HTTP API is off
+    (``-disableHttp``); a read through S3 (``_read_probe``) then proves the master knows."""
     try:
         with httpx.Client(timeout=2.0, trust_env=False) as client:
-            topo = client.get(f"{cfg.master_url}/dir/status").json()["Topology"]
-    except (httpx.HTTPError, ValueError, KeyError):
-        return False
-    nodes = [n for dc in topo.get("DataCenters") or [] for r in dc.get("Racks") or []
-             for n in r.get("DataNodes") or []]
-    if not nodes:
+            volumes = client.get(f"http://{cfg.host}:{cfg.volume_port}/status").json()["Volumes"]
+    except (httpx.HTTPError, ValueError, KeyError, TypeError):
         return False
     on_disk = len(list(cfg.seaweedfs_dir.glob("*.dat")))
-    return sum(int(n.get("Volumes", 0)) for n in nodes) >= on_disk
+    return len(volumes or []) >= on_disk
+
+
+def _read_probe(cfg: StackConfig) -> None:
+    """Read one byte of the smallest of the bucket's first objects, signed: raises until the
+    master has learnt where its volume is."""
+    client = stack_s3_client(cfg)
+    objects = [o for o in client.list_objects_v2(Bucket=cfg.bucket, MaxKeys=100)
+               .get("Contents", []) if o.get("Size", 0) > 0]
+    if objects:
+        smallest = min(objects, key=lambda o: o["Size"])
+        client.get_object(Bucket=cfg.bucket, Key=smallest["Key"], Range="bytes=0-0")["Body"].read()
 
 
 def _ensure_bucket(cfg: StackConfig) -> None:
@@ -168,11 +186,12 @@ def wait_s3_healthy(cfg: StackConfig, *, timeout: float = 60, pid: int | None = 
     wait_ready(cfg, "s3", pid, deadline, lambda: s3_answers(cfg),
                f"GET {cfg.s3_endpoint}/healthz")
     wait_ready(cfg, "s3", pid, deadline, lambda: _volumes_registered(cfg),
-               f"volumes registered at {cfg.master_url}/dir/status")
+               f"volumes loaded at http://{cfg.host}:{cfg.volume_port}/status")
     if create_bucket:
         # Retried: the filer can refuse the first writes while it connects to the master.
         def bucket_ready() -> bool:
             _ensure_bucket(cfg)
+            _read_probe(cfg)
             return True
 
         wait_ready(cfg, "s3", pid, deadline, bucket_ready, f"bucket {cfg.bucket!r} created")
