@@ -352,3 +352,17 @@ def test_gate_floors_are_declared_once() -> None:
              for path in sorted((ROOT / folder).rglob("*.py")) if path != own
              for hit in _literal_gate_defaults(path)]
     assert not found, "gate floors restated:\n" + "\n".join(found)
+
+
+def test_the_gate_shows_the_parasitemia_error_beside_its_decision() -> None:
+    from malaria.registry.gate import decide_promotion
+
+    candidate = {"roc_auc": 0.99, "accuracy": 0.96, "parasitemia_error_mean": 2.5,
+                 "parasitemia_error_max": 7.25}
+    champion = {"roc_auc": 0.99, "accuracy": 0.96, "parasitemia_error_mean": 3.0,
+                "parasitemia_error_max": 9.0}
+    decision = decide_promotion(candidate, champion)
+    assert decision.promote
+    assert "mean 2.50 pp, max 7.25 pp (champion: mean 3.00 pp, max 9.00 pp)" in decision.reason
+    older = decide_promotion({"roc_auc": 0.99, "accuracy": 0.96}, None)
+    assert older.promote and "parasitemia" not in older.reason
