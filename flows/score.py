@@ -108,6 +108,14 @@ def score_leased_slides(task_runner: TaskRunner[Any], paths: ScoringPaths, ref: 
         except Exception as error:  # the slide stays due; its parts are kept
             failed.append(f"finalize {slide}: {error}")
             logger.error("finalizing slide %s failed: %s", slide, error)
+            return
+        if leases is not None:
+            # Done: let the slide go now (another run may score its next re-scan) rather
+            # than in one serial batch after the last shard.
+            try:
+                leases.release(slide)
+            except Exception as error:  # it expires, or the run's exit releases it
+                logger.warning("releasing the lease on slide %s failed: %s", slide, error)
 
     # Slides go in groups, so the plans (a few hundred bytes per cell) held here stay
     # bounded however many cells are due.
