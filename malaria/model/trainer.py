@@ -97,6 +97,11 @@ class _Trainer(keras.callbacks.Callback):
         self.train_seconds = 0.0
         self.train_images = 0
         self.epoch_seconds: list[float] = []
+        # Each epoch's time without its first batch (scaled up to all batches): the first
+        # batch of a call pays for tracing or XLA compilation (about 30 s on JAX on a GPU),
+        # which must not make a time budget plan one epoch.
+        self.steady_seconds: list[float] = []
+        self.first_batch_end = 0.0
         self.stopped = "epochs"
 
     @property
@@ -142,6 +147,8 @@ class _Trainer(keras.callbacks.Callback):
     def on_train_batch_end(self, batch: int, logs: dict | None = None) -> None:
         self.step += 1
         self.last_batch_end = time.perf_counter()
+        if batch == 0:
+            self.first_batch_end = self.last_batch_end
 
     def _replan(self) -> None:
         """Fit the planned number of epochs (and so the cosine curve) into the budget."""
@@ -152,7 +159,7 @@ class _Trainer(keras.callbacks.Callback):
         # The slower of the mean and the last epoch: on a shared machine an epoch can
         # suddenly take twice as long, and overrunning the budget is worse than one epoch
         # fewer.
-        recent = self.epoch_seconds[1:] or self.epoch_seconds
+        recent = self.epoch_seconds[1:] or self.steady_seconds[:1] or self.epoch_seconds
         per_epoch = max(float(np.mean(recent)), recent[-1])
         remaining = budget - self.elapsed()
         fits = self.state["epoch"] + max(0, int(remaining // per_epoch))
@@ -168,6 +175,12 @@ class _Trainer(keras.callbacks.Callback):
         self.train_seconds += train_time
         self.train_images += self.state["train_images_per_epoch"]
         self.epoch_seconds.append(now - self.epoch_start)
+        if self.steps_per_epoch > 1 and self.first_batch_end > self.epoch_start:
+            batches = (self.last_batch_end - self.first_batch_end) * (
+                self.steps_per_epoch / (self.steps_per_epoch - 1))
+            self.steady_seconds.append(batches + now - self.last_batch_end)
+        else:
+            self.steady_seconds.append(now - self.epoch_start)
         logs = dict(logs or {})
         record = {k: float(v) for k, v in logs.items() if np.isscalar(v)}
         record.update(epoch=epoch + 1, learning_rate=float(
