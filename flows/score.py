@@ -36,6 +36,7 @@ from malaria.core.defaults import (
     SCORE_LEASE_SETTLE_S,
     SCORE_LEASE_TTL_S,
     SCORE_PARALLEL_SHARDS,
+    SCORE_PARASITEMIA_SHIFT_PP,
     SCORE_SHARD_SIZE,
 )
 from malaria.core.settings import data_url as resolve_data_url
@@ -45,6 +46,7 @@ from malaria.scoring.paths import ScoringPaths
 from malaria.scoring.report import ScoreReport, SlideTally
 from malaria.scoring.shards import Shard, ShardResult, plan_slide
 from tasks.scoring import (
+    announce_parasitemia_change,
     finalize_slide_step,
     find_due,
     publish_scoring_report,
@@ -80,7 +82,9 @@ def score_leased_slides(task_runner: TaskRunner[Any], paths: ScoringPaths, ref: 
                         slides: list[str], *, shard_size: int, batch_size: int,
                         concurrency: int, total_cells: int, leases: SlideLeases | None = None,
                         progress_id: UUID | None = None,
-                        slides_per_group: int = SLIDES_PER_GROUP) -> tuple[ScoreReport, list[str]]:
+                        slides_per_group: int = SLIDES_PER_GROUP,
+                        parasitemia_shift_pp: float = SCORE_PARASITEMIA_SHIFT_PP,
+                        ) -> tuple[ScoreReport, list[str]]:
     """Plan each slide afresh (it is leased now) and submit its shards to ``task_runner``
     (entered) at once, so the first shards run while later slides are still being planned;
     write each slide's CSV, in this thread, as soon as its last shard is in. Returns this
@@ -104,11 +108,15 @@ def score_leased_slides(task_runner: TaskRunner[Any], paths: ScoringPaths, ref: 
                 logger.warning("slide %s: lease lost before its CSV was written; left to "
                                "the run that holds it", slide)
                 return
-            report.slides.append(finalize_slide_step(paths, ref, plan))
+            summary = finalize_slide_step(paths, ref, plan)
+            report.slides.append(summary)
         except Exception as error:  # the slide stays due; its parts are kept
             failed.append(f"finalize {slide}: {error}")
             logger.error("finalizing slide %s failed: %s", slide, error)
             return
+        shift = summary.parasitemia_shift
+        if shift is not None and abs(shift) > parasitemia_shift_pp:
+            report.changed.append(announce_parasitemia_change(summary, shift))
         if leases is not None:
             # Done: let the slide go now (another run may score its next re-scan) rather
             # than in one serial batch after the last shard.
@@ -177,7 +185,8 @@ def score_flow(data_url: str | None = None, model_path: str | None = None,
                lease_ttl_s: float = SCORE_LEASE_TTL_S,
                lease_settle_s: float = SCORE_LEASE_SETTLE_S,
                scans_url: str | None = None, out_url: str | None = None,
-               registry_url: str | None = None) -> dict[str, Any]:
+               registry_url: str | None = None,
+               parasitemia_shift_pp: float = SCORE_PARASITEMIA_SHIFT_PP) -> dict[str, Any]:
     """Scores the bucket layout of ``data_url`` (scans/ -> predictions/), or, with
     ``scans_url`` and ``out_url`` (URLs or folders), ``<slide>/<file>`` under one into
     ``<slide>.csv`` under the other. The model: ``model_path`` (a .keras file), or the
@@ -212,14 +221,16 @@ def score_flow(data_url: str | None = None, model_path: str | None = None,
                         task_runner, paths, ref, granted, shard_size=shard_size,
                         batch_size=batch_size, concurrency=concurrency,
                         total_cells=sum(d.cells for d in due if d.slide in held),
-                        leases=leases, progress_id=progress_id)
+                        leases=leases, progress_id=progress_id,
+                        parasitemia_shift_pp=parasitemia_shift_pp)
         update_progress_artifact(progress_id, 100.0)
     seconds = time.perf_counter() - started
     # The report counts the slides that another run finished after the listing.
     report.up_to_date += up_to_date
     report.slides_due, report.slides_busy = [d.slide for d in due], busy
     report.seconds = seconds
-    report.summary_written = publish_scoring_report(paths, ref, report.slides, report.line())
+    report.summary_written = publish_scoring_report(paths, ref, report.slides, report.line(),
+                                                    report.changed)
     if failed:
         raise RuntimeError(f"{len(failed)} shards or slides failed (they stay due for the "
                            f"next run): {failed[:10]}")
@@ -229,4 +240,5 @@ def score_flow(data_url: str | None = None, model_path: str | None = None,
             "cells_per_s": round(report.cells_per_s, 1), "shards_scored": report.shards_scored,
             "shards_resumed": report.shards_resumed, "seconds": round(seconds, 2),
             "summary_written": report.summary_written, "line": report.line(),
-            "summary": [s.to_dict() for s in report.slides]}
+            "summary": [s.to_dict() for s in report.slides],
+            "parasitemia_changed": report.changed}

@@ -7,6 +7,7 @@ import contextlib
 from prefect import get_run_logger, task
 from prefect.artifacts import create_markdown_artifact, create_table_artifact
 from prefect.cache_policies import NO_CACHE
+from prefect.events import emit_event
 
 from malaria.core import defaults
 from malaria.core.settings import redact
@@ -59,6 +60,28 @@ def score_shard_task(paths: ScoringPaths, ref: ModelRef, shard: Shard, label: st
     return result
 
 
+def announce_parasitemia_change(summary: SlideSummary, shift: float) -> dict[str, object]:
+    """A re-scored slide whose parasitemia moved: a warning in the run's log and a Prefect
+    event (``malaria.slide.parasitemia-changed``, for automations and the lab's notices);
+    returns the row the run's report lists."""
+    previous = summary.previous or {}
+    row: dict[str, object] = {
+        "slide": summary.slide, "parasitemia_pct": summary.parasitemia_pct,
+        "previous_parasitemia_pct": previous.get("parasitemia_pct"), "shift_pp": shift,
+        "model_version": summary.model_version,
+        "previous_model_version": previous.get("model_version"),
+        "previous_csv": previous.get("history_key")}
+    get_run_logger().warning(
+        "slide %s: parasitemia %s%% -> %s%% (%+.2f points) after re-scoring with %s; the "
+        "earlier CSV is kept at %s", summary.slide, previous.get("parasitemia_pct"),
+        summary.parasitemia_pct, shift, summary.model_version, previous.get("history_key"))
+    emit_event(event="malaria.slide.parasitemia-changed",
+               resource={"prefect.resource.id": f"malaria.slide.{summary.slide}",
+                         "prefect.resource.name": f"slide {summary.slide}"},
+               payload=row)
+    return row
+
+
 def finalize_slide_step(paths: ScoringPaths, ref: ModelRef, plan: SlidePlan) -> SlideSummary:
     """Concatenate a slide's parts into its CSV. A plain call in the flow's own thread, not
     a task: it runs as soon as the slide's last shard is in, and a task run's API calls
@@ -89,8 +112,20 @@ def drift_against_validation(paths: ScoringPaths, ref: ModelRef,
                                 (paths.prediction_key(s.slide) for s in summaries), reference)
 
 
+def _changed_markdown(changed: list[dict[str, object]]) -> str:
+    if not changed:
+        return ""
+    lines = ["", "## Parasitemia changed on re-scored slides", "",
+             "| slide | before % | now % | points | model before | model now | earlier CSV |",
+             "|---|---|---|---|---|---|---|"]
+    lines += [f"| {c['slide']} | {c['previous_parasitemia_pct']} | {c['parasitemia_pct']} | "
+              f"{c['shift_pp']:+} | {c['previous_model_version']} | {c['model_version']} | "
+              f"`{c['previous_csv']}` |" for c in changed]
+    return "\n".join(lines) + "\n"
+
+
 def publish_scoring_report(paths: ScoringPaths, ref: ModelRef, summaries: list[SlideSummary],
-                           line: str) -> bool:
+                           line: str, changed: list[dict[str, object]] | None = None) -> bool:
     version = ref.version
     written, _ = rebuild_summary(paths)
     logger = get_run_logger()
@@ -117,7 +152,8 @@ def publish_scoring_report(paths: ScoringPaths, ref: ModelRef, summaries: list[S
                   + (f"\n## Drift against the champion's validation slides\n\n"
                      f"{'**' if drift.flagged else ''}{drift.message}"
                      f"{'**' if drift.flagged else ''} ({drift.cells} cells scored in this "
-                     "run)\n" if drift else "")),
+                     "run)\n" if drift else "")
+                  + _changed_markdown(changed or [])),
         description="Scoring run summary")
     logger.info(redact(line))
     return written

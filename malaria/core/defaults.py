@@ -48,6 +48,9 @@ SCORE_PARALLEL_SHARDS = 2
 SCORE_KEYS_PER_FETCH = 64  # keys a fetch thread asks the store for at once (Store.get_many)
 SCORE_LEASE_TTL_S = 900.0
 SCORE_LEASE_SETTLE_S = 1.0
+# A re-scored slide whose parasitemia moves by more than this many percentage points is
+# listed in the run's report and raises an event (malaria.slide.parasitemia-changed).
+SCORE_PARASITEMIA_SHIFT_PP = 2.0
 
 # ---- ingest: time bounds and the single-writer lock (malaria.ingest.lock)
 # A chunk (<= INGEST_CHUNK_SIZE objects, <= 256 MB) takes seconds at the measured 100-230

@@ -105,6 +105,13 @@ def prediction_key(slide: str) -> str:
     return f"{PREDICTIONS}{slide}.csv"
 
 
+def prediction_history_key(slide: str, fingerprint: str, version: str,
+                           predictions: str = PREDICTIONS) -> str:
+    """Where a slide's earlier predictions CSV is kept when it is scored again (by another
+    model, or after a re-scan): never overwritten, never deleted by the product."""
+    return f"{predictions}history/{slide}/{fingerprint}@{version}.csv"
+
+
 def model_prefix(version: str) -> str:
     return f"{MODELS}{version}/"
 
@@ -188,3 +195,19 @@ def _first_folder(prefix: str, key: str) -> str | None:
         return None
     name, sep, _ = key[len(prefix):].partition("/")
     return f"{prefix}{name}/" if sep and name else None
+
+
+# Checkpoint sets (malaria.model.checkpoints): each upload goes to its own set folder, then
+# the pointer names it; a set without a pointer (a crash mid-upload) is never resumed from.
+CHECKPOINT_POINTER_FILE = "LATEST.json"
+
+
+def checkpoint_pointer_key(prefix: str) -> str:
+    """``checkpoints/<run key>/LATEST.json`` for ``prefix`` = ``checkpoint_prefix(run key)``:
+    the last complete set (its epoch, and each file's size and SHA-256), written last."""
+    return f"{prefix}{CHECKPOINT_POINTER_FILE}"
+
+
+def checkpoint_set_prefix(prefix: str, set_id: str) -> str:
+    """``checkpoints/<run key>/sets/<set id>/``: one uploaded checkpoint set."""
+    return f"{prefix}sets/{set_id}/"

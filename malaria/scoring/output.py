@@ -8,7 +8,7 @@ import io
 import logging
 from collections.abc import Iterable, Sequence
 from concurrent.futures import ThreadPoolExecutor
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from datetime import UTC, datetime
 from typing import TYPE_CHECKING, Any
 
@@ -90,6 +90,18 @@ class SlideSummary:
     # The slide's scores binned as drift bins them: this run's drift check needs no second
     # read of the CSVs. Not a summary column (a rebuilt summary has none).
     probability_counts: tuple[int, ...] = field(default=(), compare=False, repr=False)
+    # The scoring this one replaces, when the slide had one: its model version, scan
+    # fingerprint, parasitemia and where its CSV is kept (not a summary column).
+    previous: dict[str, Any] | None = field(default=None, compare=False, repr=False)
+
+    @property
+    def parasitemia_shift(self) -> float | None:
+        """Points the parasitemia moved from the scoring this one replaces (None: no earlier
+        scoring, or either is undefined)."""
+        before = (self.previous or {}).get("parasitemia_pct")
+        if before is None or self.parasitemia_pct is None:
+            return None
+        return round(self.parasitemia_pct - float(before), 3)
 
     @classmethod
     def from_rows(cls, slide: str, rows: Sequence[dict[str, str]], version: str,
@@ -138,11 +150,15 @@ def finalize_slide(paths: ScoringPaths, ref: ModelRef, plan: SlidePlan) -> Slide
         raise ScoringError(f"slide {plan.slide}: the parts do not hold each of its "
                            f"{len(expected)} cells exactly once ({len(rows)} rows)")
     summary = SlideSummary.from_rows(plan.slide, rows, ref.version, plan.fingerprint)
+    # The CSV a lab may have read is copied aside before it is replaced.
+    previous = keep_previous_scoring(paths, plan.slide, plan.fingerprint, ref.version)
+    summary = replace(summary, previous=previous)
     out.put_bytes(paths.prediction_key(plan.slide), body.encode(), content_type="text/csv")
     marker = paths.marker_key(plan.slide, plan.fingerprint, ref.version)
     put_json(out, marker, {**summary.to_dict(), "cells": len(rows),
                            "shards": len(plan.shards), "threshold": ref.threshold,
-                           "predictions": paths.prediction_key(plan.slide)})
+                           "predictions": paths.prediction_key(plan.slide),
+                           "previous": previous})
     # Pointer written: older markers and every part of the slide are now garbage.
     for info in list(out.list(paths.marker_prefix(plan.slide))):
         if info.key != marker:
@@ -150,6 +166,42 @@ def finalize_slide(paths: ScoringPaths, ref: ModelRef, plan: SlidePlan) -> Slide
     for info in list(out.list(paths.parts_prefix(plan.slide))):
         out.delete(info.key)
     return summary
+
+
+def keep_previous_scoring(paths: ScoringPaths, slide: str, fingerprint: str,
+                          version: str) -> dict[str, Any] | None:
+    """Copy the slide's current predictions CSV to its history key, keyed by the model
+    version and scan fingerprint that made it (from its marker), unless it is already there;
+    return what it was. Idempotent: a run killed after the copy copies nothing again, and a
+    CSV of this very scoring (a run killed between the CSV and its marker) is not history.
+    """
+    out = paths.out_store()
+    try:
+        current = out.get_bytes(paths.prediction_key(slide))
+    except ObjectNotFound:
+        return None
+    earlier = [m for m in out.list(paths.marker_prefix(slide))
+               if marker_id(m) != (fingerprint, version)]
+    if earlier:
+        latest = max(earlier, key=lambda i: (i.last_modified, i.key))
+        old_fp, old_version = marker_id(latest)
+        try:
+            record = get_json(out, latest.key)
+        except (ObjectNotFound, ValueError):
+            record = {}
+    else:
+        # No marker of another scoring: either the CSV is this scoring's (killed before its
+        # marker) or its marker was lost. Its rows say which model wrote it.
+        versions = {r.get("model_version", "") for r in read_prediction_rows(current.decode())}
+        if versions == {version}:
+            return None
+        old_fp, old_version, record = "unmarked", "-".join(sorted(versions)) or "unknown", {}
+    key = paths.history_key(slide, old_fp, old_version)
+    if not out.exists(key):
+        out.put_bytes(key, current, content_type="text/csv")
+    return {"model_version": old_version, "scan_fingerprint": old_fp,
+            "parasitemia_pct": record.get("parasitemia_pct"),
+            "scored_at": record.get("scored_at"), "history_key": key}
 
 
 def _slide_order(slide: str) -> tuple[int, int, str]:

@@ -88,6 +88,10 @@ class ScoringPaths:
     def prediction_key(self, slide: str) -> str:
         return f"{self.predictions_prefix}{slide}.csv"
 
+    def history_key(self, slide: str, fingerprint: str, version: str) -> str:
+        return layout.prediction_history_key(slide, fingerprint, version,
+                                             self.predictions_prefix)
+
     @property
     def summary_key(self) -> str:
         return f"{self.predictions_prefix}{SUMMARY_FILE}"

@@ -21,6 +21,8 @@ class ScoreReport:
     seconds: float = 0.0
     summary_written: bool = False
     up_to_date: int = 0
+    # Re-scored slides whose parasitemia moved by more than the set points (and from what).
+    changed: list[dict[str, object]] = field(default_factory=list)
 
     @property
     def cells_per_s(self) -> float:
@@ -30,7 +32,9 @@ class ScoreReport:
         return (f"model {self.model_version}: {len(self.slides)} slides scored "
                 f"({self.cells} cells in {self.seconds:.1f} s, {self.cells_per_s:.0f} cells/s; "
                 f"{self.shards_scored} shards, {self.shards_resumed} resumed), "
-                f"{self.up_to_date} up to date, {len(self.slides_busy)} busy elsewhere")
+                f"{self.up_to_date} up to date, {len(self.slides_busy)} busy elsewhere"
+                + (f"; parasitemia changed on {len(self.changed)} re-scored slides"
+                   if self.changed else ""))
 
 
 @dataclass
