@@ -138,7 +138,12 @@ def child_score(data_url: str, model: str, shard_size: int, batch_size: int,
     finally:
         if cluster is not None:
             cluster.close()
-    peak_kb = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss  # KiB on Linux
+    # The child's own high-water mark: ru_maxrss would carry the launcher's peak over the
+    # exec (Linux keeps it in the process's signal struct), so every run read alike.
+    peak_kb = next((int(line.split()[1]) for line in
+                    Path("/proc/self/status").read_text().splitlines()
+                    if line.startswith("VmHWM:")),
+                   resource.getrusage(resource.RUSAGE_SELF).ru_maxrss)
     return {"cells": result["cells"], "slides": len(result["slides_scored"]),
             "seconds": seconds, "peak_rss_mb": peak_kb / 1024, "line": result["line"]}
 

@@ -249,8 +249,17 @@ class IngestLock:
         self._thread.start()
         return self
 
-    def __exit__(self, *exc: object) -> None:
+    def __exit__(self, exc_type: type[BaseException] | None, exc: BaseException | None,
+                 tb: object) -> None:
         self._stop.set()
         if self._thread is not None:
             self._thread.join(timeout=5)
-        self.release()
+        try:
+            self.release()
+        except Exception:
+            if exc is None:
+                raise
+            # The block failed already (often on the same dead store): its error is the
+            # run's cause and must stay so; a lock not released expires after ``ttl``.
+            log.warning("could not release the ingest lock %s after a failure; it expires "
+                        "%g s after its last renewal", self.key, self.ttl, exc_info=True)
