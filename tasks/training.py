@@ -32,9 +32,9 @@ from malaria.model.candidate import (
 )
 from malaria.model.checkpoints import (
     checkpoint_prefix,
-    download_folder,
+    download_checkpoint,
     save_for_serving,
-    upload_folder,
+    upload_checkpoint,
 )
 from malaria.model.config import RetrainConfig
 from malaria.model.promotion import MODEL_FILE, gate
@@ -65,7 +65,7 @@ def train_candidate(data_url: str, config: RetrainConfig, data: PreparedData) ->
     store = open_store(data_url)
     prefix = checkpoint_prefix(config, data.manifest_sha256)
     folder = Path(tempfile.mkdtemp(prefix="malaria-ckpt-"))
-    restored = download_folder(store, prefix, folder)
+    restored = download_checkpoint(store, prefix, folder)
     if restored:
         logger.info("resuming from %d checkpoint files under %s", restored, prefix)
 
@@ -74,7 +74,7 @@ def train_candidate(data_url: str, config: RetrainConfig, data: PreparedData) ->
                                         f"{config.epochs}; early stopping may end sooner)")
 
     def on_epoch(epoch: int, metrics: dict[str, Any]) -> None:
-        upload_folder(store, folder, prefix)
+        upload_checkpoint(store, folder, prefix)
         update_progress_artifact(progress, min(100.0, 100.0 * epoch / max(1, config.epochs)))
         shown = ", ".join(f"{k} {v:.4f}" for k, v in metrics.items()
                           if isinstance(v, float) and k != "epoch")
@@ -110,13 +110,19 @@ def evaluate_on_test_slides(trained: dict[str, Any], data: PreparedData,
 def register_candidate(data_url: str, trained: dict[str, Any], data: PreparedData,
                        evaluation: CandidateEvaluation, config: RetrainConfig) -> str:
     registry = ModelRegistry(open_store(data_url))
+    metrics = metrics_document(config, data, evaluation, trained["summary"])
+    # A retry after metrics.json was written, or a re-run after a crash before the gate,
+    # finishes the version already registered instead of registering the model twice.
+    existing = registry.registered_as(metrics)
+    if existing is not None:
+        get_run_logger().info("model already registered as version %s (same data and "
+                              "settings, not yet gated)", existing)
+        return existing
     version = new_version()
     with tempfile.TemporaryDirectory() as folder:
         path = Path(folder) / MODEL_FILE
         save_for_serving(trained["model"], path)
-        registry.register(version, path,
-                          metrics_document(config, data, evaluation, trained["summary"]),
-                          evaluation.plots)
+        registry.register(version, path, metrics, evaluation.plots)
     get_run_logger().info("registered model version %s", version)
     return version
 

@@ -6,6 +6,7 @@ import itertools
 import json
 import time
 from pathlib import Path
+from typing import Any
 
 import keras
 import numpy as np
@@ -122,6 +123,157 @@ def test_resume_after_an_interrupted_fit(synthetic: tuple[ArraySet, ArraySet],
     again = train(config, train_set, val_set, checkpoint_dir=tmp_path)
     assert again.epochs_run == 3 and again.resumed_from_epoch == 3
 
+
+
+# ------------------------------------------------- the bucket mirror: sets and a pointer
+
+
+class _TornUpload(Exception):
+    """Stands for the process dying mid-upload."""
+
+
+class _DiesAfterPuts:
+    """A store whose process 'dies' (raises) before its ``n``-th ``put_file`` from now."""
+
+    def __init__(self, store: Any, n: int) -> None:
+        self._store, self._left = store, n
+
+    def __getattr__(self, name: str) -> Any:
+        return getattr(self._store, name)
+
+    def put_file(self, key: str, path: Path, **kwargs: Any) -> None:
+        self._left -= 1
+        if self._left <= 0:
+            raise _TornUpload(key)
+        self._store.put_file(key, path, **kwargs)
+
+
+def _checkpoint_keys(store: Any, prefix: str) -> list[str]:
+    return sorted(i.key for i in store.list(prefix))
+
+
+def test_a_torn_checkpoint_upload_resumes_from_the_previous_complete_set(
+        synthetic: tuple[ArraySet, ArraySet], tmp_path: Path, s3_store: Any,
+        caplog: pytest.LogCaptureFixture) -> None:
+    """Epochs 1 and 2 are mirrored; the worker dies after one file of epoch 3's set. The next
+    run ignores that set (with a warning) and resumes from epoch 2, not from torn files."""
+    import logging
+
+    from malaria.core import layout
+    from malaria.model.checkpoints import download_checkpoint, upload_checkpoint
+
+    train_set, val_set = synthetic
+    config = _config(epochs=3)
+    prefix = layout.checkpoint_prefix("torn")
+    local = tmp_path / "first"
+
+    def mirror(epoch: int, metrics: dict) -> None:
+        # Epoch 3 uploads through a store that dies after its first file.
+        store = s3_store if epoch < 3 else _DiesAfterPuts(s3_store, 2)
+        upload_checkpoint(store, local, prefix)
+
+    with pytest.raises(_TornUpload):
+        train(config, train_set, val_set, checkpoint_dir=local, on_epoch=mirror)
+    pointer = json.loads(s3_store.get_bytes(layout.checkpoint_pointer_key(prefix)))
+    assert pointer["epoch"] == 2
+    sets = {k[len(prefix):].split("/")[1] for k in _checkpoint_keys(s3_store, prefix + "sets/")}
+    assert len(sets) == 2 and pointer["set"] in sets  # epoch 2's set and the torn one
+
+    resumed_dir = tmp_path / "second"
+    resumed_dir.mkdir()
+    with caplog.at_level(logging.WARNING, logger="malaria.model.checkpoints"):
+        assert download_checkpoint(s3_store, prefix, resumed_dir) == 3
+    assert any("not in the last complete set" in r.getMessage() for r in caplog.records)
+    assert json.loads((resumed_dir / STATE).read_text())["epoch"] == 2
+    assert len({k[len(prefix):].split("/")[1]  # the torn set is gone, epoch 2's kept
+                for k in _checkpoint_keys(s3_store, prefix + "sets/")}) == 1
+    result = train(config, train_set, val_set, checkpoint_dir=resumed_dir,
+                   on_epoch=lambda epoch, metrics: upload_checkpoint(s3_store, resumed_dir,
+                                                                     prefix))
+    assert result.resumed_from_epoch == 2 and result.epochs_run == 3
+    # The complete upload of epoch 3 replaced the pointer and pruned every other set.
+    pointer = json.loads(s3_store.get_bytes(layout.checkpoint_pointer_key(prefix)))
+    assert pointer["epoch"] == 3
+    assert _checkpoint_keys(s3_store, prefix) == sorted(
+        [layout.checkpoint_pointer_key(prefix)]
+        + [layout.checkpoint_set_prefix(prefix, pointer["set"]) + f["name"]
+           for f in pointer["files"]])
+
+
+def _uploaded_set(store: Any, tmp_path: Path, prefix: str) -> Path:
+    folder = tmp_path / "ckpt"
+    (folder / "sub").mkdir(parents=True)
+    (folder / LAST_MODEL).write_bytes(b"model bytes" * 100)
+    (folder / "sub" / "extra.bin").write_bytes(b"x" * 10)
+    (folder / STATE).write_text(json.dumps({"epoch": 4}))
+    assert upload_checkpoint_(store, folder, prefix) == 3
+    return folder
+
+
+def upload_checkpoint_(store: Any, folder: Path, prefix: str) -> int:
+    from malaria.model.checkpoints import upload_checkpoint
+
+    return upload_checkpoint(store, folder, prefix)
+
+
+def test_a_checkpoint_round_trips_through_its_pointer(any_store: Any, tmp_path: Path) -> None:
+    from malaria.core import layout
+    from malaria.model.checkpoints import download_checkpoint
+
+    prefix = layout.checkpoint_prefix("round")
+    folder = _uploaded_set(any_store, tmp_path, prefix)
+    # The same files again write the same keys: nothing to prune, nothing new.
+    keys = _checkpoint_keys(any_store, prefix)
+    assert upload_checkpoint_(any_store, folder, prefix) == 3
+    assert _checkpoint_keys(any_store, prefix) == keys and len(keys) == 4
+    back = tmp_path / "back"
+    back.mkdir()
+    assert download_checkpoint(any_store, prefix, back) == 3
+    assert {p.relative_to(back).as_posix(): p.read_bytes() for p in back.rglob("*")
+            if p.is_file()} == {p.relative_to(folder).as_posix(): p.read_bytes()
+                                for p in folder.rglob("*") if p.is_file()}
+    assert [p.name for p in tmp_path.iterdir() if p.name.startswith(".tmp")] == []
+
+
+@pytest.mark.parametrize("damage", ["no_pointer", "file_changed", "file_missing",
+                                    "pointer_garbage"])
+def test_a_checkpoint_that_does_not_match_its_pointer_is_not_resumed(
+        damage: str, s3_store: Any, tmp_path: Path, caplog: pytest.LogCaptureFixture) -> None:
+    import logging
+
+    from malaria.core import layout
+    from malaria.model.checkpoints import download_checkpoint
+
+    prefix = layout.checkpoint_prefix("damaged")
+    _uploaded_set(s3_store, tmp_path, prefix)
+    pointer_key = layout.checkpoint_pointer_key(prefix)
+    pointer = json.loads(s3_store.get_bytes(pointer_key))
+    model_key = layout.checkpoint_set_prefix(prefix, pointer["set"]) + LAST_MODEL
+    if damage == "no_pointer":
+        s3_store.delete(pointer_key)  # a first upload cut short before its pointer
+    elif damage == "file_changed":
+        s3_store.put_bytes(model_key, b"model bytes" * 99 + b"other bytes")  # same size
+    elif damage == "file_missing":
+        s3_store.delete(model_key)
+    else:
+        s3_store.put_bytes(pointer_key, b"{not json")
+    back = tmp_path / "back"
+    back.mkdir()
+    with caplog.at_level(logging.WARNING, logger="malaria.model.checkpoints"):
+        assert download_checkpoint(s3_store, prefix, back) == 0
+    assert list(back.iterdir()) == []  # nothing half-restored for the trainer to find
+    assert any("starts over" in r.getMessage() for r in caplog.records)
+    assert [p.name for p in tmp_path.iterdir() if p.name.startswith(".tmp")] == []
+
+
+def test_nothing_in_the_bucket_is_a_quiet_fresh_start(s3_store: Any, tmp_path: Path,
+                                                      caplog: pytest.LogCaptureFixture) -> None:
+    from malaria.core import layout
+    from malaria.model.checkpoints import download_checkpoint
+
+    with caplog.at_level("WARNING"):
+        assert download_checkpoint(s3_store, layout.checkpoint_prefix("none"), tmp_path) == 0
+    assert not [r for r in caplog.records if r.name == "malaria.model.checkpoints"]
 
 
 def test_a_checkpoint_that_cannot_be_loaded_means_a_fresh_start(

@@ -167,6 +167,29 @@ class ModelRegistry:
         put_json(self.store, key, record)  # the pointer: the version exists from here on
         return key
 
+    def registered_as(self, metrics: Mapping[str, Any]) -> str | None:
+        """A version trained from the same data and settings as ``metrics`` (the same
+        checkpoint lineage: config and data manifest hash) that no gate has decided on yet,
+        newest first, or None.
+
+        Registering is not idempotent by itself (each try names a new version): a retried
+        register step, or a run re-run after a crash between register and gate, asks this
+        first and finishes that version instead of registering the model twice. A version
+        with a decision belongs to a finished run: a later run registers its own."""
+        from malaria.registry.retention import lineage_checkpoint  # it imports no registry
+
+        lineage = lineage_checkpoint(metrics)
+        if lineage is None:
+            return None
+        for version in reversed(self.versions()):
+            try:
+                if (lineage_checkpoint(self.get(version)) == lineage
+                        and self.get_decision(version) is None):
+                    return version
+            except UnknownVersion:  # deleted by retention meanwhile
+                continue
+        return None
+
     def record_decision(self, version: str, decision: GateDecision | Mapping[str, Any]) -> None:
         """Keep the gate's verdict beside the version, promoted or not (``gate.json``)."""
         self._require(version)
