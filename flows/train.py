@@ -1,4 +1,8 @@
-"""Train flow: load data -> train -> evaluate by slide -> register -> promotion gate."""
+"""Train flow: load data -> train -> evaluate by slide -> register -> promotion gate.
+
+When the dataset manifest and the settings equal those the champion was trained on, the
+flow stops after loading the data and says so: a repeat would only churn the registry and
+make every slide due again."""
 
 from __future__ import annotations
 
@@ -10,8 +14,11 @@ from prefect.utilities.annotations import quote
 from malaria.core import defaults
 from malaria.core.settings import cache_dir as resolve_cache_dir
 from malaria.core.settings import data_url as resolve_data_url
+from malaria.io.store import open_store
 from malaria.model.config import RetrainConfig
+from malaria.registry.registry import ModelRegistry
 from tasks.training import (
+    check_repeat,
     evaluate_on_test_slides,
     gate_candidate,
     load_training_data,
@@ -39,6 +46,10 @@ def train_flow(data_url: str | None = None, arch: str = defaults.DEFAULT_ARCH,
                            max_minutes=max_minutes, seed=seed, batch_size=batch_size, tta=tta,
                            min_auc=min_auc, min_accuracy=min_accuracy, tolerance=tolerance)
     data = load_training_data(data_url, config, cache)
+    repeat = check_repeat(data_url, config, quote(data))
+    if repeat is not None:  # nothing new: no training, no new version, no slide due
+        return {"version": None, "promoted": False, "skipped": True, "reason": repeat,
+                "champion": ModelRegistry(open_store(data_url)).champion_version()}
     trained = train_candidate(data_url, config, quote(data))
     evaluation = evaluate_on_test_slides(quote(trained), quote(data), config)
     version = register_candidate(data_url, quote(trained), quote(data), quote(evaluation), config)

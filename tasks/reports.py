@@ -34,6 +34,10 @@ def publish_nightly_report(ingest: dict[str, Any], training: dict[str, Any] | No
              f"- manifest: `{ingest['manifest']}`", ""]
     if training is None:
         lines += ["## Training", "", "Skipped: no labelled cells in dataset/ yet.", ""]
+    elif training.get("skipped"):
+        lines += ["## Training", "", f"Skipped: {training['reason']}. The champion "
+                  f"`{training.get('champion') or '?'}` serves on; nothing was registered and "
+                  "no slide became due.", ""]
     else:
         m = training["metrics"]
         verdict = "promoted to champion" if training["promoted"] else "not promoted"

@@ -140,6 +140,26 @@ def gate_candidate(data_url: str, version: str, evaluation: CandidateEvaluation,
 
 @task(name="publish-training-report", cache_policy=NO_CACHE,
       timeout_seconds=defaults.REPORT_TIMEOUT_S)
+@task(name="check-repeat", retries=2, retry_delay_seconds=5, cache_policy=NO_CACHE,
+      timeout_seconds=defaults.TRAIN_REGISTER_TIMEOUT_S)
+def check_repeat(data_url: str, config: RetrainConfig, data: PreparedData) -> str | None:
+    """Why tonight's training would repeat the champion's (same dataset manifest, same
+    settings), or None; when it would, say so in the training report and in the log."""
+    registry = ModelRegistry(open_store(data_url))
+    version = registry.champion_version()
+    record = registry.get(version) if version else None
+    reason = candidate.repeats_champion(record, version, data.manifest_sha256, config)
+    if reason is not None:
+        get_run_logger().info("%s; nothing registered, no slide made due", reason)
+        create_markdown_artifact(
+            key="training-report",
+            markdown=(f"# Training skipped\n\n{reason}.\n\nThe champion `{version}` serves "
+                      "on: no version was registered and no slide became due. New labelled "
+                      "cells, corrections or other settings make the next run train.\n"),
+            description="Training report")
+    return reason
+
+
 def publish_training_report(data_url: str, version: str, evaluation: CandidateEvaluation,
                             decision: GateDecision, data: PreparedData) -> None:
     store = open_store(data_url)

@@ -59,10 +59,19 @@ def test_train_flow_registers_evaluates_and_gates(seaweed_bucket: S3Store, prefe
     assert isinstance(record["label_review"], list)
     assert all(set(c) == {"key", "slide", "label", "probability"} for c in record["label_review"])
 
-    # The same data and settings again: resumes from the bucket's checkpoint (nothing left to
-    # train), and the gate compares it with the champion re-scored on the same slides.
+    # The same data and settings again: nothing new to learn, so no training, no version,
+    # no promotion (which would make every slide due again), and the report says why.
+    before = {i.key: i.etag for i in store.list(layout.MODELS)}
     second = train_flow(**options)
-    decision = json.loads(store.get_bytes(layout.model_prefix(second["version"]) + "gate.json"))
+    assert second["skipped"] and not second["promoted"] and second["version"] is None
+    assert "equal those the champion" in second["reason"]
+    assert {i.key: i.etag for i in store.list(layout.MODELS)} == before
+
+    # Other settings (another seed) train again, and the gate compares the candidate with
+    # the champion re-scored on the same slides.
+    third = train_flow(**{**options, "seed": 7})
+    assert not third.get("skipped") and third["version"] != first["version"]
+    decision = json.loads(store.get_bytes(layout.model_prefix(third["version"]) + "gate.json"))
     assert decision["champion"] is not None
     assert decision["champion"]["version"] == first["version"]
 

@@ -9,7 +9,8 @@ validation slides and applied unchanged to the test slides.
 
 from __future__ import annotations
 
-from collections.abc import Callable, Sequence
+import json
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
@@ -160,6 +161,25 @@ def metrics_document(config: RetrainConfig, data: PreparedData, evaluation: Cand
         "training": training,
         "config": asdict(config),
     }
+
+
+def repeats_champion(champion: Mapping[str, Any] | None, champion_version: str | None,
+                     manifest_sha256: str, config: RetrainConfig) -> str | None:
+    """Why training now would only repeat the champion's training (the same dataset
+    manifest and the same settings: nothing new to learn from), or None. Registering the
+    repeat would churn the registry and make every slide due again for nothing."""
+    if not champion:
+        return None
+    if champion.get("data_manifest_sha256") != manifest_sha256:
+        return None
+    # Through JSON, as the record stores it (tuples become lists, and so on).
+    ours = json.loads(json.dumps(asdict(config), sort_keys=True, default=str))
+    theirs = champion.get("config")
+    if not isinstance(theirs, dict) or ours != json.loads(
+            json.dumps(theirs, sort_keys=True, default=str)):
+        return None
+    return (f"training skipped: the dataset (manifest {manifest_sha256[:12]}) and the "
+            f"settings equal those the champion {champion_version or ''} was trained on")
 
 
 def metrics_table(report: EvaluationReport) -> str:
