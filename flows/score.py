@@ -116,7 +116,11 @@ def score_leased_slides(task_runner: TaskRunner[Any], paths: ScoringPaths, ref: 
             return
         shift = summary.parasitemia_shift
         if shift is not None and abs(shift) > parasitemia_shift_pp:
-            report.changed.append(announce_parasitemia_change(summary, shift))
+            try:
+                report.changed.append(announce_parasitemia_change(summary, shift))
+            except Exception as error:  # the CSV is written; the notice must not fail it
+                logger.warning("announcing slide %s's parasitemia change failed: %s",
+                               slide, error)
         if leases is not None:
             # Done: let the slide go now (another run may score its next re-scan) rather
             # than in one serial batch after the last shard.

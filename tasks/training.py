@@ -138,8 +138,6 @@ def gate_candidate(data_url: str, version: str, evaluation: CandidateEvaluation,
     return decision
 
 
-@task(name="publish-training-report", cache_policy=NO_CACHE,
-      timeout_seconds=defaults.REPORT_TIMEOUT_S)
 @task(name="check-repeat", retries=2, retry_delay_seconds=5, cache_policy=NO_CACHE,
       timeout_seconds=defaults.TRAIN_REGISTER_TIMEOUT_S)
 def check_repeat(data_url: str, config: RetrainConfig, data: PreparedData) -> str | None:
@@ -160,6 +158,8 @@ def check_repeat(data_url: str, config: RetrainConfig, data: PreparedData) -> st
     return reason
 
 
+@task(name="publish-training-report", cache_policy=NO_CACHE,
+      timeout_seconds=defaults.REPORT_TIMEOUT_S)
 def publish_training_report(data_url: str, version: str, evaluation: CandidateEvaluation,
                             decision: GateDecision, data: PreparedData) -> None:
     store = open_store(data_url)
