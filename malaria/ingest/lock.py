@@ -36,7 +36,7 @@ from malaria.core.defaults import (
     INGEST_LOCK_TTL_S,
     INGEST_LOCK_WAIT_S,
 )
-from malaria.io.processes import pid_alive
+from malaria.io.processes import holder_is_live
 from malaria.io.store import (
     ObjectNotFound,
     Store,
@@ -110,17 +110,8 @@ class IngestLock:
         return lock if isinstance(lock, dict) else {}
 
     def is_live(self, lock: dict[str, Any] | None, now: float | None = None) -> bool:
-        """Held by someone: not expired, and its owner process (when on this host) alive."""
-        if not lock:
-            return False
-        now = time.time() if now is None else now
-        try:
-            if float(lock["expires_at"]) <= now:
-                return False
-            host, pid = str(lock.get("host", "")), int(lock.get("pid", 0))
-        except (KeyError, TypeError, ValueError):
-            return False
-        return not (host == self.host and pid > 0 and pid != self.pid and not pid_alive(pid))
+        """Held by someone (the rule in :func:`malaria.io.processes.holder_is_live`)."""
+        return holder_is_live(lock, self.host, time.time() if now is None else now)
 
     def _read_with_etag(self) -> tuple[dict[str, Any] | None, str | None]:
         """The lock and the ETag a conditional replace must name (None, None: no lock)."""

@@ -38,3 +38,18 @@ def pid_alive(pid: int) -> bool:
     except PermissionError:
         return True
     return not finished_zombie(pid)
+
+
+def holder_is_live(holder: dict[str, object] | None, this_host: str, now: float) -> bool:
+    """The one liveness rule of the bucket's leases and locks: a holder document counts
+    while it has not expired and, when written on this host, its process is alive (a
+    SIGKILLed run's lease is stale at once)."""
+    if not holder:
+        return False
+    try:
+        if float(holder["expires_at"]) <= now:  # type: ignore[arg-type]
+            return False
+        host, pid = str(holder.get("host", "")), int(holder.get("pid", 0))  # type: ignore[call-overload]
+    except (KeyError, TypeError, ValueError):
+        return False
+    return not (host == this_host and pid > 0 and not pid_alive(pid))

@@ -30,7 +30,7 @@ from datetime import UTC, datetime
 from typing import Any
 
 from malaria.core.defaults import SCORE_LEASE_SETTLE_S, SCORE_LEASE_TTL_S
-from malaria.io.processes import pid_alive
+from malaria.io.processes import holder_is_live
 from malaria.io.store import ObjectNotFound, WriteConflict, json_bytes, read_for_update
 from malaria.scoring.paths import ScoringPaths
 
@@ -107,17 +107,8 @@ class SlideLeases:
         return self._atomic
 
     def is_live(self, lease: dict[str, Any] | None, now: float | None = None) -> bool:
-        """Held by someone: not expired, and its owner process (when on this host) alive."""
-        if not lease:
-            return False
-        now = time.time() if now is None else now
-        try:
-            if float(lease["expires_at"]) <= now:
-                return False
-            host, pid = str(lease.get("host", "")), int(lease.get("pid", 0))
-        except (KeyError, TypeError, ValueError):
-            return False
-        return not (host == self.owner.host and pid > 0 and not pid_alive(pid))
+        """Held by someone (the rule in :func:`malaria.io.processes.holder_is_live`)."""
+        return holder_is_live(lease, self.owner.host, time.time() if now is None else now)
 
     # -- writing
 
