@@ -3,11 +3,14 @@
 ```
 incoming/...                         raw labelled uploads (class from a folder name or labels/)
 labels/<name>.csv                    optional labels for incoming/ objects (key,label[,slide])
+labels/corrections/<name>.csv        a reviewer's verdicts on ingested cells (key,label,reason,reviewer)
+labels/corrections/applied/<name>    a verdict file once applied (kept, never edited)
 dataset/<class>/<slide>/<file>       validated, de-duplicated, sorted: the training set
 quarantine/<reason>/<file>           rejected input, plus <file>.json with the reason
 scans/<slide>/<file>                 new unlabelled cells to score
 predictions/<slide>.csv              one row per cell; predictions/summary.csv per slide
 models/<version>/...                 model file, metrics.json, plots, data manifest
+models/<version>/lineage.csv         every cell it saw: key, ETag, class, slide, split
 models/champion.json                 which version serves
 manifests/<run>.csv                  what each run read and what became of it (audit trail)
 state/ingest/<run>-<chunk>.csv       ingest ledger: one part per committed chunk
@@ -27,6 +30,9 @@ from datetime import UTC, datetime
 
 INCOMING = "incoming/"
 LABELS = "labels/"
+# Inside labels/, so ingest's labels loader must skip it (verdicts, not incoming labels).
+LABEL_CORRECTIONS = f"{LABELS}corrections/"
+LABEL_CORRECTIONS_APPLIED = f"{LABEL_CORRECTIONS}applied/"
 DATASET = "dataset/"
 QUARANTINE = "quarantine/"
 SCANS = "scans/"
@@ -119,6 +125,19 @@ def model_prefix(version: str) -> str:
 def model_file_key(version: str, file_name: str) -> str:
     """A file of a registered version: the model, ``metrics.json``, a plot..."""
     return f"{model_prefix(version)}{file_name}"
+
+
+def lineage_key(version: str) -> str:
+    """The exact dataset a registered version saw: one row per cell (key, ETag, class,
+    slide, split), so the model can be traced and re-trained from it."""
+    return model_file_key(version, "lineage.csv")
+
+
+def correction_applied_key(name: str, applied_at: datetime) -> str:
+    """Where an applied verdict file is kept: the time keeps two files of one name apart."""
+    moment = applied_at if applied_at.tzinfo else applied_at.replace(tzinfo=UTC)
+    stamp = moment.astimezone(UTC).strftime("%Y-%m-%dT%H%M%S")
+    return f"{LABEL_CORRECTIONS_APPLIED}{stamp}-{safe_file_name(name)}"
 
 
 def checkpoint_prefix(run_key: str) -> str:
