@@ -1,10 +1,13 @@
-"""Ingest flow: validate labelled uploads in incoming/ and sort them into dataset/.
+"""Ingest flow: apply reviewers' label corrections, then validate labelled uploads in
+incoming/ and sort them into dataset/.
 
 The one ingest orchestrator: the nightly flow, ``malaria ingest`` and ``benchmarks.ingest``
 run it. How a run stays deterministic, resumable and idempotent: see malaria.ingest.
 """
 
 from __future__ import annotations
+
+from datetime import UTC, datetime
 
 from prefect import flow, get_run_logger
 from prefect.runtime import flow_run
@@ -21,17 +24,25 @@ from malaria.core.settings import data_url as resolve_data_url
 from malaria.ingest.chunk import iter_chunks
 from malaria.ingest.manifest import OUTCOMES, IngestSummary, ManifestWriter, new_run_id
 from malaria.io.store import open_store
-from tasks.ingest import ingest_chunk, ingest_lock, load_ingest_state, publish_ingest_report
+from tasks.ingest import (
+    apply_label_corrections,
+    ingest_chunk,
+    ingest_lock,
+    load_ingest_state,
+    publish_ingest_report,
+)
 
 
-@flow(name="ingest", description="Validate, de-duplicate and sort labelled cell images "
-      "from incoming/ into dataset/<class>/<slide>/, quarantining bad files with a reason.",
+@flow(name="ingest", description="Apply reviewers' label corrections, then validate, "
+      "de-duplicate and sort labelled cell images from incoming/ into "
+      "dataset/<class>/<slide>/, quarantining bad files with a reason.",
       timeout_seconds=INGEST_RUN_TIMEOUT_S)
 def ingest_flow(data_url: str | None = None, chunk_size: int = INGEST_CHUNK_SIZE,
                 concurrency: int = INGEST_CONCURRENCY,
                 lock_wait_s: float = INGEST_LOCK_WAIT_S) -> dict[str, object]:
     data_url = resolve_data_url(data_url)
-    run_id = new_run_id()
+    started = datetime.now(UTC)
+    run_id = new_run_id(started)
     logger = get_run_logger()
     logger.info("ingest run %s on %s", run_id, data_url)
 
@@ -43,6 +54,12 @@ def ingest_flow(data_url: str | None = None, chunk_size: int = INGEST_CHUNK_SIZE
         with ingest_lock(data_url, label=f"{run_id} (flow run {flow_run.get_id()})",
                          wait_s=lock_wait_s) as lock:
             ledger, labels = load_ingest_state(data_url)
+            # Reviewers' verdicts first: they rule on cells already in dataset/, and the
+            # chunks then decide with the corrected ledger.
+            corrections = apply_label_corrections(data_url, quote(ledger), run_id, started,
+                                                  before_commit=quote(lock.verify))
+            manifest.add(corrections.rows)
+            summary.add_corrections(corrections.rows)
             # Chunks run one after another so de-duplication is decided in key order; the
             # concurrency is inside each chunk.
             listing = open_store(data_url).list(layout.INCOMING)
@@ -59,4 +76,5 @@ def ingest_flow(data_url: str | None = None, chunk_size: int = INGEST_CHUNK_SIZE
     return {"run_id": run_id, "listed": summary.listed,
             **{outcome: summary.outcomes[outcome] for outcome in OUTCOMES},
             "reasons": dict(summary.reasons), "retracted": summary.retracted,
+            "corrections": dict(summary.corrections),
             "manifest": layout.manifest_key(run_id), "balanced": summary.balanced}

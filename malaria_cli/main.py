@@ -16,6 +16,7 @@ from malaria.core import settings
 from malaria_cli.common import apply_stack_options, stack_options
 from malaria_cli.data import add_data_command
 from malaria_cli.ingest import add_ingest_command
+from malaria_cli.labels import add_labels_commands
 from malaria_cli.maintenance import add_maintenance_commands
 from malaria_cli.models import add_model_commands
 from malaria_cli.score import add_score_command
@@ -28,6 +29,7 @@ def build_parser() -> argparse.ArgumentParser:
     add_stack_commands(sub)
     add_data_command(sub)
     add_ingest_command(sub)
+    add_labels_commands(sub)
     add_model_commands(sub)
     add_score_command(sub)
     add_maintenance_commands(sub)

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
+from datetime import datetime
 from typing import Any
 
 from prefect import Task, get_run_logger, task
@@ -20,9 +21,10 @@ from malaria.core.defaults import (
 from malaria.core.labels import LabelEntry
 from malaria.core.settings import redact
 from malaria.ingest.chunk import ChunkResult, IngestChunk
+from malaria.ingest.corrections import CorrectionsResult, apply_corrections
 from malaria.ingest.ledger import Ledger, load_labels, load_ledger
 from malaria.ingest.lock import IngestLock, IngestLockBusy, IngestLockLost, describe
-from malaria.ingest.manifest import IngestSummary, ManifestWriter
+from malaria.ingest.manifest import REJECTED, IngestSummary, ManifestWriter
 from malaria.io.store import ObjectInfo, open_store
 
 
@@ -85,6 +87,28 @@ def ingest_chunk(data_url: str, objects: list[ObjectInfo], chunk_index: int, led
     return result
 
 
+# Idempotent like a chunk (see malaria.ingest.corrections): a retry finishes what the first
+# attempt began, and the ledger is only updated once the changes are committed.
+@task(name="apply-label-corrections", retries=3, retry_delay_seconds=[2, 10, 30],
+      cache_policy=NO_CACHE, timeout_seconds=INGEST_CHUNK_TIMEOUT_S,
+      retry_condition_fn=retry_unless_lock_lost)
+def apply_label_corrections(data_url: str, ledger: Ledger, run_id: str, applied_at: datetime,
+                            before_commit: Callable[[], None] | None = None
+                            ) -> CorrectionsResult:
+    result = apply_corrections(open_store(data_url), ledger, run_id=run_id,
+                               applied_at=applied_at, before_commit=before_commit)
+    logger = get_run_logger()
+    if result.applied:
+        logger.info("label corrections: %d verdict files, %d rows: %s", len(result.applied),
+                    len(result.rows), ", ".join(f"{k} {v}" for k, v in
+                                                sorted(result.counts().items())))
+    for row in result.rows:
+        if row.outcome == REJECTED:
+            logger.warning("verdict %s not applied (%s): %s", row.verdict, row.reason,
+                           row.detail)
+    return result
+
+
 @task(name="publish-ingest-report", retries=2, cache_policy=NO_CACHE,
       timeout_seconds=INGEST_REPORT_TIMEOUT_S)
 def publish_ingest_report(data_url: str, summary: IngestSummary, manifest: ManifestWriter,
@@ -101,6 +125,7 @@ def publish_ingest_report(data_url: str, summary: IngestSummary, manifest: Manif
             f"# Ingest {summary.run_id}\n\n"
             f"- {summary.invariant_line()}\n"
             f"- chunks committed: {summary.chunks}\n"
+            f"- {summary.corrections_line()}\n"
             f"- manifest: `{store.uri(manifest_key)}`\n"
             + "".join(f"- quarantined as `{reason}`: {count}\n"
                       for reason, count in sorted(summary.reasons.items()))

@@ -47,6 +47,7 @@ from malaria.io.store import ObjectInfo, ObjectNotFound, Store
 # Quarantine reasons for names that cannot become keys (checked before anything is written).
 UNSAFE_KEY = "unsafe_key"
 UNSAFE_SLIDE = "unsafe_slide"
+OVERRULED_BY_REVIEW = "overruled_by_review"  # bytes a reviewer moved or excluded, uploaded again
 # Quarantined without a copy: the source is gone, or its key cannot be read safely.
 _NO_COPY = ("missing_object", UNSAFE_KEY)
 MAX_SLIDE_LENGTH = 100
@@ -261,6 +262,16 @@ class IngestChunk:
                 continue
             content = content64(row.sha256)
             earlier = accepted_here.get(content)
+            ruled = self.ledger.reviewed.get(content)
+            if ruled is not None and earlier is None and content not in conflicts:
+                # A reviewer's verdict outranks an upload: the same bytes again under the
+                # overruled class (or an excluded cell again) are not a label conflict.
+                if ruled == row.label:
+                    row.outcome, row.duplicate_of = DUPLICATE, f"sha256:{row.sha256}"
+                else:
+                    self._quarantine(row, OVERRULED_BY_REVIEW,
+                                     f"a reviewer ruled this content {ruled}")
+                continue
             known = (earlier.row.label if earlier else
                      CONFLICT if content in conflicts else self.ledger.content.get(content))
             if known == CONFLICT or (known and known != row.label):

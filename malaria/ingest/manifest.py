@@ -1,6 +1,7 @@
 """What became of each object a run read (:class:`ManifestRow`), the run's manifest CSV and
 its counts (:class:`IngestSummary`: listed = accepted + duplicate + quarantined +
-already_ingested)."""
+already_ingested). A run's label corrections (malaria.ingest.corrections) are rows of the
+same manifest, counted apart: they change cells already ingested, not objects listed."""
 
 from __future__ import annotations
 
@@ -27,6 +28,13 @@ QUARANTINED = "quarantined"
 ALREADY_INGESTED = "already_ingested"
 RETRACTED = "retracted"  # an earlier accepted object moved to quarantine by a label conflict
 OUTCOMES = (ACCEPTED, DUPLICATE, QUARANTINED, ALREADY_INGESTED)
+# A reviewer's verdict on an ingested cell (malaria.ingest.corrections): moved to another
+# class, removed from dataset/, confirmed as it is, or not applied (the reason says why).
+RELABELLED = "relabelled"
+EXCLUDED = "excluded"
+UNCHANGED = "unchanged"
+REJECTED = "rejected"
+CORRECTION_OUTCOMES = (RELABELLED, EXCLUDED, UNCHANGED, REJECTED)
 
 LABEL_CONFLICT = "label_conflict"
 
@@ -52,6 +60,9 @@ class ManifestRow:
     width: int = 0
     height: int = 0
     converted_from: str = ""
+    # Label corrections only: who gave the verdict, and where (verdict file:line).
+    reviewer: str = ""
+    verdict: str = ""
 
 
 MANIFEST_COLUMNS = [f.name for f in fields(ManifestRow)]
@@ -94,6 +105,8 @@ class IngestSummary:
     retracted: int = 0
     chunks: int = 0
     manifest_key: str = ""
+    corrections: Counter[str] = field(default_factory=Counter)  # outcome -> verdict rows
+    rejections: Counter[str] = field(default_factory=Counter)  # reason -> rejected verdicts
 
     def add(self, result: ChunkResult) -> None:
         self.chunks += 1
@@ -103,6 +116,19 @@ class IngestSummary:
             self.outcomes[row.outcome] += 1
             if row.outcome == QUARANTINED:
                 self.reasons[row.reason] += 1
+
+    def add_corrections(self, rows: Iterable[ManifestRow]) -> None:
+        for row in rows:
+            self.corrections[row.outcome] += 1
+            if row.outcome == REJECTED:
+                self.rejections[row.reason] += 1
+
+    def corrections_line(self) -> str:
+        if not self.corrections:
+            return "label corrections: none"
+        return "label corrections: " + ", ".join(
+            f"{outcome} {self.corrections[outcome]}" for outcome in CORRECTION_OUTCOMES
+            if self.corrections[outcome])
 
     @property
     def balanced(self) -> bool:
@@ -127,6 +153,12 @@ class IngestSummary:
             table.append({"outcome": RETRACTED, "reason": LABEL_CONFLICT,
                           "count": self.retracted})
         table.append({"outcome": "listed", "reason": "", "count": self.listed})
+        # After "listed": verdict rows are not objects listed, so they stay out of its sum.
+        table += [{"outcome": outcome, "reason": "label_correction", "count": count}
+                  for outcome in (RELABELLED, EXCLUDED, UNCHANGED)
+                  if (count := self.corrections[outcome])]
+        table += [{"outcome": REJECTED, "reason": reason, "count": count}
+                  for reason, count in sorted(self.rejections.items())]
         return table
 
 
