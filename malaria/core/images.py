@@ -113,9 +113,12 @@ def validate_image(data: bytes, limits: ImageLimits = DEFAULT_LIMITS) -> Validat
             return validate_open_image(image, limits)
 
 
-def validate_open_image(image: Image.Image, limits: ImageLimits) -> ValidatedImage:
+def validate_open_image(image: Image.Image, limits: ImageLimits, *,
+                        check_blank: bool = True) -> ValidatedImage:
     """Validate an image already opened (header read, nothing decoded yet); callers that
-    go on to use the pixels (scoring) decode once for both."""
+    go on to use the pixels (scoring) decode once for both. ``check_blank=False`` leaves
+    the blank-image test to a caller that checks a smaller copy first (see
+    :func:`is_blank`)."""
     fmt = image.format or "unknown"
     width, height = image.size
     fields: dict[str, object] = {"format": fmt, "width": width, "height": height,
@@ -146,8 +149,7 @@ def validate_open_image(image: Image.Image, limits: ImageLimits) -> ValidatedIma
         return _reject("unsupported_mode", f"pixel mode {mode}", **fields)
 
     rgb = _to_rgb(image)
-    # One pass over the pixels in numpy: a quarter of Pillow's per-band getextrema here.
-    if int(np.asarray(rgb).max()) < 10:
+    if check_blank and is_blank(rgb):
         return _reject("blank_image", "every pixel is (near) black", **fields)
     converted_from = None if mode == "RGB" else mode
     if sixteen_bit:
@@ -158,6 +160,15 @@ def validate_open_image(image: Image.Image, limits: ImageLimits) -> ValidatedIma
     rgb.save(buffer, format="PNG")
     return ValidatedImage(reason=None, format=fmt, width=width, height=height, mode=mode,
                           converted_from=converted_from, converted_png=buffer.getvalue())
+
+
+BLANK_MAX_VALUE = 10  # an image whose every channel stays under this is (near) black
+
+
+def is_blank(image: Image.Image) -> bool:
+    """Every pixel (near) black. One pass in numpy: a quarter of Pillow's per-band
+    getextrema here."""
+    return int(np.asarray(_to_rgb(image)).max()) < BLANK_MAX_VALUE
 
 
 def _to_rgb(image: Image.Image) -> Image.Image:

@@ -15,7 +15,14 @@ import numpy as np
 from PIL import Image, UnidentifiedImageError
 
 from malaria.core.defaults import SCORE_BATCH_SIZE, SCORE_CONCURRENCY, SCORE_KEYS_PER_FETCH
-from malaria.core.images import DEFAULT_LIMITS, ImageLimits, check_size, validate_open_image
+from malaria.core.images import (
+    BLANK_MAX_VALUE,
+    DEFAULT_LIMITS,
+    ImageLimits,
+    check_size,
+    is_blank,
+    validate_open_image,
+)
 from malaria.dataset.decode import model_input
 from malaria.io.store import ObjectNotFound, Store
 from malaria.scoring.due import Cell
@@ -25,7 +32,6 @@ log = logging.getLogger(__name__)
 
 MISSING_OBJECT = "missing_object"  # listed, then deleted before it was fetched
 DECODE_ERROR = "decode_error"  # a decoder raised something unexpected
-
 
 
 def prepare_cell(data: bytes, size: int,
@@ -51,10 +57,17 @@ def prepare_cell(data: bytes, size: int,
             except (OSError, ValueError, SyntaxError):
                 return None, "corrupt_image"
             with image:
-                verdict = validate_open_image(image, limits)
+                verdict = validate_open_image(image, limits, check_blank=False)
                 if not verdict.accepted:
                     return None, str(verdict.reason)
-                return model_input(image, size), ""
+                array = model_input(image, size)
+                # The blank test on the model's input first: area averaging never raises
+                # the maximum, so a shrunk copy that is bright enough proves the original is.
+                # Only a dark copy (or an enlarged one) needs the full-size pass.
+                shrunk = max(image.size) >= size
+                if (not shrunk or int(array.max()) < BLANK_MAX_VALUE) and is_blank(image):
+                    return None, "blank_image"
+                return array, ""
     except Exception:  # a decoder bug on hostile bytes must not stop a slide
         log.warning("unexpected decoder error", exc_info=True)
         return None, DECODE_ERROR
