@@ -10,6 +10,7 @@ from __future__ import annotations
 import base64
 import json
 import os
+import ssl
 import stat
 import subprocess
 import sys
@@ -28,7 +29,7 @@ from malaria_dev.stack import (
     stack_up,
 )
 from malaria_dev.stack.seaweedfs import weed_socket_files
-from malaria_dev.stack.security import CA_CERT, security_dir
+from malaria_dev.stack.security import CA_CERT, internal_tls, security_dir
 
 pytestmark = pytest.mark.integration
 
@@ -79,23 +80,71 @@ def test_filer_refuses_anonymous_get_and_post(stack: StackConfig) -> None:
     assert _champion(stack) == ORIGINAL  # the overwrite did not land
 
 
-def test_volume_server_refuses_anonymous_reads_and_writes(stack: StackConfig) -> None:
-    base = f"http://{stack.host}:{stack.volume_port}"
+def _without_certificate(cfg: StackConfig) -> httpx.Client:
+    """Trusts the stack's CA (so the server is known) but presents no client certificate."""
+    context = ssl.create_default_context(cafile=str(security_dir(cfg) / CA_CERT))
+    return httpx.Client(timeout=10, trust_env=False, verify=context)
+
+
+def _refused_over_plain_http(method: str, url: str, **kwargs: object) -> None:
+    """An HTTPS port answers plain HTTP with a bare 400 and hangs up (a request with a body
+    may see only the hang-up): nothing reaches a handler."""
     with _anonymous() as client:
-        for answer in (client.get(f"{base}/1,01637037d6"),
-                       client.post(f"{base}/1,01637037d6", files={"file": ("x", b"evil")}),
-                       client.delete(f"{base}/1,01637037d6"),
-                       client.get(f"{base}/ui/index.html")):
+        try:
+            answer = client.request(method, url, **kwargs)  # type: ignore[arg-type]
+        except httpx.TransportError:
+            return
+        assert answer.status_code == 400 and b"Volume" not in answer.content, answer.text
+
+
+def _with_certificate(cfg: StackConfig) -> httpx.Client:
+    return httpx.Client(timeout=10, trust_env=False, verify=internal_tls(cfg))
+
+
+@pytest.mark.parametrize("port, path", [("master_port", "/"), ("master_port", "/ui/index.html"),
+                                        ("volume_port", "/status"),
+                                        ("volume_port", "/ui/index.html")])
+def test_status_pages_need_the_stack_client_certificate(stack: StackConfig, port: str,
+                                                        path: str) -> None:
+    """The master's and the volume server's status pages (topology, volumes, disk paths)
+    are served over HTTPS only to a client holding the stack's certificate."""
+    address = f"{stack.host}:{getattr(stack, port)}"
+    _refused_over_plain_http("GET", f"http://{address}{path}")
+    with _without_certificate(stack) as client, pytest.raises(httpx.TransportError):
+        client.get(f"https://{address}{path}")
+    if path == "/status":  # the certificate, not the port, is what decides
+        with _with_certificate(stack) as client:
+            assert client.get(f"https://{address}{path}").status_code == 200
+
+
+def test_volume_server_refuses_anonymous_reads_and_writes(stack: StackConfig) -> None:
+    base = f"{stack.host}:{stack.volume_port}"
+    needle = "1,01637037d6"
+    _refused_over_plain_http("GET", f"http://{base}/{needle}")
+    _refused_over_plain_http("POST", f"http://{base}/{needle}", files={"file": ("x", b"evil")})
+    _refused_over_plain_http("DELETE", f"http://{base}/{needle}")
+    with _without_certificate(stack) as client, pytest.raises(httpx.TransportError):
+        client.post(f"https://{base}/{needle}", files={"file": ("x", b"evil")})
+    # Even with the certificate, reads and writes need the JWT the master signs.
+    with _with_certificate(stack) as client:
+        for answer in (client.get(f"https://{base}/{needle}"),
+                       client.post(f"https://{base}/{needle}", files={"file": ("x", b"evil")}),
+                       client.delete(f"https://{base}/{needle}")):
             assert answer.status_code in (401, 403, 404), (answer.request.method, answer.text)
 
 
 def test_master_hands_out_nothing_and_deletes_nothing(stack: StackConfig) -> None:
-    base = f"http://{stack.host}:{stack.master_port}"
-    with _anonymous() as client:
-        for path in ("/dir/assign", "/dir/lookup?volumeId=1", "/dir/status", "/vol/status",
-                     f"/col/delete?collection={stack.bucket}", "/vol/grow?count=1",
-                     "/vol/vacuum"):
-            answer = client.get(base + path)
+    base = f"{stack.host}:{stack.master_port}"
+    paths = ("/dir/assign", "/dir/lookup?volumeId=1", "/dir/status", "/vol/status",
+             f"/col/delete?collection={stack.bucket}", "/vol/grow?count=1", "/vol/vacuum")
+    for path in paths:
+        _refused_over_plain_http("GET", f"http://{base}{path}")
+    with _without_certificate(stack) as client, pytest.raises(httpx.TransportError):
+        client.get(f"https://{base}/dir/assign")
+    # With the certificate: the HTTP API is off (-disableHttp), the JWT guards the rest.
+    with _with_certificate(stack) as client:
+        for path in paths:
+            answer = client.get(f"https://{base}{path}")
             assert answer.status_code in (401, 403, 404), (path, answer.text)
             assert "fid" not in answer.text and "authorization" not in answer.headers
     assert _champion(stack) == ORIGINAL  # /col/delete did not drop the bucket's volumes

@@ -193,7 +193,7 @@ class StackConfig:
 
     @property
     def master_url(self) -> str:
-        return f"http://{self.host}:{self.master_port}"
+        return f"https://{self.host}:{self.master_port}"  # client certificate required
 
     @property
     def seaweedfs_dir(self) -> Path:

@@ -16,7 +16,7 @@ from malaria_dev.stack.config import StackConfig, StackError
 from malaria_dev.stack.credentials import ensure_identities, stack_s3_client
 from malaria_dev.stack.ports import require_free_ports
 from malaria_dev.stack.processes import spawn, wait_ready
-from malaria_dev.stack.security import ensure_seaweedfs_security, security_dir
+from malaria_dev.stack.security import ensure_seaweedfs_security, internal_tls, security_dir
 
 # Environment variables weed would otherwise pick up: `weed mini` turns AWS_ACCESS_KEY_ID /
 # AWS_SECRET_ACCESS_KEY into an extra S3 identity and S3_BUCKET into a bucket to create.
@@ -133,14 +133,19 @@ def s3_answers(cfg: StackConfig) -> bool:
     return http_ok(f"{cfg.s3_endpoint}/healthz")
 
 
+def _volume_status_url(cfg: StackConfig) -> str:
+    """HTTPS with the stack's client certificate (see malaria_dev.stack.security)."""
+    return f"https://{cfg.host}:{cfg.volume_port}/status"
+
+
 def _volumes_registered(cfg: StackConfig) -> bool:
     """Has the volume server loaded every volume on disk? Until then (about a second, more
     after an unclean stop) S3 answers /healthz but reads fail with "volume N not found".
     The volume server's /status, not the master's /dir/status: the master's HTTP API is off
     (``-disableHttp``); a read through S3 (``_read_probe``) then proves the master knows."""
     try:
-        with httpx.Client(timeout=2.0, trust_env=False) as client:
-            volumes = client.get(f"http://{cfg.host}:{cfg.volume_port}/status").json()["Volumes"]
+        with httpx.Client(timeout=2.0, trust_env=False, verify=internal_tls(cfg)) as client:
+            volumes = client.get(_volume_status_url(cfg)).json()["Volumes"]
     except (httpx.HTTPError, ValueError, KeyError, TypeError):
         return False
     on_disk = len(list(cfg.seaweedfs_dir.glob("*.dat")))
@@ -186,7 +191,7 @@ def wait_s3_healthy(cfg: StackConfig, *, timeout: float = 60, pid: int | None = 
     wait_ready(cfg, "s3", pid, deadline, lambda: s3_answers(cfg),
                f"GET {cfg.s3_endpoint}/healthz")
     wait_ready(cfg, "s3", pid, deadline, lambda: _volumes_registered(cfg),
-               f"volumes loaded at http://{cfg.host}:{cfg.volume_port}/status")
+               f"volumes loaded at {_volume_status_url(cfg)}")
     if create_bucket:
         # Retried: the filer can refuse the first writes while it connects to the master.
         def bucket_ready() -> bool:

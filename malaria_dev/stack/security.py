@@ -8,7 +8,10 @@ So ``weed mini`` starts with ``-config_dir=<state>/security`` holding (all mode 
                     unsigned request to the filer or volume HTTP port gets 401
 ``ca.crt``          a private CA, and ``stack.crt``/``stack.key`` signed by it: every gRPC
                     port (master, volume, filer, s3, admin) demands this client certificate,
-                    so an anonymous gRPC client fails the TLS handshake
+                    so an anonymous gRPC client fails the TLS handshake; the master's
+                    and the volume server's HTTP ports serve HTTPS only to a client with
+                    that certificate (their status pages answer anyone otherwise, and
+                    weed cannot switch them off); the filer reads volumes as that client
 
 and ``-disableHttp``: the master's HTTP API (``/dir/assign`` hands a write token to anyone,
 ``/col/delete`` drops a whole bucket's volumes, unauthenticated whatever the keys) and the
@@ -23,6 +26,7 @@ import datetime
 import ipaddress
 import os
 import secrets
+import ssl
 from pathlib import Path
 
 from malaria.io.atomic import write_atomic
@@ -36,10 +40,21 @@ KEY = "stack.key"
 # weed's gRPC sections that take a server (and client) certificate.
 _GRPC_SECTIONS = ("master", "volume", "filer", "s3", "admin", "worker", "msg_broker",
                   "msg_agent", "mq", "client")
+# weed's HTTP servers that serve HTTPS and demand the stack's client certificate.
+_HTTPS_SERVERS = ("master", "volume")
 
 
 def security_dir(cfg: StackConfig) -> Path:
     return cfg.state_dir / "security"
+
+
+def internal_tls(cfg: StackConfig) -> ssl.SSLContext:
+    """TLS for talking to the master's and volume server's HTTPS ports as the stack does:
+    trusting only the stack's CA and presenting the stack's client certificate."""
+    folder = security_dir(cfg)
+    context = ssl.create_default_context(cafile=str(folder / CA_CERT))
+    context.load_cert_chain(str(folder / CERT), str(folder / KEY))
+    return context
 
 
 def _certificates(folder: Path) -> None:
@@ -90,6 +105,15 @@ def _security_toml(folder: Path) -> str:
               "[grpc]", f'ca = "{folder / CA_CERT}"', ""]
     for section in _GRPC_SECTIONS:
         lines += [f"[grpc.{section}]", f'cert = "{folder / CERT}"', f'key = "{folder / KEY}"', ""]
+    # HTTPS with a required client certificate on the master's and the volume server's
+    # HTTP ports: their status pages (master ``/``, volume ``/status``) answer anything
+    # that connects, and weed has no switch to turn them off. The filer, which reads the
+    # volumes over HTTP, presents the stack certificate as an HTTPS client.
+    for section in _HTTPS_SERVERS:
+        lines += [f"[https.{section}]", f'cert = "{folder / CERT}"', f'key = "{folder / KEY}"',
+                  f'ca = "{folder / CA_CERT}"', ""]
+    lines += ["[https.client]", "enabled = true", f'cert = "{folder / CERT}"',
+              f'key = "{folder / KEY}"', f'ca = "{folder / CA_CERT}"', ""]
     return "\n".join(lines)
 
 
@@ -101,7 +125,10 @@ def ensure_seaweedfs_security(cfg: StackConfig) -> Path:
     os.chmod(folder, 0o700)
     toml = folder / SECURITY_TOML
     complete = all((folder / n).is_file() for n in (SECURITY_TOML, CA_CERT, CERT, KEY))
-    if not complete or str(folder / CA_CERT) not in toml.read_text():
+    # A folder written before a section was added (or moved: the toml names certificate
+    # paths) gets new files; the keys and certificates are internal to the stack.
+    if not complete or any(marker not in toml.read_text()
+                           for marker in (str(folder / CA_CERT), "[https.client]")):
         _certificates(folder)
         write_atomic(toml, _security_toml(folder), mode=PRIVATE)
     for name in (SECURITY_TOML, CA_CERT, CERT, KEY):
