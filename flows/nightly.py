@@ -25,7 +25,10 @@ def nightly_flow(data_url: str | None = None, arch: str = defaults.DEFAULT_ARCH,
                  seed: int = defaults.TRAIN_SEED, tta: bool = defaults.TEST_TIME_AUGMENTATION,
                  batch_size: int = defaults.TRAIN_BATCH_SIZE, gif_cells: int = 100,
                  min_auc: float = defaults.GATE_MIN_AUC,
-                 min_accuracy: float = defaults.GATE_MIN_ACCURACY) -> dict[str, Any]:
+                 min_accuracy: float = defaults.GATE_MIN_ACCURACY,
+                 require_approval: bool = False) -> dict[str, Any]:
+    # require_approval: the train subflow pauses for a person before it promotes (see
+    # flows.train); resume that subflow run, not this one.
     data_url = resolve_data_url(data_url)
     ingested = ingest_flow(data_url=data_url)
     has_data = next(iter(open_store(data_url).list(layout.DATASET)), None) is not None
@@ -34,7 +37,7 @@ def nightly_flow(data_url: str | None = None, arch: str = defaults.DEFAULT_ARCH,
         trained = train_flow(data_url=data_url, arch=arch, input_size=input_size, epochs=epochs,
                              max_minutes=max_minutes, seed=seed, tta=tta,
                              batch_size=batch_size, min_auc=min_auc,
-                             min_accuracy=min_accuracy)
+                             min_accuracy=min_accuracy, require_approval=require_approval)
     else:
         get_run_logger().warning("dataset/ is empty: nothing to train on tonight")
     gifs = publish_cell_gifs(data_url, f"nightly-{flow_run.get_id() or 'local'}", gif_cells)

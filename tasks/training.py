@@ -1,9 +1,14 @@
 """Prefect tasks around malaria.model.candidate: logging, checkpoints to the bucket,
-artifacts. The training itself and its summary come from the library, as for `malaria train`."""
+artifacts. The training itself and its summary come from the library, as for `malaria train`.
+
+The lineage (every cell a model saw, :mod:`malaria.registry.lineage`) is taken when the data
+is loaded, not re-listed at registration: cells ingested while the model trained must not
+appear in its lineage. The flow-run id is read here, the one place that knows Prefect."""
 
 from __future__ import annotations
 
 import tempfile
+from dataclasses import dataclass, field, fields
 from pathlib import Path
 from typing import Any
 
@@ -15,12 +20,13 @@ from prefect.artifacts import (
     update_progress_artifact,
 )
 from prefect.cache_policies import NO_CACHE
+from prefect.runtime import flow_run
 
 from malaria.core import defaults, layout
 from malaria.dataset.cache import ImageCache
 from malaria.dataset.records import records_from_store, store_reader
 from malaria.io.store import open_store
-from malaria.model import candidate
+from malaria.model import candidate, promotion
 from malaria.model.candidate import (
     CandidateEvaluation,
     PreparedData,
@@ -38,23 +44,61 @@ from malaria.model.checkpoints import (
 )
 from malaria.model.config import RetrainConfig
 from malaria.model.promotion import MODEL_FILE, gate
-from malaria.registry.gate import GateDecision
+from malaria.registry.gate import GateDecision, awaiting_approval
+from malaria.registry.lineage import (
+    LineageError,
+    LineageRow,
+    lineage_rows,
+    prepare_lineage_data,
+    resolve,
+)
 from malaria.registry.provenance import new_version
 from malaria.registry.registry import ModelRegistry
 
 
+@dataclass
+class TrainingData(PreparedData):
+    """The prepared data with its lineage: PreparedData keeps only the test records, and the
+    registered version must list every cell. ``retrained_from`` names the version whose
+    lineage it was loaded from, if any."""
+
+    lineage: list[LineageRow] = field(default_factory=list)
+    retrained_from: str | None = None
+
+
+def _retry_unless_lineage_error(_task: Any, _run: Any, state: Any) -> bool:
+    # A changed or missing object of a lineage stays so: retrying only delays the report.
+    return not isinstance(getattr(state, "data", None), LineageError)
+
+
 @task(name="load-training-data", retries=2, retry_delay_seconds=10, cache_policy=NO_CACHE,
+      retry_condition_fn=_retry_unless_lineage_error,
       timeout_seconds=defaults.TRAIN_LOAD_TIMEOUT_S)
-def load_training_data(data_url: str, config: RetrainConfig, cache_dir: str) -> PreparedData:
+def load_training_data(data_url: str, config: RetrainConfig, cache_dir: str,
+                       lineage_version: str | None = None) -> TrainingData:
+    """Every cell under dataset/, split by slide; or, with ``lineage_version``, exactly the
+    cells that version saw, on its split (a changed or missing object fails the run: a
+    retry cannot bring it back)."""
+    logger = get_run_logger()
     store = open_store(data_url)
-    records = records_from_store(store)
     cache = ImageCache(Path(cache_dir))
-    data = prepare_data(records, store_reader(store), cache, config.resolved_input_size(),
-                        seed=config.seed,
-                        val_fraction=config.val_fraction, test_fraction=config.test_fraction)
-    get_run_logger().info("%s; decoded %d new, reused %d cached", data.describe(),
-                          cache.stats.decoded, cache.stats.reused)
-    return data
+    if lineage_version is None:
+        records = records_from_store(store)
+        data = prepare_data(records, store_reader(store), cache, config.resolved_input_size(),
+                            seed=config.seed, val_fraction=config.val_fraction,
+                            test_fraction=config.test_fraction)
+        rows = lineage_rows(records, data.split)
+    else:
+        rows = ModelRegistry(store).get_lineage(lineage_version)
+        records, split = resolve(store, lineage_version, rows)
+        data = prepare_lineage_data(records, split, store_reader(store), cache,
+                                    config.resolved_input_size())
+        logger.info("re-training on the %d cells of model %s, on its split", len(rows),
+                    lineage_version)
+    logger.info("%s; decoded %d new, reused %d cached", data.describe(),
+                cache.stats.decoded, cache.stats.reused)
+    return TrainingData(**{f.name: getattr(data, f.name) for f in fields(data)},
+                        lineage=rows, retrained_from=lineage_version)
 
 
 @task(name="train-candidate", cache_policy=NO_CACHE, timeout_seconds=defaults.TRAIN_FIT_TIMEOUT_S)
@@ -63,7 +107,12 @@ def train_candidate(data_url: str, config: RetrainConfig, data: PreparedData) ->
     and settings resumes from the last checkpoint there."""
     logger = get_run_logger()
     store = open_store(data_url)
-    prefix = checkpoint_prefix(config, data.manifest_sha256)
+    identity = data.manifest_sha256
+    if isinstance(data, TrainingData) and data.retrained_from is not None:
+        # Same data and settings as the original run, hence its checkpoint prefix: a
+        # re-training would "resume" from its last epoch and train nothing.
+        identity = f"{identity}:retrain-of:{data.retrained_from}"
+    prefix = checkpoint_prefix(config, identity)
     folder = Path(tempfile.mkdtemp(prefix="malaria-ckpt-"))
     restored = download_checkpoint(store, prefix, folder)
     if restored:
@@ -111,6 +160,9 @@ def register_candidate(data_url: str, trained: dict[str, Any], data: PreparedDat
                        evaluation: CandidateEvaluation, config: RetrainConfig) -> str:
     registry = ModelRegistry(open_store(data_url))
     metrics = metrics_document(config, data, evaluation, trained["summary"])
+    lineage = data.lineage if isinstance(data, TrainingData) else None
+    if isinstance(data, TrainingData) and data.retrained_from is not None:
+        metrics["retrained_from"] = data.retrained_from
     # A retry after metrics.json was written, or a re-run after a crash before the gate,
     # finishes the version already registered instead of registering the model twice.
     existing = registry.registered_as(metrics)
@@ -122,7 +174,8 @@ def register_candidate(data_url: str, trained: dict[str, Any], data: PreparedDat
     with tempfile.TemporaryDirectory() as folder:
         path = Path(folder) / MODEL_FILE
         save_for_serving(trained["model"], path)
-        registry.register(version, path, metrics, evaluation.plots)
+        registry.register(version, path, metrics, evaluation.plots, lineage=lineage,
+                          flow_run_id=_flow_run_id())
     get_run_logger().info("registered model version %s", version)
     return version
 
@@ -133,9 +186,36 @@ def gate_candidate(data_url: str, version: str, evaluation: CandidateEvaluation,
                    data: PreparedData, config: RetrainConfig, cache_dir: str) -> GateDecision:
     store = open_store(data_url)
     decision = gate(ModelRegistry(store), version, evaluation.test, data.test_records,
-                    store_reader(store), ImageCache(Path(cache_dir)), config)
+                    store_reader(store), ImageCache(Path(cache_dir)), config,
+                    candidate_probabilities=evaluation.test_probabilities)
     get_run_logger().info("gate: %s", decision.reason)
     return decision
+
+
+@task(name="promotion-decision", retries=1, cache_policy=NO_CACHE,
+      timeout_seconds=defaults.TRAIN_GATE_TIMEOUT_S)
+def decide_candidate(data_url: str, version: str, evaluation: CandidateEvaluation,
+                     data: PreparedData, config: RetrainConfig, cache_dir: str) -> GateDecision:
+    """The gate's decision without promoting; a decision to promote is recorded as awaiting
+    approval (a run that dies waiting leaves that trace), any other as final."""
+    store = open_store(data_url)
+    registry = ModelRegistry(store)
+    decision = promotion.decide(registry, version, evaluation.test, data.test_records,
+                                store_reader(store), ImageCache(Path(cache_dir)), config,
+                                candidate_probabilities=evaluation.test_probabilities)
+    registry.record_decision(version, awaiting_approval(decision) if decision.promote
+                             else decision)
+    get_run_logger().info("gate: %s", decision.reason)
+    return decision
+
+
+@task(name="promotion-settle", retries=2, retry_delay_seconds=5, cache_policy=NO_CACHE,
+      timeout_seconds=defaults.TRAIN_REGISTER_TIMEOUT_S)
+def settle_candidate(data_url: str, version: str, decision: GateDecision) -> GateDecision:
+    """Record the answered decision and promote if it says so."""
+    settled = promotion.settle(ModelRegistry(open_store(data_url)), version, decision)
+    get_run_logger().info("gate after approval: %s", settled.reason)
+    return settled
 
 
 @task(name="check-repeat", retries=2, retry_delay_seconds=5, cache_policy=NO_CACHE,
@@ -187,3 +267,9 @@ def publish_training_report(data_url: str, version: str, evaluation: CandidateEv
                 "parasitized_predicted": round(s.parasitized_pred, 4)}
                for s in evaluation.test.per_slide],
     )
+
+
+def _flow_run_id() -> str | None:
+    """The id of the flow run this task belongs to; None outside one (a direct call)."""
+    run_id = flow_run.get_id()
+    return str(run_id) if run_id else None

@@ -82,3 +82,16 @@ TRAIN_GATE_TIMEOUT_S = 2 * 3600  # scores the champion on the test slides, then 
 REPORT_TIMEOUT_S = 15 * 60  # artifacts, GIFs
 NIGHTLY_FLOW_TIMEOUT_S = 8 * 3600  # ingest + NIGHTLY_TRAIN_MINUTES of training + reports
 ALERT_FLOW_TIMEOUT_S = 5 * 60  # it must end: it shares the worker slot with scoring
+
+# ---- promotion gate, paired test (malaria.evaluation.paired): candidate and champion are
+# scored on the same test cells and the slides are resampled with replacement; the candidate
+# must not be worse than the champion by more than GATE_TOLERANCE at the lower end of the
+# GATE_CONFIDENCE interval of the difference (a one-sided 97.5% non-inferiority test).
+GATE_BOOTSTRAP_RESAMPLES = 2000
+GATE_BOOTSTRAP_SEED = 20240501  # fixed: the same cells give the same decision every time
+GATE_CONFIDENCE = 0.95
+# ---- approval: a flow run with require_approval waits this long for a person to answer
+# (the pause holds the worker slot). It must fit in TRAIN_FLOW_TIMEOUT_S and, for the
+# nightly, in what NIGHTLY_FLOW_TIMEOUT_S leaves after ingest and training.
+APPROVAL_TIMEOUT_S = 4 * 3600
+APPROVAL_POLL_S = 10  # how often the paused run asks the server whether it was resumed
