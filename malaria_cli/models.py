@@ -5,19 +5,37 @@ from __future__ import annotations
 import argparse
 import json
 import sys
+from collections.abc import Mapping
 from pathlib import Path
+from typing import TYPE_CHECKING, Any
 
 from malaria.core import defaults, settings
 from malaria.io.atomic import write_atomic
 from malaria_cli.common import use_local_stack_if_configured
 
-
-def _retrain_config(args: argparse.Namespace):  # type: ignore[no-untyped-def]
+if TYPE_CHECKING:
     from malaria.model.config import RetrainConfig
 
-    return RetrainConfig(arch=args.arch, input_size=args.input_size, epochs=args.epochs,
-                         max_minutes=args.minutes, seed=args.seed, batch_size=args.batch_size,
-                         tta=not args.no_tta)
+# Training options: command-line name -> RetrainConfig field. Their parser default is None,
+# so --from-lineage can tell the options given (they override the recorded settings) from
+# those left out (the recorded setting stands).
+_TRAINING_OPTIONS = {"arch": "arch", "input_size": "input_size", "epochs": "epochs",
+                     "minutes": "max_minutes", "batch_size": "batch_size", "seed": "seed"}
+
+
+def _given_options(args: argparse.Namespace) -> dict[str, Any]:
+    given = {field: getattr(args, name) for name, field in _TRAINING_OPTIONS.items()
+             if getattr(args, name) is not None}
+    if args.no_tta:
+        given["tta"] = False
+    return given
+
+
+def _retrain_config(args: argparse.Namespace) -> RetrainConfig:
+    from malaria.model.config import RetrainConfig
+
+    # The defaults are RetrainConfig's own (malaria.core.defaults), as the flow's.
+    return RetrainConfig(**_given_options(args))
 
 
 def cmd_train(args: argparse.Namespace) -> int:
@@ -29,8 +47,11 @@ def cmd_train(args: argparse.Namespace) -> int:
         print(f"epoch {epoch}: {shown}", flush=True)
 
     out = Path(args.out)
-    card = train_local(Path(args.data), out, _retrain_config(args),
-                       cache_dir=Path(settings.cache_dir()), on_epoch=progress)
+    if args.from_lineage:
+        card = _train_from_lineage(args, out, progress)
+    else:
+        card = train_local(Path(args.data), out, _retrain_config(args),
+                           cache_dir=Path(settings.cache_dir()), on_epoch=progress)
     m = card["metrics"]
     print(describe_precision(card["training"]["precision_policy"]))
     print(f"saved {out} ({card['model_bytes'] / 1e6:.2f} MB) and {model_card_path(out)}")
@@ -38,6 +59,29 @@ def cmd_train(args: argparse.Namespace) -> int:
           f"AUC {m['roc_auc']:.4f}, sensitivity {m['sensitivity']:.4f}, specificity "
           f"{m['specificity']:.4f} at threshold {card['threshold']:.3f} (from validation slides)")
     return 0
+
+
+def _train_from_lineage(args: argparse.Namespace, out: Path,
+                        progress: Any) -> dict[str, Any]:
+    """Train on exactly the cells a registered version saw, with its recorded settings
+    except the training options given on the command line."""
+    import dataclasses
+
+    from malaria.io.store import open_store
+    from malaria.registry.lineage import recorded_config, retrain_from_lineage
+    from malaria.registry.registry import ModelRegistry
+
+    use_local_stack_if_configured()
+    store = open_store(args.data_url or settings.data_url())
+    version = args.from_lineage
+    config = dataclasses.replace(recorded_config(ModelRegistry(store).get(version)),
+                                 **_given_options(args))
+    card = retrain_from_lineage(store, version, out, cache_dir=Path(settings.cache_dir()),
+                                config=config, on_epoch=progress)
+    same = card["retrained_from"]["same_data"]
+    print(f"re-trained on the {card['lineage']['rows']} cells of model {version}, on its "
+          f"split; data manifest {'equal to' if same else 'DIFFERENT from'} the original's")
+    return card
 
 
 def cmd_evaluate(args: argparse.Namespace) -> int:
@@ -101,8 +145,12 @@ def cmd_models(args: argparse.Namespace) -> int:
         version = args.version or registry.champion_version()
         if version is None:
             raise RuntimeError("no version given and no champion")
-        print(json.dumps({"record": registry.get(version),
-                          "gate": registry.get_decision(version)}, indent=2, default=str))
+        record, decision = registry.get(version), registry.get_decision(version)
+        if args.json:
+            print(json.dumps({"record": record, "gate": decision}, indent=2, default=str))
+        else:
+            champion = registry.champion_version() == version
+            print("\n".join(describe_version(record, decision, champion=champion)))
     else:
         # promote and rollback change champion.json by compare-and-swap, as the train flow
         # does: a concurrent promotion is redone on top of ours, never lost. A server without
@@ -120,21 +168,86 @@ def cmd_models(args: argparse.Namespace) -> int:
     return 0
 
 
+def _number(value: Any, digits: int = 4) -> str:
+    return f"{value:.{digits}f}" if isinstance(value, int | float) else "?"
+
+
+def describe_version(record: Mapping[str, Any], decision: Mapping[str, Any] | None, *,
+                     champion: bool = False) -> list[str]:
+    """``malaria models show``: a version's record as lines for a person (``--json`` gives
+    the whole record). What an older record lacks is said to be "not recorded"."""
+    from malaria.core.labels import CLASS_NAMES
+
+    m = record.get("metrics") or {}
+    lines = [f"model {record.get('version')}{'  (champion)' if champion else ''}",
+             f"  created     {record.get('created_at', 'not recorded')}",
+             f"  model       {record.get('architecture', '?')} at {record.get('input_size', '?')}"
+             f" px, threshold {_number(record.get('threshold'), 3)} "
+             f"({record.get('threshold_rule', '?')}, from validation slides)",
+             "  test slides " + "  ".join(f"{name} {_number(m.get(key))}" for name, key in (
+                 ("accuracy", "accuracy"), ("AUC", "roc_auc"), ("sensitivity", "sensitivity"),
+                 ("specificity", "specificity")))]
+    if decision is None:
+        lines.append("  gate        no decision recorded")
+    else:
+        verdict = "promoted" if decision.get("promote") else "not promoted"
+        lines.append(f"  gate        {verdict}: {decision.get('reason', '')}")
+    if record.get("retrained_from"):
+        lines.append(f"  retrained   from the lineage of {record['retrained_from']}")
+    provenance = record.get("provenance") or {}
+    lines.append(f"  flow run    {provenance.get('flow_run_id') or 'none (not a flow run)'}"
+                 if provenance else "  flow run    not recorded")
+    code = provenance.get("code") or {}
+    if code:
+        dirty = {True: ", uncommitted changes", False: ", clean"}.get(code.get("dirty"), "")
+        lines.append(f"  code        {code.get('revision') or 'no revision'} "
+                     f"(from {code.get('source')}{dirty}), malaria-screening "
+                     f"{code.get('package') or '?'}")
+    else:
+        lines.append(f"  code        {record.get('code_revision') or 'not recorded'}")
+    packages = provenance.get("packages") or record.get("packages") or {}
+    lines.append("  packages    " + (", ".join(f"{name} {version or '-'}" for name, version
+                                                in sorted(packages.items()))
+                                     or "not recorded"))
+    lineage = record.get("lineage")
+    if not isinstance(lineage, Mapping):
+        lines.append("  lineage     not recorded (registered before lineages were kept)")
+        return lines
+    lines.append(f"  lineage     {lineage.get('key')}: {lineage.get('rows')} cells, "
+                 f"sha256 {lineage.get('sha256')}")
+    splits, slides = lineage.get("splits") or {}, lineage.get("slides") or {}
+    lines.append("              split  slides  " + "  ".join(f"{n:>11s}" for n in CLASS_NAMES))
+    for part in ("train", "val", "test"):
+        counts = splits.get(part) or {}
+        lines.append(f"              {part:5s}  {slides.get(part, '?')!s:>6s}  "
+                     + "  ".join(f"{counts.get(n, 0):>11d}" for n in CLASS_NAMES))
+    return lines
+
+
 def add_model_commands(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
     def training_options(p: argparse.ArgumentParser) -> None:
-        p.add_argument("--arch", default=defaults.DEFAULT_ARCH,
-                       help=f"{defaults.DEFAULT_ARCH} (default), seed-augmented, "
+        # Default None: see _TRAINING_OPTIONS. The help names the default that applies.
+        p.add_argument("--arch", help=f"{defaults.DEFAULT_ARCH} (default), seed-augmented, "
                        "seed-baseline, ...")
-        p.add_argument("--input-size", type=int)
-        p.add_argument("--epochs", type=int, default=defaults.TRAIN_EPOCHS)
-        p.add_argument("--minutes", type=float, default=defaults.TRAIN_MAX_MINUTES,
-                       help="training time budget")
-        p.add_argument("--batch-size", type=int, default=defaults.TRAIN_BATCH_SIZE)
-        p.add_argument("--seed", type=int, default=defaults.TRAIN_SEED)
+        p.add_argument("--input-size", type=int, help="default: the architecture's")
+        p.add_argument("--epochs", type=int, help=f"default {defaults.TRAIN_EPOCHS}")
+        p.add_argument("--minutes", type=float,
+                       help="training time budget in minutes (default "
+                       f"{defaults.TRAIN_MAX_MINUTES or 'none'})")
+        p.add_argument("--batch-size", type=int, help=f"default {defaults.TRAIN_BATCH_SIZE}")
+        p.add_argument("--seed", type=int, help=f"default {defaults.TRAIN_SEED}")
         p.add_argument("--no-tta", action="store_true", help="no test-time augmentation")
 
-    train = sub.add_parser("train", help="train on a local folder with class subfolders")
-    train.add_argument("--data", required=True)
+    train = sub.add_parser("train", help="train on a local folder with class subfolders, or "
+                           "again on the cells a registered version saw")
+    source = train.add_mutually_exclusive_group(required=True)
+    source.add_argument("--data", help="a folder with class subfolders")
+    source.add_argument("--from-lineage", metavar="VERSION",
+                        help="train on exactly the cells VERSION saw (its lineage.csv: same "
+                        "objects, same ETags, same split), with its recorded settings unless "
+                        "training options are given")
+    train.add_argument("--data-url", help="the bucket, with --from-lineage (default: "
+                       "MALARIA_DATA_URL)")
     train.add_argument("--out", required=True, help="model file, e.g. model.keras")
     training_options(train)
     train.set_defaults(func=cmd_train)
@@ -156,4 +269,6 @@ def add_model_commands(sub: argparse._SubParsersAction[argparse.ArgumentParser])
     models.add_argument("version", nargs="?")
     models.add_argument("--reason", default="operator decision")
     models.add_argument("--data-url")
+    models.add_argument("--json", action="store_true",
+                        help="show: the whole record and gate decision as JSON")
     models.set_defaults(func=cmd_models)

@@ -16,7 +16,7 @@ import os
 from collections import Counter
 from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING
 
@@ -43,13 +43,18 @@ class CellRecord:
 
     ``key`` is the object key in the store (or the path relative to a folder), ``label`` is
     1 for Parasitized and 0 for Uninfected, ``content_id`` identifies the bytes (see
-    :func:`records_from_store` and :func:`records_from_folder`).
+    :func:`records_from_store` and :func:`records_from_folder`). ``etag`` is the object's
+    ETag as the listing gave it (empty when unknown): a model's lineage records it, so a
+    re-training can tell whether the object is still the one that model saw.
     """
 
     key: str
     label: int
     slide: str
     content_id: str
+    # Not compared: content_id already names the bytes, and a record rebuilt without the
+    # ETag (a benchmark pack, a test) is still the same cell.
+    etag: str = field(default="", compare=False)
 
 
 # --------------------------------------------------------------------------------- records
@@ -87,7 +92,7 @@ def records_from_store(store: Store, prefix: str = DATASET, *,
             reason = "not_an_image_name"
         else:
             records.append(CellRecord(key=info.key, label=_label(class_name), slide=parts[1],
-                                      content_id=f"{info.etag}-{info.size}"))
+                                      content_id=f"{info.etag}-{info.size}", etag=info.etag))
             continue
         skips[reason] += 1
         if len(examples) < 3:
@@ -136,7 +141,7 @@ def records_from_folder(path: Path, *, workers: int = 8) -> list[CellRecord]:
     return [
         CellRecord(key=key, label=label,
                    slide=slide_from_name(key.rsplit("/", 1)[-1]) or UNKNOWN_SLIDE,
-                   content_id=cid)
+                   content_id=cid, etag=cid.rsplit("-", 1)[0])  # the MD5, as S3's ETag
         for (key, label), cid in zip(files, ids, strict=True)
     ]
 

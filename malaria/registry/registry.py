@@ -10,6 +10,8 @@ models/<version>/metrics.json     the version's record; written LAST: a version 
                                   this object exists, so a crash mid-upload leaves no half
                                   version that could be listed or promoted
 models/<version>/gate.json        the promotion decision taken for it (optional)
+models/<version>/lineage.csv      every cell it saw (key, ETag, class, slide, split), written
+                                  before metrics.json (:mod:`malaria.registry.lineage`)
 models/champion.json              the serving version, with the history of every change
 ```
 
@@ -40,12 +42,12 @@ import random
 import re
 import time
 import uuid
-from collections.abc import Callable, Iterable, Mapping
+from collections.abc import Callable, Iterable, Mapping, Sequence
 from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
 
-from malaria.core.layout import CHAMPION_KEY, MODELS, model_file_key
+from malaria.core.layout import CHAMPION_KEY, MODELS, lineage_key, model_file_key
 from malaria.io.atomic import atomic_path
 from malaria.io.store import (
     ObjectNotFound,
@@ -57,14 +59,22 @@ from malaria.io.store import (
     read_for_update,
 )
 from malaria.registry.gate import GateDecision
-from malaria.registry.provenance import code_revision, package_versions, sha256_file
+from malaria.registry.lineage import LineageRow, read_lineage, write_lineage
+from malaria.registry.provenance import (
+    code_revision,
+    code_version,
+    environment_packages,
+    package_versions,
+    sha256_file,
+)
 
 METRICS_FILE = "metrics.json"
 GATE_FILE = "gate.json"
+LINEAGE_FILE = lineage_key("v").rsplit("/", 1)[-1]  # the layout names it once
 
 _VERSION = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,127}$")
 _FILE_NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,127}$")
-_RESERVED = {METRICS_FILE, GATE_FILE}
+_RESERVED = {METRICS_FILE, GATE_FILE, LINEAGE_FILE}
 # Compare-and-swap on champion.json: tries before giving up, and the back-off between them
 # (jittered, so two writers that collided do not collide again).
 CHAMPION_CAS_ATTEMPTS = 20
@@ -120,6 +130,9 @@ class ModelRegistry:
         model_path: Path,
         metrics: Mapping[str, Any],
         plots: Mapping[str, bytes],
+        *,
+        lineage: Sequence[LineageRow] | None = None,
+        flow_run_id: str | None = None,
     ) -> str:
         """Upload the model file and plots, then ``metrics.json`` last; return its key.
 
@@ -129,6 +142,12 @@ class ModelRegistry:
         unless the caller gave them, ``created_at``, ``packages`` and ``code_revision``.
         Plot names get ``.png`` when they lack it. A registered version is never overwritten:
         a model's record must not change under the decisions taken on it.
+
+        ``lineage`` (every cell the model saw) is written as ``lineage.csv``, and the record
+        gets ``lineage`` (its key, sha256, row count and counts per class and split).
+        Every record gets ``provenance``: ``flow_run_id`` (the task layer reads it from
+        Prefect; None outside a flow run), ``code`` (:func:`code_version`) and ``packages``
+        (:func:`environment_packages`), unless the caller gave it.
         """
         _check_version(version)
         model_path = Path(model_path)
@@ -148,6 +167,8 @@ class ModelRegistry:
             raise RegistryError(f"invalid or clashing model file name {model_name!r}")
 
         self.store.put_file(self.file_key(version, model_name), model_path)
+        lineage_summary = (write_lineage(self.store, version, lineage)
+                           if lineage is not None else None)
         for file_name, data in sorted(plot_files.items()):
             self.store.put_bytes(self.file_key(version, file_name), data,
                                  content_type="image/png")
@@ -156,6 +177,10 @@ class ModelRegistry:
         record.setdefault("created_at", _now())
         record.setdefault("packages", package_versions())
         record.setdefault("code_revision", code_revision())
+        record.setdefault("provenance", {"flow_run_id": flow_run_id, "code": code_version(),
+                                         "packages": environment_packages()})
+        if lineage_summary is not None:
+            record["lineage"] = lineage_summary
         record["version"] = version
         record["model"] = {
             "file": model_name,
@@ -324,6 +349,12 @@ class ModelRegistry:
         except ObjectNotFound:
             return None
         return decision
+
+    def get_lineage(self, version: str) -> list[LineageRow]:
+        """Every cell ``version`` saw, as its ``lineage.csv`` lists them, checked against
+        the SHA-256 in its record (:class:`~malaria.registry.lineage.LineageError` when it
+        has none, or the file is missing or altered)."""
+        return read_lineage(self.store, version, self.get(version))
 
     def versions(self) -> list[str]:
         """Registered versions (those with a metrics.json), oldest first."""
