@@ -366,3 +366,30 @@ def test_the_gate_shows_the_parasitemia_error_beside_its_decision() -> None:
     assert "mean 2.50 pp, max 7.25 pp (champion: mean 3.00 pp, max 9.00 pp)" in decision.reason
     older = decide_promotion({"roc_auc": 0.99, "accuracy": 0.96}, None)
     assert older.promote and "parasitemia" not in older.reason
+
+
+def test_a_version_whose_promotion_never_reached_champion_json_is_finished_by_a_rerun(
+        tmp_path: Path) -> None:
+    """A crash between gate.json and champion.json, or during a person's approval, leaves a
+    version the re-run must finish, not a reason to register the same model again."""
+    registry = ModelRegistry(LocalStore(tmp_path / "bucket"))
+    identity = {"config": {"arch": "cellnet", "seed": 1}, "data_manifest_sha256": "ab" * 32}
+    metrics = {**_record(0.99, 0.95), **identity}
+    registry.register("v1", _model_file(tmp_path, b"m1"), metrics, {})
+    assert registry.registered_as(metrics) == "v1"  # not gated yet
+
+    promote = decide_promotion({"roc_auc": 0.99, "accuracy": 0.95}, None)
+    assert promote.promote
+    registry.record_decision("v1", promote)  # ... and the run dies before champion.json
+    assert registry.registered_as(metrics) == "v1"
+
+    registry.promote("v1", reason=promote.reason, decision=promote)
+    assert registry.registered_as(metrics) is None  # served: a later run registers its own
+
+    registry.register("v2", _model_file(tmp_path, b"m2"), metrics, {})
+    pending = {**dataclasses.asdict(promote), "promote": False,
+               "approval": {"required": True, "status": "pending"}}
+    registry.record_decision("v2", pending)
+    assert registry.registered_as(metrics) == "v2"  # still waiting for a person
+    registry.record_decision("v2", {**pending, "approval": {"status": "rejected"}})
+    assert registry.registered_as(metrics) is None  # refused: final

@@ -200,19 +200,34 @@ class ModelRegistry:
         Registering is not idempotent by itself (each try names a new version): a retried
         register step, or a run re-run after a crash between register and gate, asks this
         first and finishes that version instead of registering the model twice. A version
-        with a decision belongs to a finished run: a later run registers its own."""
+        with a final decision belongs to a finished run: a later run registers its own. Not
+        final: a decision to promote that never reached ``champion.json`` (a crash between
+        the two writes), and one still awaiting a person's approval."""
         from malaria.registry.retention import lineage_checkpoint  # it imports no registry
 
         lineage = lineage_checkpoint(metrics)
         if lineage is None:
             return None
+        served: set[str] | None = None  # read once, and only if a decision needs it
         for version in reversed(self.versions()):
             try:
-                if (lineage_checkpoint(self.get(version)) == lineage
-                        and self.get_decision(version) is None):
-                    return version
+                if lineage_checkpoint(self.get(version)) != lineage:
+                    continue
+                decision = self.get_decision(version)
             except UnknownVersion:  # deleted by retention meanwhile
                 continue
+            if decision is None:
+                return version
+            approval = decision.get("approval")
+            if isinstance(approval, Mapping) and approval.get("status") == "pending":
+                return version
+            if decision.get("promote"):
+                if served is None:
+                    champion = self.champion() or {}
+                    served = {str(event.get("version"))
+                              for event in champion.get("history", [])}
+                if version not in served:
+                    return version
         return None
 
     def record_decision(self, version: str, decision: GateDecision | Mapping[str, Any]) -> None:
