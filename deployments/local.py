@@ -1,5 +1,6 @@
-"""`malaria deploy`: work pools, the time-zone variable, the deployments of prefect.yaml, the
-failure automation and one worker per pool, on the local stack (or any Prefect server that
+"""`malaria deploy`: work pools, the time-zone variable, the deployments of prefect.yaml (with
+bulk-scoring's event triggers, which `prefect deploy` turns into automations), the failure
+automation and one worker per pool, on the local stack (or any Prefect server that
 PREFECT_API_URL names)."""
 
 from __future__ import annotations
@@ -17,6 +18,7 @@ from prefect.events.schemas.automations import EventTrigger, Posture
 from prefect.exceptions import ObjectNotFound
 
 from malaria_dev.stack import StackConfig, start_worker
+from tasks.events import emit_cells_uploaded, emit_scans_uploaded, flush_events
 
 PROJECT_DIR = Path(__file__).resolve().parent.parent
 PREFECT_FILE = PROJECT_DIR / "deployments" / "prefect.yaml"
@@ -87,6 +89,14 @@ def ensure_failure_automation() -> str:
     return str(automation.id)
 
 
+def trigger_automations(deployment: str = "score/bulk-scoring") -> list[str]:
+    """The automations `prefect deploy` made from a deployment's `triggers:`."""
+    with get_client(sync_client=True) as client:
+        target = client.read_deployment_by_name(deployment)
+        return sorted(a.name for a in client.read_resource_related_automations(
+            f"prefect.deployment.{target.id}"))
+
+
 def deploy_local(cfg: StackConfig, *, start_workers: bool = True) -> dict[str, object]:
     ensure_pools()
     timezone = ensure_timezone_variable()
@@ -95,7 +105,8 @@ def deploy_local(cfg: StackConfig, *, start_workers: bool = True) -> dict[str, o
     workers = {pool: start_worker(cfg, pool, cwd=PROJECT_DIR) for pool in POOLS} \
         if start_workers else {}
     return {"pools": list(POOLS), "timezone": timezone, "deployments": deployments,
-            "automation": automation, "workers": workers}
+            "automation": automation, "scoring_triggers": trigger_automations(),
+            "workers": workers}
 
 
 # --------------------------------------------------------------------------------- the demo
@@ -105,7 +116,8 @@ def upload_demo_data(data_url: str, *, labelled: int, slides: int, seed: int,
                      real_data: Path | None, scan_slides: dict[int, float],
                      cells_per_scan: int) -> dict[str, int]:
     """Synthetic (or real) labelled cells plus the bad-input corpus into incoming/, and
-    synthetic new scans into scans/<slide>/."""
+    synthetic new scans into scans/<slide>/; both announced as Prefect events (new scans
+    start bulk-scoring once it is deployed)."""
     import tempfile
 
     from malaria.core import layout
@@ -128,6 +140,10 @@ def upload_demo_data(data_url: str, *, labelled: int, slides: int, seed: int,
                                         parasitized_fraction=fraction):
             store.put_bytes(layout.scan_key(str(slide), cell.file_name), cell.data)
             scans += 1
+    emit_cells_uploaded(data_url, uploaded.uploaded + len(bad), layout.INCOMING)
+    if scans:
+        emit_scans_uploaded(data_url, scans, layout.SCANS, [str(s) for s in scan_slides])
+    flush_events()
     return {"labelled": uploaded.uploaded, "bad": len(bad), "scan_cells": scans,
             "scan_slides": len(scan_slides)}
 

@@ -24,6 +24,7 @@ from malaria.core.settings import data_url as resolve_data_url
 from malaria.ingest.chunk import iter_chunks
 from malaria.ingest.manifest import OUTCOMES, IngestSummary, ManifestWriter, new_run_id
 from malaria.io.store import open_store
+from tasks.events import emit_cells_ingested
 from tasks.ingest import (
     apply_label_corrections,
     ingest_chunk,
@@ -33,10 +34,15 @@ from tasks.ingest import (
 )
 
 
+def ingest_run_name() -> str:
+    """``ingest-<UTC time it was due>``: says what ran and when, in the UI's run lists."""
+    return f"ingest-{flow_run.get_scheduled_start_time():%Y%m%dT%H%M%SZ}"
+
+
 @flow(name="ingest", description="Apply reviewers' label corrections, then validate, "
       "de-duplicate and sort labelled cell images from incoming/ into "
       "dataset/<class>/<slide>/, quarantining bad files with a reason.",
-      timeout_seconds=INGEST_RUN_TIMEOUT_S)
+      flow_run_name=ingest_run_name, timeout_seconds=INGEST_RUN_TIMEOUT_S)
 def ingest_flow(data_url: str | None = None, chunk_size: int = INGEST_CHUNK_SIZE,
                 concurrency: int = INGEST_CONCURRENCY,
                 lock_wait_s: float = INGEST_LOCK_WAIT_S) -> dict[str, object]:
@@ -73,6 +79,8 @@ def ingest_flow(data_url: str | None = None, chunk_size: int = INGEST_CHUNK_SIZE
     finally:
         manifest.close()
     logger.info(summary.invariant_line())
+    # For automations and the event feed: what this run sorted (counts only).
+    emit_cells_ingested(data_url, {"listed": summary.listed, **summary.outcomes}, run_id)
     return {"run_id": run_id, "listed": summary.listed,
             **{outcome: summary.outcomes[outcome] for outcome in OUTCOMES},
             "reasons": dict(summary.reasons), "retracted": summary.retracted,

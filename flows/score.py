@@ -21,12 +21,13 @@ unless the slide's lease was lost meanwhile.
 from __future__ import annotations
 
 import time
-from typing import Any
+from typing import Any, Literal
 from uuid import UUID
 
 from prefect import flow, get_run_logger
 from prefect.artifacts import create_progress_artifact, update_progress_artifact
 from prefect.futures import PrefectFuture, as_completed
+from prefect.runtime import flow_run
 from prefect.task_runners import TaskRunner, ThreadPoolTaskRunner
 
 from malaria.core.defaults import (
@@ -44,21 +45,33 @@ from malaria.scoring.leases import SlideLeases
 from malaria.scoring.model import ModelRef
 from malaria.scoring.paths import ScoringPaths
 from malaria.scoring.report import ScoreReport, SlideTally
-from malaria.scoring.shards import Shard, ShardResult, plan_slide
+from malaria.scoring.shards import Shard, ShardResult
 from tasks.scoring import (
     announce_parasitemia_change,
     finalize_slide_step,
     find_due,
+    name_this_run,
+    plan_step,
     publish_scoring_report,
     resolve_scoring_model,
     score_shard_task,
 )
 
-RUNNERS = ("threads", "dask")
+Runner = Literal["threads", "dask"]  # a Literal: the UI offers the choices
+RUNNERS: tuple[Runner, ...] = ("threads", "dask")
 SLIDES_PER_GROUP = 64
 
 
-def build_task_runner(runner: str = "threads", *, dask_address: str | None = None,
+def score_run_name() -> str:
+    """The name a run starts with: the slides asked for, else when it was due. Once the due
+    slides are known the run is renamed ``score-<n>-slides`` (see score_flow)."""
+    slides = flow_run.get_parameters().get("slides")
+    if slides:
+        return f"score-{len(slides)}-requested-slides"
+    return f"score-{flow_run.get_scheduled_start_time():%Y%m%dT%H%M%SZ}"
+
+
+def build_task_runner(runner: Runner = "threads", *, dask_address: str | None = None,
                       dask_workers: int = 2,
                       parallel_shards: int = SCORE_PARALLEL_SHARDS) -> TaskRunner[Any]:
     """``threads``: shards in this process, ``parallel_shards`` at a time (two overlap one
@@ -84,6 +97,7 @@ def score_leased_slides(task_runner: TaskRunner[Any], paths: ScoringPaths, ref: 
                         progress_id: UUID | None = None,
                         slides_per_group: int = SLIDES_PER_GROUP,
                         parasitemia_shift_pp: float = SCORE_PARASITEMIA_SHIFT_PP,
+                        forced: frozenset[str] = frozenset(),
                         ) -> tuple[ScoreReport, list[str]]:
     """Plan each slide afresh (it is leased now) and submit its shards to ``task_runner``
     (entered) at once, so the first shards run while later slides are still being planned;
@@ -135,7 +149,7 @@ def score_leased_slides(task_runner: TaskRunner[Any], paths: ScoringPaths, ref: 
         shard_of: dict[PrefectFuture[ShardResult], Shard] = {}
         for slide in slides[first:first + slides_per_group]:
             try:
-                plan = plan_slide(paths, ref.version, slide, shard_size)
+                plan = plan_step(paths, ref.version, slide, shard_size, slide in forced)
             except Exception as error:  # the slide stays due for the next run
                 failed.append(f"plan {slide}: {error}")
                 logger.error("planning slide %s failed: %s", slide, error)
@@ -178,10 +192,10 @@ def score_leased_slides(task_runner: TaskRunner[Any], paths: ScoringPaths, ref: 
 
 @flow(name="score", description="Score every due slide under scans/ with the serving model: "
       "predictions/<slide>.csv per slide and predictions/summary.csv, exactly once.",
-      timeout_seconds=SCORE_FLOW_TIMEOUT_S)
+      flow_run_name=score_run_name, timeout_seconds=SCORE_FLOW_TIMEOUT_S)
 def score_flow(data_url: str | None = None, model_path: str | None = None,
                threshold: float | None = None, tta: int | None = None,
-               runner: str = "threads",
+               runner: Runner = "threads",
                dask_address: str | None = None, dask_workers: int = 2,
                shard_size: int = SCORE_SHARD_SIZE, batch_size: int = SCORE_BATCH_SIZE,
                concurrency: int = SCORE_CONCURRENCY,
@@ -190,11 +204,14 @@ def score_flow(data_url: str | None = None, model_path: str | None = None,
                lease_settle_s: float = SCORE_LEASE_SETTLE_S,
                scans_url: str | None = None, out_url: str | None = None,
                registry_url: str | None = None,
-               parasitemia_shift_pp: float = SCORE_PARASITEMIA_SHIFT_PP) -> dict[str, Any]:
+               parasitemia_shift_pp: float = SCORE_PARASITEMIA_SHIFT_PP,
+               slides: list[str] | None = None, force: bool = False) -> dict[str, Any]:
     """Scores the bucket layout of ``data_url`` (scans/ -> predictions/), or, with
     ``scans_url`` and ``out_url`` (URLs or folders), ``<slide>/<file>`` under one into
     ``<slide>.csv`` under the other. The model: ``model_path`` (a .keras file), or the
-    champion of ``registry_url`` (default: the data URL)."""
+    champion of ``registry_url`` (default: the data URL). ``slides``: only these slides are
+    considered; ``force``: they are re-scored even when up to date (the CSV they replace is
+    kept in the history when another scoring made it; see malaria.scoring.output)."""
     data_url = resolve_data_url(data_url)
     paths = ScoringPaths.for_run(data_url, scans_url, out_url, registry_url)
     logger = get_run_logger()
@@ -203,7 +220,8 @@ def score_flow(data_url: str | None = None, model_path: str | None = None,
     logger.info("score run: %s -> %s, task runner %s", paths.scans_url, paths.out_url, runner)
 
     ref = resolve_scoring_model(paths, model_path, threshold, tta)
-    due, up_to_date = find_due(paths, ref.version)
+    due, up_to_date = find_due(paths, ref.version, slides, force)
+    name_this_run(f"score-{len(due)}-slides")
     report = ScoreReport(model_version=ref.version)
     failed: list[str] = []
     busy: list[str] = []
@@ -226,7 +244,8 @@ def score_flow(data_url: str | None = None, model_path: str | None = None,
                         batch_size=batch_size, concurrency=concurrency,
                         total_cells=sum(d.cells for d in due if d.slide in held),
                         leases=leases, progress_id=progress_id,
-                        parasitemia_shift_pp=parasitemia_shift_pp)
+                        parasitemia_shift_pp=parasitemia_shift_pp,
+                        forced=frozenset(slides or ()) if force else frozenset())
         update_progress_artifact(progress_id, 100.0)
     seconds = time.perf_counter() - started
     # The report counts the slides that another run finished after the listing.

@@ -6,8 +6,34 @@ import argparse
 import os
 from pathlib import Path
 
-from malaria.core import settings
+from malaria.core import layout, settings
 from malaria_cli.common import stack_options, use_local_stack_if_configured
+
+
+def announce_upload(to: str, prefix: str, files: int, slides: list[str]) -> None:
+    """Tell Prefect what landed (new scans start ``bulk-scoring`` through an automation;
+    deployments/prefect.yaml), when a Prefect API is configured. The upload is done
+    already: a problem here is a warning, never a failed command."""
+    if files == 0:
+        return
+    try:
+        from tasks.events import (
+            api_configured,
+            emit_cells_uploaded,
+            emit_scans_uploaded,
+            flush_events,
+        )
+
+        if not api_configured():
+            return
+        if prefix == layout.SCANS:
+            emit_scans_uploaded(to, files, prefix, slides)
+        else:
+            emit_cells_uploaded(to, files, prefix)
+        flush_events()
+    except Exception as error:
+        print(f"warning: could not announce the upload to Prefect: "
+              f"{settings.redact(str(error))}")
 
 
 def cmd_data(args: argparse.Namespace) -> int:
@@ -20,9 +46,15 @@ def cmd_data(args: argparse.Namespace) -> int:
     elif args.action == "upload":
         use_local_stack_if_configured()
         to = args.to or settings.data_url()
-        result = datasets.upload_tree(Path(args.source), to, concurrency=args.concurrency)
+        source = Path(args.source)
+        prefix = layout.SCANS if args.scans else layout.INCOMING
+        result = datasets.upload_tree(source, to, prefix=prefix,
+                                      concurrency=args.concurrency)
         print(f"uploaded {result.uploaded} files ({result.bytes / 1e6:.1f} MB) to {to} "
-              f"in {result.seconds:.1f} s; skipped {result.skipped}")
+              f"{prefix} in {result.seconds:.1f} s; skipped {result.skipped}")
+        slides = sorted(p.name for p in source.iterdir()
+                        if p.is_dir() and not p.name.startswith(".")) if args.scans else []
+        announce_upload(to, prefix, result.uploaded, slides)
     elif args.action == "synthetic":
         from malaria_dev.synthetic import write_labelled_tree
 
@@ -38,8 +70,12 @@ def add_data_command(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -
     download.add_argument("--to", required=True)
     download.add_argument("--url", help="archive URL (default: NIH, or $MALARIA_NIH_URL)")
     download.add_argument("--sha256", help="expected SHA-256 of the archive")
-    upload = data_sub.add_parser("upload", help="put a class-folder tree into incoming/")
+    upload = data_sub.add_parser(
+        "upload", help="put a class-folder tree into incoming/ (or, with --scans, a "
+        "slide-folder tree into scans/)")
     upload.add_argument("source")
+    upload.add_argument("--scans", action="store_true",
+                        help="SOURCE holds <slide>/<cell image>: new scans to score")
     upload.add_argument("--to", help="s3://bucket[/prefix] or file:///dir "
                         "(default $MALARIA_DATA_URL or the local stack)")
     upload.add_argument("--concurrency", type=int, default=16)

@@ -52,6 +52,8 @@ def cmd_deploy(args: argparse.Namespace) -> int:
     print(f"deployments: {', '.join(result['deployments'])}")  # type: ignore[arg-type]
     print(f"nightly time zone (variable malaria_timezone): {result['timezone']}")
     print(f"failure automation: {result['automation']}")
+    print("bulk-scoring triggers (automations): "
+          f"{', '.join(result['scoring_triggers']) or 'none'}")  # type: ignore[arg-type]
     for pool, pid in result["workers"].items():  # type: ignore[attr-defined]
         print(f"worker for {pool}: pid {pid} (log {cfg.log_file(f'worker-{pool}')})")
     print(f"UI: {stack_status(cfg).ui_url}/deployments")

@@ -1,16 +1,63 @@
-"""Prefect tasks that leave pictures and summaries for the people watching the UI."""
+"""Prefect tasks that leave pictures and summaries for the people watching the UI.
+
+Artifacts point at objects in the bucket, never carry a credential: no presigned URL (it
+embeds the access key id and grants access to whoever holds it). A link or image is the
+object's ``s3://`` address, or, when ``MALARIA_ARTIFACT_BASE_URL`` names an http(s) address
+where the lab's browsers may read the bucket (a read-only gateway, a signed-in console),
+that address followed by ``<bucket>/<key>``, which the UI can open and show.
+"""
 
 from __future__ import annotations
 
+import os
+import re
+from collections.abc import Mapping
 from typing import Any
 
 from prefect import get_run_logger, task
-from prefect.artifacts import create_markdown_artifact
+from prefect.artifacts import (
+    create_image_artifact,
+    create_link_artifact,
+    create_markdown_artifact,
+)
 from prefect.cache_policies import NO_CACHE
 
 from malaria.core import defaults
-from malaria.io.store import open_store
+from malaria.core.settings import redact
+from malaria.io.store import Store, open_store
 from malaria.reports.gifs import class_gifs
+
+ARTIFACT_BASE_URL = "MALARIA_ARTIFACT_BASE_URL"
+
+
+def artifact_key(*parts: str) -> str:
+    """A Prefect artifact key (lowercase letters, digits and dashes only)."""
+    return re.sub(r"[^a-z0-9]+", "-", "-".join(parts).lower()).strip("-")
+
+
+def artifact_url(store: Store, key: str) -> str:
+    """Where a person can find ``key``: see the module docstring."""
+    uri = store.uri(key)
+    base = os.environ.get(ARTIFACT_BASE_URL, "").strip()
+    if base.startswith(("https://", "http://")) and uri.startswith("s3://"):
+        uri = f"{base.rstrip('/')}/{uri.removeprefix('s3://')}"
+    return redact(uri)
+
+
+def publish_object_links(store: Store, keys: Mapping[str, str], *, kind: str,
+                         images: bool = False, keyed: bool = True) -> None:
+    """One artifact per object: an image artifact (``images``: plots, GIFs) or a link
+    artifact, keyed ``<kind>-<name>`` so the Artifacts page keeps its versions (``keyed``
+    False: attached to the run only, for per-run objects such as one slide's CSV)."""
+    for name, key in keys.items():
+        url = artifact_url(store, key)
+        artifact = artifact_key(kind, name) if keyed else None
+        description = f"{kind} {name}: {store.uri(key)}"
+        if images:
+            create_image_artifact(image_url=url, key=artifact, description=description)
+        else:
+            create_link_artifact(link=url, link_text=key.rsplit("/", 1)[-1], key=artifact,
+                                 description=description)
 
 
 @task(name="publish-cell-gifs", retries=1, cache_policy=NO_CACHE,
@@ -19,6 +66,7 @@ def publish_cell_gifs(data_url: str, run_id: str, per_class: int = 100) -> dict[
     store = open_store(data_url)
     keys = class_gifs(store, per_class=per_class, run_id=run_id)
     get_run_logger().info("cell GIFs: %s", ", ".join(store.uri(k) for k in keys.values()))
+    publish_object_links(store, keys, kind="cell-gif", images=True)
     return {name: store.uri(key) for name, key in keys.items()}
 
 

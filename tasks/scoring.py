@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import contextlib
+from collections.abc import Collection
 
 from prefect import get_run_logger, task
 from prefect.artifacts import create_markdown_artifact, create_table_artifact
@@ -14,11 +15,23 @@ from malaria.core.settings import redact
 from malaria.evaluation.drift import DriftReport, compare, drift_of_predictions
 from malaria.io.store import open_store
 from malaria.registry.registry import ModelRegistry
-from malaria.scoring.due import DueSlide, find_due_slides
+from malaria.scoring.due import FORCED, Cell, DueSlide, find_due_slides, fingerprint
 from malaria.scoring.model import ModelRef, resolve_model
 from malaria.scoring.output import SlideSummary, finalize_slide, rebuild_summary
 from malaria.scoring.paths import ScoringPaths
-from malaria.scoring.shards import Shard, ShardResult, SlidePlan, score_shard
+from malaria.scoring.shards import (
+    Shard,
+    ShardResult,
+    SlidePlan,
+    plan_slide,
+    score_shard,
+    split_shards,
+)
+from tasks.reports import publish_object_links
+
+# At most this many per-slide CSV links are attached to a run: beyond it, summary.csv and
+# the score-parasitemia table say the rest in one place.
+LINKED_SLIDES = 20
 
 
 @task(name="resolve-scoring-model", retries=2, retry_delay_seconds=5, cache_policy=NO_CACHE,
@@ -33,14 +46,51 @@ def resolve_scoring_model(paths: ScoringPaths, model_path: str | None,
 
 @task(name="find-due-slides", retries=2, retry_delay_seconds=5, cache_policy=NO_CACHE,
       timeout_seconds=defaults.SCORE_STEP_TIMEOUT_S)
-def find_due(paths: ScoringPaths, version: str) -> tuple[list[DueSlide], int]:
-    due, up_to_date = find_due_slides(paths, version)
+def find_due(paths: ScoringPaths, version: str, slides: Collection[str] | None = None,
+             force: bool = False) -> tuple[list[DueSlide], int]:
+    due, up_to_date = find_due_slides(paths, version, slides, force)
     logger = get_run_logger()
     logger.info("%d slides due (%d cells), %d up to date", len(due),
                 sum(d.cells for d in due), up_to_date)
     for item in due[:50]:
         logger.info("due: slide %s (%d cells): %s", item.slide, item.cells, item.reason)
     return due, up_to_date
+
+
+def name_this_run(name: str) -> None:
+    """Rename the current flow run once what it does is known (the run name is resolved
+    before the flow body runs); outside a run, or if the API says no, nothing happens."""
+    from prefect.client.orchestration import get_client
+    from prefect.runtime import flow_run
+
+    run_id = flow_run.get_id()
+    if not run_id:
+        return
+    try:
+        with get_client(sync_client=True) as client:
+            client.set_flow_run_name(run_id, name)
+    except Exception as error:  # a name is a courtesy; the scoring goes on
+        get_run_logger().debug("could not rename the run to %s: %s", name, error)
+
+
+def plan_step(paths: ScoringPaths, version: str, slide: str, shard_size: int,
+              forced: bool) -> SlidePlan | None:
+    """The slide's plan (a plain step in the flow's thread, like finalizing). A forced slide
+    that is up to date is planned whole with the reason ``FORCED``; its parts from a killed
+    forced run are resumed (same cells, same model: the same rows)."""
+    plan = plan_slide(paths, version, slide, shard_size)
+    if plan is not None or not forced:
+        return plan
+    cells = sorted((Cell(i.key, i.etag, i.size)
+                    for i in paths.scans_store().list(paths.slide_prefix(slide))),
+                   key=lambda c: c.key)
+    if not cells:
+        return None
+    fp = fingerprint(cells)
+    shards = split_shards(slide, cells, shard_size, fp)
+    parts = {info.key for info in paths.out_store().list(paths.parts_prefix(slide))}
+    done = frozenset(s.index for s in shards if paths.part_key(s, version) in parts)
+    return SlidePlan(slide, fp, len(cells), FORCED, shards, done)
 
 
 # A shard is idempotent (its part is one whole object under a key fixed by its cells and
@@ -143,6 +193,13 @@ def publish_scoring_report(paths: ScoringPaths, ref: ModelRef, summaries: list[S
                     "unreadable": s.unreadable, "mean_probability": s.mean_probability,
                     "model_version": s.model_version} for s in summaries],
             description=f"Per-slide parasitemia of the slides scored in this run ({version})")
+    # Links to the CSVs: summary.csv keyed (its versions on the Artifacts page), the CSVs of
+    # the first slides of this run attached to the run.
+    if written or summaries:
+        publish_object_links(store, {"summary": paths.summary_key}, kind="predictions")
+    publish_object_links(store, {s.slide: paths.prediction_key(s.slide)
+                                 for s in summaries[:LINKED_SLIDES]},
+                         kind="predictions", keyed=False)
     create_markdown_artifact(
         key="score-summary",
         markdown=(f"# Scoring with model `{version}`\n\n- {line}\n"

@@ -185,3 +185,28 @@ def test_deployments_do_not_restate_product_defaults() -> None:
         assert not restated, (f"{deployment['name']} restates {restated} "
                               "(declared in malaria/core/defaults.py)")
     assert checked, "no flow takes its defaults from malaria.core.defaults"
+
+
+def test_bulk_scoring_runs_on_events_and_drops_a_run_that_would_queue() -> None:
+    """Its triggers are valid Prefect deployment triggers on the events tasks/events.py
+    emits, and a second run is cancelled rather than queued (CANCEL_NEW)."""
+    from prefect.cli.deploy._triggers import _initialize_deployment_triggers
+
+    from tasks.events import SCORING_TRIGGERS
+
+    config = yaml.safe_load((DEPLOYMENTS / "prefect.yaml").read_text())
+    scoring = {d["name"]: d for d in config["deployments"]}["bulk-scoring"]
+    assert scoring["concurrency_limit"] == {"limit": 1, "collision_strategy": "CANCEL_NEW"}
+    triggers = _initialize_deployment_triggers("bulk-scoring", scoring["triggers"])
+    assert sorted(e for t in triggers for e in t.expect) == sorted(SCORING_TRIGGERS)
+    for trigger in triggers:
+        assert trigger.enabled and trigger.parameters is None  # the deployment's own
+        assert trigger.posture.value == "Reactive" and trigger.threshold == 1
+
+
+@pytest.mark.parametrize("name", ["docker-gpu.json", "kubernetes-gpu.json"])
+def test_flow_runs_send_the_domain_logs_to_the_ui(name: str) -> None:
+    env = load_template(name)["variables"]["properties"]["env"]["default"]
+    assert env["PREFECT_LOGGING_EXTRA_LOGGERS"] == "malaria"
+    assert "PREFECT_LOGGING_EXTRA_LOGGERS=malaria" in (
+        DEPLOYMENTS / "Dockerfile.worker").read_text()

@@ -115,3 +115,90 @@ def test_score_flow_on_seaweedfs_threads_and_dask_agree(
               for d in by_key["score-parasitemia"]]
     assert any({r["slide"] for r in t} == set(SLIDES) for t in tables)
     assert any(float(str(p)) == 100.0 for p in by_key["score-progress"])
+
+
+def _register(store: S3Store, model: Path, version: str, threshold: float) -> None:
+    registry = ModelRegistry(store)
+    registry.register(version, model, plots={}, metrics={
+        "threshold": threshold, "input_size": 32, "architecture": "cellnet-tiny"})
+    registry.promote(version, reason="test")
+
+
+def _keys(store: S3Store, prefix: str) -> dict[str, str]:
+    return {i.key: i.etag for i in store.list(prefix)}
+
+
+def test_named_slides_and_a_forced_rescore_keep_the_history(
+        s3_store: S3Store, clients_find_moto: None, prefect_harness: None, tmp_path: Path,
+        monkeypatch: pytest.MonkeyPatch) -> None:
+    """`slides` limits a run to named slides; `force` re-scores them although up to date,
+    without touching the other slides, destroying a kept CSV or adding a history entry."""
+    from prefect.client.orchestration import get_client
+
+    from flows.score import score_flow
+    from malaria.model.architectures import build_model
+    from malaria.model.checkpoints import save_for_serving
+    from malaria.scoring.due import marker_id
+    from malaria.scoring.paths import ScoringPaths
+    from malaria_cli.main import main
+
+    model = tmp_path / "model.keras"
+    save_for_serving(build_model("cellnet-tiny", 32), model)
+    for slide in ("701", "702"):
+        for cell in generate_scan_cells(4, slide_id=int(slide), seed=3):
+            s3_store.put_bytes(f"scans/{slide}/{cell.file_name}", cell.data)
+    options = {"data_url": s3_store.url, "shard_size": 3, "lease_settle_s": 0.05}
+    _register(s3_store, model, "v1", threshold=1.0)
+    assert sorted(score_flow(**options)["slides_scored"]) == ["701", "702"]
+    paths = ScoringPaths.bucket(s3_store.url)
+
+    # A new champion: only the named slide is considered; the other stays as it was.
+    _register(s3_store, model, "v2", threshold=0.0)
+    untouched = _keys(s3_store, "predictions/702") | _keys(s3_store, paths.marker_prefix("702"))
+    state = score_flow(**options, slides=["701", "799"], return_state=True)
+    named = state.result()
+    assert named["slides_scored"] == ["701"] and named["slides_due"] == ["701"]
+    with get_client(sync_client=True) as client:
+        assert client.read_flow_run(state.state_details.flow_run_id).name == "score-1-slides"
+    history = _keys(s3_store, "predictions/history/701/")
+    assert len(history) == 1 and next(iter(history)).endswith("@v1.csv")
+    kept = {k: s3_store.get_bytes(k) for k in history}
+    assert score_flow(**options, slides=["701"])["slides_scored"] == []  # up to date
+
+    # Forced, through `malaria score --slide 701 --force`: scored again by v2.
+    before = s3_store.get_bytes(layout.prediction_key("701"))
+    [marker] = s3_store.list(paths.marker_prefix("701"))
+    monkeypatch.setenv("MALARIA_DATA_URL", s3_store.url)
+    monkeypatch.setenv("PREFECT_LOGGING_EXTRA_LOGGERS", "malaria")
+    assert main(["score", "--slide", "701", "--force", "--shard-size", "3"]) == 0
+    after = s3_store.get_bytes(layout.prediction_key("701"))
+    assert after != before  # a new scoring (its scored_at), with the same predictions
+    columns = ["key", "probability", "predicted_class", "model_version"]
+    assert pd.read_csv(io.BytesIO(after))[columns].equals(
+        pd.read_csv(io.BytesIO(before))[columns])
+    # Nothing destroyed, nothing duplicated: the v1 CSV is still the one history entry,
+    # byte for byte; one marker (the same scoring); no parts left; slide 702 untouched.
+    assert {k: s3_store.get_bytes(k) for k in _keys(s3_store, "predictions/history/")} == kept
+    [again] = s3_store.list(paths.marker_prefix("701"))
+    assert marker_id(again) == marker_id(marker)
+    assert not list(s3_store.list(paths.parts_prefix("701")))
+    assert _keys(s3_store, "predictions/702") | _keys(
+        s3_store, paths.marker_prefix("702")) == untouched
+    summary = pd.read_csv(io.BytesIO(s3_store.get_bytes(layout.PREDICTION_SUMMARY_KEY)),
+                          dtype={"slide": str}).set_index("slide")
+    assert summary.loc["701", "model_version"] == "v2"
+    assert summary.loc["702", "model_version"] == "v1"
+
+    # Links to the CSVs: the s3:// address (no presigned URL: it would carry a key id).
+    from prefect.client.schemas.filters import ArtifactFilter, ArtifactFilterKey
+
+    with get_client(sync_client=True) as client:
+        [link] = client.read_artifacts(limit=1, artifact_filter=ArtifactFilter(
+            key=ArtifactFilterKey(any_=["predictions-summary"])))
+    # (Prefect stores a link artifact as markdown: [text](link).)
+    assert f"({s3_store.uri(layout.PREDICTION_SUMMARY_KEY)})" in str(link.data)
+
+    with pytest.raises(ValueError, match="named slides only"):
+        score_flow(**options, force=True)
+    with pytest.raises(ValueError, match="not a slide folder name"):
+        score_flow(**options, slides=["70/1"])

@@ -5,7 +5,7 @@ from __future__ import annotations
 import hashlib
 import itertools
 import logging
-from collections.abc import Iterable, Iterator, Sequence
+from collections.abc import Collection, Iterable, Iterator, Sequence
 from dataclasses import dataclass
 
 from malaria.io.store import ObjectInfo, Store
@@ -42,12 +42,28 @@ def _slide_of(paths: ScoringPaths, key: str) -> str | None:
     return slide
 
 
-def iter_slides(paths: ScoringPaths, store: Store | None = None
-                ) -> Iterator[tuple[str, list[Cell]]]:
-    """``(slide, cells)`` for every slide under the scans prefix, streaming the listing
-    (key order keeps a slide's objects together), so only one slide's listing is held."""
+FORCED = "forced: re-scored on request although up to date"
+
+
+def check_slide_names(slides: Iterable[str]) -> list[str]:
+    """Requested slide names, sorted and unique; ``ValueError`` for one that is not a
+    single folder name (``a/b`` would list another slide's cells under this name)."""
+    names = sorted(set(slides))
+    for name in names:
+        if not name or "/" in name or name.startswith(".") or name != name.strip():
+            raise ValueError(f"not a slide folder name: {name!r}")
+    return names
+
+
+def iter_slides(paths: ScoringPaths, store: Store | None = None,
+                slides: Collection[str] | None = None) -> Iterator[tuple[str, list[Cell]]]:
+    """``(slide, cells)`` for every slide under the scans prefix (or only ``slides``, each
+    listed on its own), streaming the listing (key order keeps a slide's objects
+    together), so only one slide's listing is held."""
     store = store or paths.scans_store()
-    infos = ((slide, info) for info in store.list(paths.scans_prefix)
+    listing = store.list(paths.scans_prefix) if slides is None else itertools.chain.from_iterable(
+        store.list(paths.slide_prefix(slide)) for slide in check_slide_names(slides))
+    infos = ((slide, info) for info in listing
              if (slide := _slide_of(paths, info.key)) is not None)
     for slide, group in itertools.groupby(infos, key=lambda pair: pair[0]):
         if f"{slide}.csv" == SUMMARY_FILE:
@@ -99,8 +115,15 @@ class DueSlide:
     reason: str
 
 
-def find_due_slides(paths: ScoringPaths, version: str) -> tuple[list[DueSlide], int]:
-    """The due slides, and how many slides are up to date. Listings only."""
+def find_due_slides(paths: ScoringPaths, version: str, slides: Collection[str] | None = None,
+                    force: bool = False) -> tuple[list[DueSlide], int]:
+    """The due slides, and how many slides are up to date. Listings only.
+
+    ``slides``: only these are considered (a requested slide with no scans is logged).
+    ``force``: those slides are due even when up to date (a lab asks for a re-score); only
+    with ``slides``, so a forced run never re-scores a whole bucket by accident."""
+    if force and slides is None:
+        raise ValueError("force re-scores named slides only: give the slides")
     out = paths.out_store()
     with_csv = set()
     for info in out.list(paths.predictions_prefix):
@@ -110,13 +133,21 @@ def find_due_slides(paths: ScoringPaths, version: str) -> tuple[list[DueSlide], 
     markers = marker_names(paths, out)
     due: list[DueSlide] = []
     finished: dict[str, str] = {}  # up-to-date slide -> "<fingerprint>@<version>"
-    for slide, cells in iter_slides(paths):
+    seen = set()
+    for slide, cells in iter_slides(paths, slides=slides):
+        seen.add(slide)
         fp = fingerprint(cells)
         reason = due_reason(slide in with_csv, markers.get(slide, []), fp, version)
+        if reason is None and force:
+            reason = FORCED
         if reason is None:
             finished[slide] = f"{fp}@{version}"
         else:
             due.append(DueSlide(slide, len(cells), reason))
+    missing = sorted(set(slides or ()) - seen)
+    if missing:
+        log.warning("requested slides with no scans under %s: %s", paths.scans_prefix,
+                    ", ".join(missing[:20]))
     _clean_leftovers(paths, out, finished)
     return due, len(finished)
 

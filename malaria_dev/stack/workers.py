@@ -42,6 +42,9 @@ def worker_env(cfg: StackConfig) -> dict[str, str]:
     env.update(stack_env(cfg))
     env.update(cfg.to_env())
     env["PREFECT_SERVER_ANALYTICS_ENABLED"] = "false"
+    # The domain library logs to malaria.* without Prefect; this sends those lines to the
+    # flow run's log in the UI too (the process worker passes its environment on).
+    env.setdefault("PREFECT_LOGGING_EXTRA_LOGGERS", "malaria")
     env.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
     return env
 
