@@ -42,6 +42,24 @@ as well (a pack holds each cell's slide and label)::
     python -m benchmarks.accuracy --cv 5 --archs cellnet --minutes 12 \\
         --data ../shared/data/nih-cells-128 --json benchmarks/results/accuracy-cv5.json
 
+Issue 15's experiments run over the same folds: ``--slide-adapt colour|bn|colour+bn`` scores
+each slide after adapting to its own cells (:mod:`malaria.evaluation.adaptation`: colour
+statistics matched to the training cells', or batch-norm statistics re-estimated on the
+slide, AdaBN; also on the validation slides, so the threshold is chosen on adapted scores),
+``--ensemble N`` averages N models of consecutive seeds, and ``--cv-variants JSON`` runs a
+list of named variants (``{"name", "arch", "override", "size", "slide_adapt", "bn_prior",
+"ensemble", "tta"}``; omitted keys come from the command line, ``override`` replaces
+``--override``) and writes one comparison table (``meta.comparison_markdown``, and
+``--json``'s path with ``.md``): pooled figures with slide-bootstrap intervals, the paired
+slide-bootstrap difference to the first variant, per-fold spread. Variants that differ only
+in how they are scored share their trained models::
+
+    python -m benchmarks.accuracy --pack cells-80.npz --cv 5 --minutes 3 \\
+        --cv-variants issue15-adapt --cv-state cv-state --json accuracy-cv5-adapt.json
+
+(presets in ``VARIANT_PRESETS``; ``--cv-state DIR`` keeps each finished fold, so the same
+command run again continues where a time limit stopped it).
+
 ``--fit-on train+val --threshold-from RUN.json`` fits the final model on the validation slides
 too, with the threshold a train-only run chose on them; ``--train-slides F`` trains on a
 seeded fraction of the training slides (learning curves, with ``--eval val``);
@@ -72,15 +90,23 @@ from malaria.dataset.cache import ImageCache
 from malaria.dataset.pipeline import ArraySet, load_arrays
 from malaria.dataset.records import CellRecord, folder_reader, records_from_folder
 from malaria.dataset.split import SlideSplit, fold_split, slide_folds, split_by_slide
+from malaria.evaluation.adaptation import (
+    SLIDE_ADAPTATIONS,
+    ColourStats,
+    colour_stats,
+    predict_by_slide,
+)
 from malaria.evaluation.metrics import EvaluationReport, evaluate, evaluate_pooled, roc_auc
-from malaria.evaluation.slides import slide_bootstrap
+from malaria.evaluation.paired import slide_draw_counts
+from malaria.evaluation.slides import slide_bootstrap, weighted_roc_auc
 from malaria.evaluation.threshold import choose_threshold
-from malaria.model.architectures import classifier_params
+from malaria.model.architectures import classifier_params, default_input_size
 from malaria.model.candidate import train_candidate
 from malaria.model.checkpoints import save_for_serving
 from malaria.model.config import RetrainConfig
 from malaria.model.precision import backend, describe_precision, gpus, reported_cpu_flags
 from malaria.model.predict import predict_probabilities
+from malaria.model.trainer import TrainResult
 
 # Issue 3's targets for the default model on held-out slides.
 TARGETS = {"accuracy": 0.97, "auc": 0.995, "sensitivity": 0.96}
@@ -135,18 +161,45 @@ def score(model: keras.Model, val: ArraySet, target: ArraySet | None, tta: bool 
     return metrics, threshold, val_scores
 
 
+@dataclass(frozen=True)
+class Scoring:
+    """How cells are scored at evaluation: per-slide adaptation (one of
+    ``SLIDE_ADAPTATIONS``, with the training cells' colour statistics and AdaBN's prior)."""
+
+    slide_adapt: str = "none"
+    reference: ColourStats | None = None
+    bn_prior: float = 0.0
+
+
+def probabilities(models: keras.Model | list[keras.Model], cells: ArraySet, tta: bool | int,
+                  scoring: Scoring = Scoring()) -> np.ndarray:
+    """P(parasitized) per cell, averaged over ``models`` (an ensemble), each slide scored
+    after ``scoring``'s adaptation to its own cells."""
+    members = models if isinstance(models, list) else [models]
+    if scoring.slide_adapt == "none":  # the product's scoring, unchanged
+        per_model = [predict_probabilities(m, cells.images, tta=tta) for m in members]
+    else:
+        per_model = [predict_by_slide(m, cells.images, list(cells.slides),
+                                      adapt=scoring.slide_adapt, reference=scoring.reference,
+                                      tta=tta, prior=scoring.bn_prior) for m in members]
+    return np.mean(per_model, axis=0).astype(np.float32)
+
+
 def score_with_target(
-        model: keras.Model, val: ArraySet, target: ArraySet | None, tta: bool | int,
-        threshold: float | None = None,
+        model: keras.Model | list[keras.Model], val: ArraySet, target: ArraySet | None,
+        tta: bool | int, threshold: float | None = None, scoring: Scoring = Scoring(),
 ) -> tuple[dict[str, Any], float, np.ndarray, np.ndarray]:
-    """:func:`score`, with the target's scores too (cross-validation pools them)."""
-    val_scores = predict_probabilities(model, val.images, tta=tta)
+    """:func:`score`, with the target's scores too (cross-validation pools them); an
+    ensemble (a list of models) and per-slide adaptation (``scoring``) apply to the
+    validation slides as to the target, so the threshold is chosen on scores like the ones
+    it is applied to."""
+    val_scores = probabilities(model, val, tta, scoring)
     if threshold is None:
         threshold = choose_threshold(val.labels, val_scores, rule=defaults.THRESHOLD_RULE)
     if target is None:
         target, scores = val, val_scores
     else:
-        scores = predict_probabilities(model, target.images, tta=tta)
+        scores = probabilities(model, target, tta, scoring)
     report = evaluate(target.labels, scores, threshold, slides=list(target.slides))
     return metrics_row(report), threshold, val_scores, scores
 
@@ -284,12 +337,10 @@ def run_arch(arch: str, records: list[CellRecord], split: SlideSplit,
     return train_and_score(arch, records, split, args, load)[0]
 
 
-def train_and_score(arch: str, records: list[CellRecord], split: SlideSplit,
-                    args: argparse.Namespace, load: Loader) -> tuple[dict[str, Any], Scored]:
-    """One training run on ``split``'s train slides, scored on its test (or validation)
-    slides: the metrics and the scored cells."""
-    config = retrain_config(arch, args)
-    size = config.resolved_input_size()
+def load_sets(records: list[CellRecord], split: SlideSplit, args: argparse.Namespace,
+              size: int, load: Loader) -> dict[str, ArraySet]:
+    """The train, validation and (unless ``--eval val``) test cells of ``split`` at ``size``,
+    with the training-set options (``--fit-on``, ``--exclude-keys``, ``--train-slides``)."""
     sets: dict[str, ArraySet] = {}
     for part in ("train", "val", "test"):
         if part == "test" and args.eval == "val":
@@ -302,6 +353,32 @@ def train_and_score(arch: str, records: list[CellRecord], split: SlideSplit,
         if part == "train" and args.train_slides < 1.0:
             part_records = _some_slides(part_records, args.train_slides, args.seed)
         sets[part] = load(part_records, size)
+    return sets
+
+
+@dataclass
+class TrainedRun:
+    """One training run: the model, its training record, and the cells it used."""
+
+    arch: str
+    config: RetrainConfig
+    size: int
+    result: TrainResult
+    model_bytes: int
+    workdir: Path
+    sets: dict[str, ArraySet]
+    tracker: TimeToTarget | None = None
+
+
+def train_run(arch: str, records: list[CellRecord], split: SlideSplit,
+              args: argparse.Namespace, load: Loader,
+              sets: dict[str, ArraySet] | None = None) -> TrainedRun:
+    """Train ``arch`` on ``split``'s train slides (``sets`` when already loaded at the run's
+    input size) through the product's :func:`train_candidate`."""
+    config = retrain_config(arch, args)
+    size = config.resolved_input_size()
+    if sets is None:
+        sets = load_sets(records, split, args, size, load)
     workdir = Path(args.workdir) / f"{arch}-{size}-{os.getpid()}"
 
     def progress(epoch: int, m: dict) -> None:
@@ -316,29 +393,80 @@ def train_and_score(arch: str, records: list[CellRecord], split: SlideSplit,
                              resume=False, callbacks=[tracker] if tracker else [])
     print(f"  {arch}: {describe_precision(result.precision_policy)}", flush=True)
     model_bytes = save_for_serving(result.model, workdir / "model.keras")
-    tta: bool | int = args.tta
+    return TrainedRun(arch, config, size, result, model_bytes, workdir, sets, tracker)
+
+
+def run_scoring(runs: list[TrainedRun], slide_adapt: str, bn_prior: float = 0.0) -> Scoring:
+    """The scoring for ``slide_adapt``; the colour adaptations take the training cells'
+    colour statistics, which are also written next to the model (kept with it)."""
+    reference = None
+    if slide_adapt in ("colour", "colour+bn"):
+        reference = colour_stats(runs[0].sets["train"].images)
+        for run in runs:
+            (run.workdir / "colour_reference.json").write_text(
+                json.dumps(reference.to_dict(), indent=1))
+    return Scoring(slide_adapt, reference, bn_prior)
+
+
+def score_runs(runs: list[TrainedRun], args: argparse.Namespace, *, tta: bool | int,
+               scoring: Scoring = Scoring()) -> tuple[dict[str, Any], Scored]:
+    """Score ``runs`` (one model, or an ensemble of runs on the same cells, probabilities
+    averaged) on the test (or validation) slides: the metrics and the scored cells."""
+    first = runs[0]
+    sets = first.sets
     # Fitted on the validation slides too: they cannot choose the threshold, so it comes
     # from a train-only run of the same recipe (its JSON).
-    carried = (carried_threshold(args.threshold_from, arch) if args.fit_on == "train+val"
-               else None)
+    carried = (carried_threshold(args.threshold_from, first.arch)
+               if args.fit_on == "train+val" else None)
     target = sets["val"] if args.eval == "val" else sets["test"]
+    models = [run.result.model for run in runs]
     metrics, threshold, val_scores, scores = score_with_target(
-        result.model, sets["val"], None if args.eval == "val" else target, tta, carried)
-    summary = result.summary()
+        models if len(models) > 1 else models[0], sets["val"],
+        None if args.eval == "val" else target, tta, carried, scoring)
+    summary = first.result.summary()
     metrics.update(
         evaluated_on=args.eval, threshold=threshold,
         val_auc=roc_auc(sets["val"].labels, val_scores),
-        train_seconds=summary["seconds"], images_per_s=summary["images_per_s"],
-        params=classifier_params(result.model), model_bytes=model_bytes,
-        epochs=result.epochs_run, best_epoch=result.best_epoch, stopped=result.stopped,
-        input_size=size, precision_policy=result.precision_policy, tta=tta,
-        training=summary, config=asdict(config), train_config=asdict(config.train_config()),
+        # An ensemble costs the training of all its members.
+        train_seconds=sum(run.result.summary()["seconds"] for run in runs),
+        images_per_s=summary["images_per_s"],
+        params=classifier_params(first.result.model), model_bytes=first.model_bytes,
+        epochs=first.result.epochs_run, best_epoch=first.result.best_epoch,
+        stopped=first.result.stopped, input_size=first.size,
+        precision_policy=first.result.precision_policy, tta=tta,
+        training=summary, config=asdict(first.config),
+        train_config=asdict(first.config.train_config()),
         train_cells=len(sets["train"]), val_cells=len(sets["val"]),
         train_slides=len(set(sets["train"].slides)), fit_on=args.fit_on,
     )
-    if tracker is not None:
-        metrics["time_to_target"] = tracker.report()
+    if scoring.slide_adapt != "none":
+        metrics.update(slide_adapt=scoring.slide_adapt, bn_prior=scoring.bn_prior,
+                       colour_reference=(scoring.reference.to_dict()
+                                         if scoring.reference else None))
+    if len(runs) > 1:
+        metrics["ensemble"] = [{"seed": run.config.seed, "epochs": run.result.epochs_run,
+                                "best_epoch": run.result.best_epoch,
+                                "train_seconds": run.result.summary()["seconds"]}
+                               for run in runs]
+    if first.tracker is not None:
+        metrics["time_to_target"] = first.tracker.report()
     return metrics, Scored(target.labels, scores, target.slides, threshold)
+
+
+def train_and_score(arch: str, records: list[CellRecord], split: SlideSplit,
+                    args: argparse.Namespace, load: Loader) -> tuple[dict[str, Any], Scored]:
+    """One training run on ``split``'s train slides, scored on its test (or validation)
+    slides: the metrics and the scored cells (``--ensemble N``: N runs of seeds seed..
+    seed+N-1, probabilities averaged; ``--slide-adapt``: per-slide adaptation)."""
+    count = max(1, getattr(args, "ensemble", 1))
+    runs = [train_run(arch, records, split, argparse.Namespace(**{
+        **vars(args), "seed": args.seed + i,
+        # A work folder per member, so no member saves over another's model.
+        "workdir": Path(args.workdir) / f"member{i}" if count > 1 else args.workdir}), load)
+        for i in range(count)]
+    adapt = getattr(args, "slide_adapt", "none")
+    return score_runs(runs, args, tta=args.tta,
+                      scoring=run_scoring(runs, adapt, getattr(args, "bn_prior", 0.0)))
 
 
 # ------------------------------------------------------------------------ cross-validation
@@ -392,29 +520,315 @@ def cv_summary(fold_rows: list[dict[str, Any]], scored: list[Scored], folds: dic
     }
 
 
+@dataclass(frozen=True)
+class Variant:
+    """One recipe of a cross-validation comparison: what is trained (``arch``,
+    ``override``, ``size``) and how it is scored (``slide_adapt``, ``bn_prior``,
+    ``ensemble`` members of seeds seed..seed+N-1, ``tta`` views; None: ``--tta``)."""
+
+    name: str
+    arch: str
+    override: str | None = None  # JSON of RetrainConfig/TrainConfig fields, as --override
+    size: int | None = None
+    slide_adapt: str = "none"
+    bn_prior: float = 0.0
+    ensemble: int = 1
+    tta: int | None = None
+
+    @property
+    def recipe(self) -> tuple[str, str, int | None]:
+        """What training depends on: variants with the same recipe share their models."""
+        override = json.dumps(json.loads(self.override or "{}"), sort_keys=True)
+        return self.arch, override, self.size or default_input_size(self.arch)
+
+
+# Issue 15's comparisons, each over the same 5 folds (``--cv-variants issue15-adapt``). The
+# first variant of each is the product's recipe, the baseline of the paired differences.
+# Models trained per fold (H200, ~45-60 s each with compilation): adapt 1, stain 4,
+# ensemble 3.
+VARIANT_PRESETS: dict[str, list[dict[str, Any]]] = {
+    "issue15-adapt": [
+        {"name": "cellnet", "arch": "cellnet"},
+        {"name": "cellnet+colour", "arch": "cellnet", "slide_adapt": "colour"},
+        {"name": "cellnet+bn", "arch": "cellnet", "slide_adapt": "bn"},
+        {"name": "cellnet+bn-prior128", "arch": "cellnet", "slide_adapt": "bn",
+         "bn_prior": 128},
+        {"name": "cellnet+colour+bn", "arch": "cellnet", "slide_adapt": "colour+bn"},
+    ],
+    "issue15-stain": [
+        {"name": "cellnet", "arch": "cellnet"},
+        {"name": "cellnet-hed", "arch": "cellnet-hed"},
+        {"name": "cellnet-hed+bn", "arch": "cellnet-hed", "slide_adapt": "bn"},
+        {"name": "cellnet-hed-only", "arch": "cellnet-hed-only"},
+        {"name": "cellnet-stainnorm", "arch": "cellnet-stainnorm"},
+    ],
+    "issue15-ensemble": [
+        {"name": "cellnet", "arch": "cellnet"},
+        {"name": "cellnet-x2", "arch": "cellnet", "ensemble": 2},
+        {"name": "cellnet-x3", "arch": "cellnet", "ensemble": 3},
+        {"name": "cellnet-x3+bn", "arch": "cellnet", "ensemble": 3, "slide_adapt": "bn"},
+    ],
+}
+VARIANT_KEYS = {"name", "arch", "archs", "override", "size", "slide_adapt", "bn_prior",
+                "ensemble", "tta"}
+
+
+def parse_variants(text: str, args: argparse.Namespace) -> list[Variant]:
+    """``--cv-variants``: a JSON list (inline, or a file holding it) of objects with a
+    ``name`` and any of ``arch`` (or ``archs``; default the first of ``--archs``),
+    ``override`` (an object, or its JSON text), ``size``, ``slide_adapt``, ``bn_prior``,
+    ``ensemble`` and ``tta``; what an entry leaves out comes from the command line. A name
+    in :data:`VARIANT_PRESETS` stands for that list."""
+    path = Path(text)
+    if text in VARIANT_PRESETS:
+        raw: Any = VARIANT_PRESETS[text]
+    elif not text.lstrip().startswith("[") and path.is_file():
+        raw = json.loads(path.read_text())
+    else:
+        raw = json.loads(text)
+    if not isinstance(raw, list) or not raw:
+        raise ValueError("--cv-variants takes a non-empty JSON list of objects")
+    variants: list[Variant] = []
+    for entry in raw:
+        if not isinstance(entry, dict) or "name" not in entry:
+            raise ValueError(f"each variant needs a name: {entry!r}")
+        unknown = set(entry) - VARIANT_KEYS
+        if unknown:
+            raise ValueError(f"variant {entry['name']!r}: unknown keys {sorted(unknown)}")
+        override = entry.get("override", args.override)
+        if isinstance(override, dict):
+            override = json.dumps(override)
+        variants.append(Variant(
+            name=str(entry["name"]),
+            arch=str(entry.get("arch", entry.get("archs", args.archs.split(",")[0]))),
+            override=override, size=entry.get("size", args.size),
+            slide_adapt=entry.get("slide_adapt", args.slide_adapt),
+            bn_prior=float(entry.get("bn_prior", args.bn_prior)),
+            ensemble=int(entry.get("ensemble", args.ensemble)), tta=entry.get("tta")))
+    check_variants(variants)
+    return variants
+
+
+def check_variants(variants: list[Variant]) -> None:
+    """Refuse, before any training, what would fail after it."""
+    from malaria.model.architectures import ARCHITECTURES
+
+    names = [v.name for v in variants]
+    if len(set(names)) != len(names):
+        raise ValueError(f"variant names must differ: {names}")
+    for v in variants:
+        if v.arch not in ARCHITECTURES:
+            raise ValueError(f"variant {v.name!r}: unknown architecture {v.arch!r}")
+        if v.slide_adapt not in SLIDE_ADAPTATIONS:
+            raise ValueError(f"variant {v.name!r}: slide_adapt must be one of "
+                             f"{SLIDE_ADAPTATIONS}, got {v.slide_adapt!r}")
+        if v.ensemble < 1:
+            raise ValueError(f"variant {v.name!r}: ensemble must be >= 1")
+        json.loads(v.override or "{}")  # malformed JSON fails here, not after a fold
+
+
+def _state_files(state: Path, fold: int, variant: Variant) -> tuple[Path, Path]:
+    stem = "".join(c if c.isalnum() or c in "._-" else "_" for c in variant.name)
+    return state / f"fold{fold}-{stem}.json", state / f"fold{fold}-{stem}.npz"
+
+
+def _jsonable(value: Any) -> Any:
+    if isinstance(value, np.integer):
+        return int(value)
+    if isinstance(value, np.floating):
+        return float(value)
+    return str(value)
+
+
+def save_fold_state(state: Path, fold: int, variant: Variant, split: SlideSplit,
+                    row: dict[str, Any], cells: Scored) -> None:
+    """One variant's finished fold (``--cv-state``): a rerun of the same command takes it
+    instead of training again, so a CV longer than one device session is done in pieces."""
+    state.mkdir(parents=True, exist_ok=True)
+    meta, arrays = _state_files(state, fold, variant)
+    np.savez(arrays, labels=cells.labels, probabilities=cells.probabilities,
+             slides=cells.slides.astype(str), threshold=np.float64(cells.threshold))
+    # Written last: a fold whose JSON exists is complete.
+    meta.write_text(json.dumps({"variant": asdict(variant), "slides": split.as_dict(),
+                                "row": row}, default=_jsonable))
+
+
+def load_fold_state(state: Path, fold: int, variant: Variant,
+                    split: SlideSplit) -> tuple[dict[str, Any], Scored] | None:
+    """The saved fold of the same variant on the same slides, or None."""
+    meta, arrays = _state_files(state, fold, variant)
+    if not (meta.is_file() and arrays.is_file()):
+        return None
+    saved = json.loads(meta.read_text())
+    same = json.loads(json.dumps({"variant": asdict(variant), "slides": split.as_dict()}))
+    if {k: saved.get(k) for k in same} != same:
+        return None
+    with np.load(arrays, allow_pickle=False) as data:
+        cells = Scored(data["labels"], data["probabilities"], data["slides"],
+                       float(data["threshold"]))
+    return saved["row"], cells
+
+
+def run_cv_variants(variants: list[Variant], records: list[CellRecord],
+                    folds: dict[str, int], splits: list[SlideSplit],
+                    args: argparse.Namespace, load: Loader,
+                    ) -> tuple[dict[str, dict[str, Any]], dict[str, list[Scored]]]:
+    """Every variant over the same folds (its summary, and its scored cells per fold). In each fold each distinct recipe is trained once
+    per ensemble member it needs (variants differing only in scoring share those models);
+    each variant is then scored with its own adaptation, ensemble and TTA, and its folds are
+    pooled as :func:`cv_summary` does."""
+    recipe_ids = {recipe: i for i, recipe in enumerate(dict.fromkeys(v.recipe
+                                                                     for v in variants))}
+    fold_rows: dict[str, list[dict[str, Any]]] = {v.name: [] for v in variants}
+    scored: dict[str, list[Scored]] = {v.name: [] for v in variants}
+    state: Path | None = getattr(args, "cv_state", None)
+    for fold, split in enumerate(splits):
+        started = time.perf_counter()
+        todo = []
+        for v in variants:
+            kept = load_fold_state(state, fold, v, split) if state else None
+            if kept is None:
+                todo.append(v)
+                continue
+            fold_rows[v.name].append(kept[0])
+            scored[v.name].append(kept[1])
+            print(f"{v.name} fold {fold + 1}/{len(splits)}: taken from {state}", flush=True)
+        members: dict[tuple[str, str, int | None], int] = {}
+        for v in todo:
+            members[v.recipe] = max(members.get(v.recipe, 0), v.ensemble)
+        sets_at: dict[int, dict[str, ArraySet]] = {}
+        runs: dict[tuple[str, str, int | None], list[TrainedRun]] = {}
+        for recipe, count in members.items():
+            arch, override, size = recipe
+            runs[recipe] = []
+            for member in range(count):
+                # One work folder per fold, recipe and member: no checkpoint of another run
+                # is ever picked up.
+                run_args = argparse.Namespace(**{
+                    **vars(args), "override": override, "size": size,
+                    "seed": args.seed + member,
+                    "workdir": Path(args.workdir) / f"cv{len(splits)}-fold{fold}"
+                    / f"recipe{recipe_ids[recipe]}-member{member}"})
+                at = retrain_config(arch, run_args).resolved_input_size()
+                if at not in sets_at:
+                    sets_at[at] = load_sets(records, split, run_args, at, load)
+                runs[recipe].append(train_run(arch, records, split, run_args, load,
+                                              sets=sets_at[at]))
+        for v in todo:
+            chosen = runs[v.recipe][:v.ensemble]
+            tta = args.tta if v.tta is None else (v.tta if v.tta > 1 else False)
+            row, cells = score_runs(chosen, args, tta=tta,
+                                    scoring=run_scoring(chosen, v.slide_adapt, v.bn_prior))
+            row.update(fold=fold, slides=split.as_dict())
+            fold_rows[v.name].append(row)
+            scored[v.name].append(cells)
+            if state:
+                save_fold_state(state, fold, v, split, row, cells)
+            print(f"{v.name} fold {fold + 1}/{len(splits)}: {len(split.test)} test slides "
+                  f"({row['cells']} cells), {len(split.val)} val: acc {row['accuracy']:.4f} "
+                  f"auc {row['auc']:.4f} sens {row['sensitivity']:.4f} "
+                  f"spec {row['specificity']:.4f} parasitemia err "
+                  f"{row['parasitemia_error_mean']:.2f}/{row['parasitemia_error_max']:.2f} pp "
+                  f"thr {row['threshold']:.3f} epochs {row['epochs']} "
+                  f"train {row['train_seconds']:.0f}s", flush=True)
+        print(f"fold {fold + 1}/{len(splits)} done in {time.perf_counter() - started:.0f}s",
+              flush=True)
+    summaries = {v.name: {**cv_summary(fold_rows[v.name], scored[v.name], folds),
+                          "variant": asdict(v)} for v in variants}
+    return summaries, scored
+
+
 def run_cv(arch: str, records: list[CellRecord], folds: dict[str, int],
            splits: list[SlideSplit], args: argparse.Namespace, load: Loader) -> dict[str, Any]:
-    """Train ``arch`` once per fold through :func:`train_and_score` (the same run as a
-    single split) and pool the folds' test cells."""
-    fold_rows: list[dict[str, Any]] = []
-    scored: list[Scored] = []
-    for fold, split in enumerate(splits):
-        # One work folder per fold: no checkpoint of an earlier fold is ever picked up.
-        fold_args = argparse.Namespace(**{**vars(args), "workdir": Path(args.workdir)
-                                          / f"cv{len(splits)}-fold{fold}"})
-        started = time.perf_counter()
-        row, cells = train_and_score(arch, records, split, fold_args, load)
-        row.update(fold=fold, slides=split.as_dict())
-        fold_rows.append(row)
-        scored.append(cells)
-        print(f"{arch} fold {fold + 1}/{len(splits)}: {len(split.test)} test slides "
-              f"({row['cells']} cells), {len(split.val)} val: acc {row['accuracy']:.4f} "
-              f"auc {row['auc']:.4f} sens {row['sensitivity']:.4f} "
-              f"spec {row['specificity']:.4f} parasitemia err {row['parasitemia_error_mean']:.2f}"
-              f"/{row['parasitemia_error_max']:.2f} pp thr {row['threshold']:.3f} "
-              f"epochs {row['epochs']} train {row['train_seconds']:.0f}s "
-              f"({time.perf_counter() - started:.0f}s in all)", flush=True)
-    return cv_summary(fold_rows, scored, folds)
+    """Train ``arch`` once per fold (``--ensemble`` times) through :func:`train_run` (the
+    same run as a single split) and pool the folds' test cells."""
+    variant = Variant(arch, arch, args.override, args.size, args.slide_adapt, args.bn_prior,
+                      args.ensemble)
+    return run_cv_variants([variant], records, folds, splits, args, load)[0][arch]
+
+
+def _pooled(scored: list[Scored]) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
+    labels = np.concatenate([s.labels for s in scored])
+    probs = np.concatenate([s.probabilities for s in scored])
+    slides = np.concatenate([s.slides for s in scored]).astype(str)
+    calls = np.concatenate([s.probabilities >= s.threshold for s in scored])
+    return labels, probs, slides, calls
+
+
+def paired_difference(base: list[Scored], other: list[Scored], *, resamples: int = 2000,
+                      seed: int = CV_SEED, level: float = 0.95) -> dict[str, Any]:
+    """``other`` minus ``base`` on the same cells (both pooled over the same folds, each
+    cell at its own fold's threshold): accuracy, AUC and mean per-slide parasitemia error
+    (percentage points), with a paired slide-bootstrap interval. Both variants score the
+    same cells, so the paired interval is far narrower than the two separate ones."""
+    y, p_base, slides, c_base = _pooled(base)
+    y_other, p_other, slides_other, c_other = _pooled(other)
+    if not (np.array_equal(y, y_other) and np.array_equal(slides, slides_other)):
+        raise ValueError("the two variants did not score the same cells")
+    unique, slide_of = np.unique(slides, return_inverse=True)
+    n = unique.size
+    cells = np.bincount(slide_of, minlength=n).astype(np.float64)
+    gain = np.bincount(slide_of, weights=(c_other == y).astype(float) - (c_base == y),
+                       minlength=n)
+    positives = np.bincount(slide_of, weights=y, minlength=n)
+
+    def error(calls: np.ndarray) -> np.ndarray:
+        return 100 * np.abs(np.bincount(slide_of, weights=calls, minlength=n)
+                            - positives) / cells
+
+    worse = error(c_other) - error(c_base)
+    times = slide_draw_counts(n, resamples, seed)
+    draws = {
+        "accuracy": (times @ gain) / (times @ cells),
+        "auc": np.array([weighted_roc_auc(y, p_other, row[slide_of])
+                         - weighted_roc_auc(y, p_base, row[slide_of]) for row in times]),
+        "parasitemia_error_mean": (times @ worse) / n,
+    }
+    ones = np.ones(y.size)
+    observed = {"accuracy": float(gain.sum() / cells.sum()),
+                "auc": weighted_roc_auc(y, p_other, ones) - weighted_roc_auc(y, p_base, ones),
+                "parasitemia_error_mean": float(worse.mean())}
+    tail = 100 * (1 - level) / 2
+    out: dict[str, Any] = {"resamples": resamples, "seed": seed, "level": level,
+                           "slides": int(n)}
+    for key, values in draws.items():
+        defined = values[~np.isnan(values)]
+        low, high = np.percentile(defined, [tail, 100 - tail]) if defined.size else (None,) * 2
+        out[key] = {"estimate": observed[key], "low": None if low is None else float(low),
+                    "high": None if high is None else float(high)}
+    return out
+
+
+def _ci(value: float, interval: dict[str, Any], digits: int) -> str:
+    low, high = interval.get("low"), interval.get("high")
+    if low is None or high is None:
+        return f"{value:.{digits}f}"
+    return f"{value:.{digits}f} [{low:.{digits}f}, {high:.{digits}f}]"
+
+
+def comparison_table(results: dict[str, dict[str, Any]],
+                     differences: dict[str, dict[str, Any]]) -> str:
+    """A markdown table of the variants: pooled figures with slide-bootstrap intervals, the
+    paired difference to the first variant, and the per-fold spread."""
+    lines = ["| variant | accuracy [95% CI] | d acc vs first [CI] | AUC [95% CI] | "
+             "d AUC [CI] | sensitivity | specificity | parasitemia err mean [CI] / max, pp | "
+             "d parasitemia mean [CI] | per-fold acc mean ± sd (min-max) | per-fold AUC "
+             "mean ± sd | train s per fold |", "|" + "---|" * 12]
+    for name, r in results.items():
+        b, sp, d = r["bootstrap"], r["spread"], differences.get(name)
+        delta = {key: (_ci(d[key]["estimate"], d[key], 2 if "parasitemia" in key else 4)
+                       if d else "-") for key in ("accuracy", "auc", "parasitemia_error_mean")}
+        lines.append(
+            f"| {name} | {_ci(r['accuracy'], b['accuracy'], 4)} | {delta['accuracy']} | "
+            f"{_ci(r['auc'], b['auc'], 4)} | {delta['auc']} | {r['sensitivity']:.4f} | "
+            f"{r['specificity']:.4f} | "
+            f"{_ci(r['parasitemia']['mean'], b['parasitemia_error_mean'], 2)} / "
+            f"{r['parasitemia']['max']:.1f} | {delta['parasitemia_error_mean']} | "
+            f"{sp['accuracy']['mean']:.4f} ± {sp['accuracy']['sd']:.4f} "
+            f"({sp['accuracy']['min']:.4f}-{sp['accuracy']['max']:.4f}) | "
+            f"{sp['auc']['mean']:.4f} ± {sp['auc']['sd']:.4f} | "
+            f"{r['train_seconds']['mean']:.0f} |")
+    return "\n".join(lines)
 
 
 def machine() -> dict[str, Any]:
@@ -463,6 +877,21 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--cv", type=int, metavar="K",
                         help="slide-grouped K-fold cross-validation over all slides instead "
                         "of the fixed split (--minutes is then per fold)")
+    parser.add_argument("--slide-adapt", choices=SLIDE_ADAPTATIONS, default="none",
+                        help="score each slide after adapting to its own cells: colour "
+                        "statistics to the training cells', BN statistics (AdaBN), or both")
+    parser.add_argument("--bn-prior", type=float, default=0.0,
+                        help="AdaBN: the trained BN statistics count as this many cells")
+    parser.add_argument("--ensemble", type=int, default=1, metavar="N",
+                        help="train N models (seeds seed..seed+N-1) and average them")
+    parser.add_argument("--cv-variants", metavar="JSON",
+                        help="with --cv: a JSON list (or a file holding it, or a preset: "
+                        + ", ".join(VARIANT_PRESETS) + ") of variants "
+                        "{name, arch, override, size, slide_adapt, bn_prior, ensemble, tta}, "
+                        "all run over the same folds and compared in one table")
+    parser.add_argument("--cv-state", type=Path, metavar="DIR",
+                        help="with --cv: keep each finished fold here and take it from here "
+                        "when the same command runs again (a CV in pieces)")
     parser.add_argument("--pack", type=Path, help="train from a pack instead of --data")
     parser.add_argument("--write-pack", type=Path,
                         help="write the decoded cells at --size (default 80) here and stop")
@@ -480,6 +909,15 @@ def main(argv: list[str] | None = None) -> int:
     if args.cv is not None and (args.eval == "val" or args.fit_on == "train+val"):
         parser.error("--cv tests every slide once and picks each fold's threshold on its own "
                      "validation slides: it goes with neither --eval val nor --fit-on")
+    if args.cv_variants and args.cv is None:
+        parser.error("--cv-variants compares variants over the folds of --cv K")
+    if args.ensemble < 1:
+        parser.error("--ensemble must be >= 1")
+    if args.cv_variants:
+        try:
+            args.variants = parse_variants(args.cv_variants, args)
+        except (ValueError, OSError) as error:  # json.JSONDecodeError is a ValueError
+            parser.error(f"--cv-variants: {error}")
     if args.pack:
         records, load = read_pack(args.pack)
     elif args.data.is_dir():
@@ -528,27 +966,44 @@ def main_cv(args: argparse.Namespace, records: list[CellRecord], load: Loader) -
     print(f"{len(records)} cells, {len(folds)} slides in {args.cv} folds; slides "
           f"train/val/test per fold = "
           + ", ".join(f"{len(s.train)}/{len(s.val)}/{len(s.test)}" for s in splits), flush=True)
-    results: dict[str, Any] = {}
-    for arch in args.archs.split(","):
-        r = results[arch] = run_cv(arch, records, folds, splits, args, load)
+    variants: list[Variant] = getattr(args, "variants", None) or [
+        Variant(arch, arch, args.override, args.size, args.slide_adapt, args.bn_prior,
+                args.ensemble) for arch in args.archs.split(",")]
+    check_variants(variants)
+    results, scored = run_cv_variants(variants, records, folds, splits, args, load)
+    for name, r in results.items():
         b = r["bootstrap"]
-        print(f"{arch} pooled over {args.cv} folds: acc {r['accuracy']:.4f} "
+        print(f"{name} pooled over {args.cv} folds: acc {r['accuracy']:.4f} "
               f"[{b['accuracy']['low']:.4f}, {b['accuracy']['high']:.4f}] auc {r['auc']:.4f} "
               f"[{b['auc']['low']:.4f}, {b['auc']['high']:.4f}] sens {r['sensitivity']:.4f} "
               f"spec {r['specificity']:.4f} parasitemia err mean {r['parasitemia']['mean']:.2f} "
               f"max {r['parasitemia']['max']:.2f} pp; train "
               f"{r['train_seconds']['mean']:.0f}s per fold", flush=True)
     report: dict[str, Any] = dict(results)
+    table = None
+    if args.cv_variants:
+        first = variants[0].name
+        differences = {v.name: paired_difference(scored[first], scored[v.name])
+                       for v in variants[1:]}
+        for name, difference in differences.items():
+            results[name]["versus_first"] = {"variant": first, **difference}
+        table = comparison_table(results, differences)
+        print("\n" + table, flush=True)
     report["meta"] = {
         "data": str(args.pack or args.data), "cells": len(records), "evaluated_on": "cv",
         "cv": args.cv, "fold_seed": CV_SEED, "minutes": args.minutes,
-        "minutes_per": "fold", "folds": folds,
+        "minutes_per": "fold (each model of an ensemble)", "folds": folds,
         "fold_slides": [s.as_dict() for s in splits], "machine": machine(),
-        "precision_policy": {arch: r["precision_policy"] for arch, r in results.items()},
+        "precision_policy": {name: r["precision_policy"] for name, r in results.items()},
+        "variants": [asdict(v) for v in variants],
     }
+    if table is not None:
+        report["meta"]["comparison_markdown"] = table
     if args.json:
         args.json.parent.mkdir(parents=True, exist_ok=True)
         args.json.write_text(json.dumps(report, indent=2, default=str))
+        if table is not None:
+            args.json.with_suffix(".md").write_text(table + "\n")
     return 0
 
 

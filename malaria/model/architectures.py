@@ -14,11 +14,16 @@ Architectures:
 ``cellnet`` (the default)
     Ours, designed for accuracy per CPU second: conv-BN-ReLU stages, max pooling, global
     average pooling and a single sigmoid unit; 0.42M parameters (a 1.8 MB file); input size
-    a parameter (64..128). ``cellnet-stainnorm`` adds a per-image colour standardisation.
+    a parameter (64..128). ``cellnet-stainnorm`` adds a per-image colour standardisation;
+    ``cellnet-hed`` adds stain jitter in haematoxylin-eosin-DAB optical density
+    (:class:`malaria.model.stain.RandomHEDJitter`) to the RGB colour jitter, and
+    ``cellnet-hed-only`` uses it instead of the RGB colour jitter (issue 15's experiments).
     See :func:`build_cellnet` for the reasoning.
 
 Only built-in Keras layers are used, so ``keras.models.load_model`` opens a saved model
-without importing this module.
+without importing this module, except in the ``-hed`` architectures: their jitter layer is
+registered by :mod:`malaria.model.stain` (imported here), which a loading process must
+import first.
 """
 
 from __future__ import annotations
@@ -29,6 +34,8 @@ from functools import partial
 
 import keras
 from keras import layers
+
+from malaria.model.stain import RandomHEDJitter
 
 DEFAULT_ARCH = "cellnet"
 
@@ -58,7 +65,8 @@ def _rescale(x: keras.KerasTensor) -> keras.KerasTensor:
     return layers.Rescaling(1.0 / 255.0, dtype="float32", name="rescale")(x)
 
 
-def microscopy_augmentation(seed: int = 0, *, colour: float = 1.0) -> list[layers.Layer]:
+def microscopy_augmentation(seed: int = 0, *, colour: float = 1.0,
+                            hed: float = 0.0) -> list[layers.Layer]:
     """Augmentation for single-cell crops on a black background (values in [0, 1]).
 
     - A cell has no up, down, left or right: flips plus a full-circle rotation cover the
@@ -70,9 +78,16 @@ def microscopy_augmentation(seed: int = 0, *, colour: float = 1.0) -> list[layer
       the optics, so the main way a model fails on a new slide is a new stain colour. The
       jitter is kept mild, because the purple of the parasite's chromatin against the pink
       cell body is the signal itself. ``colour`` scales the jitter (0: none).
+    - ``hed`` (0: none): per-image jitter of the stain densities (scale 1 +- hed, shift
+      +- hed), first, on the crop as decoded: its black padding is still exactly black
+      there, and the layer leaves padding alone.
     """
     f32 = "float32"
-    augment: list[layers.Layer] = [
+    augment: list[layers.Layer] = []
+    if hed:
+        augment.append(RandomHEDJitter(float(hed), float(hed), seed=seed + 8, dtype=f32,
+                                       name="aug_hed"))
+    augment += [
         layers.RandomFlip("horizontal_and_vertical", seed=seed, dtype=f32, name="aug_flip"),
         layers.RandomRotation(0.5, fill_mode="constant", fill_value=0.0, seed=seed + 1,
                               dtype=f32, name="aug_rotate"),
@@ -184,6 +199,7 @@ build_seed_augmented.__doc__ = (build_seed_augmented.__doc__ or "") + _DROPOUT_A
 
 CELLNET_WIDTHS: tuple[int, ...] = (32, 48, 96, 128)
 CELLNET_DEPTHS: tuple[int, ...] = (1, 2, 2, 2)
+HED_JITTER = 0.05  # scale 1 +- 0.05 and shift +- 0.05 per stain density
 
 
 def build_cellnet(input_size: int = 80, *, augment: bool = True,
@@ -191,7 +207,8 @@ def build_cellnet(input_size: int = 80, *, augment: bool = True,
                   widths: tuple[int, ...] = CELLNET_WIDTHS,
                   depths: tuple[int, ...] = CELLNET_DEPTHS,
                   head_dropout: float = 0.2, stem_stride: int = 2,
-                  stain_norm: bool = False) -> keras.Model:
+                  stain_norm: bool = False, colour: float = 1.0,
+                  hed: float = 0.0) -> keras.Model:
     """Our default: four conv-BN-ReLU stages with 2x2 max pooling between them, then global
     average pooling and one sigmoid unit.
 
@@ -214,13 +231,15 @@ def build_cellnet(input_size: int = 80, *, augment: bool = True,
       image does not change, while colour *within* the cell (purple chromatin on a pink
       cell) is kept. A built-in ``LayerNormalization`` over the spatial axes, so a saved
       model still loads without this module.
+    - ``colour`` scales the RGB colour jitter and ``hed`` sets the stain-density jitter of
+      :func:`microscopy_augmentation`.
     """
     if len(widths) != len(depths):
         raise ValueError("widths and depths must have the same length")
     inputs = _inputs(input_size)
     x = _rescale(inputs)
     if augment:
-        x = _apply(x, microscopy_augmentation(seed))
+        x = _apply(x, microscopy_augmentation(seed, colour=colour, hed=hed))
     if stain_norm:
         x = layers.LayerNormalization(axis=(1, 2), center=False, scale=False, epsilon=1e-3,
                                       dtype="float32", name="stain_norm")(x)
@@ -255,6 +274,15 @@ ARCHITECTURES: dict[str, Architecture] = {
     "cellnet-stainnorm": Architecture(
         "cellnet-stainnorm", 80, partial(build_cellnet, stain_norm=True),
         "cellnet with a per-image colour standardisation layer", 32, 160,
+    ),
+    # Issue 15: stain jitter in optical density, at Tellez et al.'s "HED-light" size.
+    "cellnet-hed": Architecture(
+        "cellnet-hed", 80, partial(build_cellnet, hed=HED_JITTER),
+        "cellnet with stain-density (HED) jitter added to the RGB colour jitter", 32, 160,
+    ),
+    "cellnet-hed-only": Architecture(
+        "cellnet-hed-only", 80, partial(build_cellnet, hed=HED_JITTER, colour=0.0),
+        "cellnet with stain-density (HED) jitter instead of the RGB colour jitter", 32, 160,
     ),
     "cellnet-tiny": Architecture(
         "cellnet-tiny", 48, partial(build_cellnet, widths=(16, 32, 64), depths=(1, 1, 1),
