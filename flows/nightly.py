@@ -16,9 +16,15 @@ from malaria.io.store import open_store
 from tasks.reports import publish_cell_gifs, publish_nightly_report
 
 
+def nightly_run_name() -> str:
+    """``nightly-2026-11-29``: the night it was scheduled for (or started, when run by hand)."""
+    start = flow_run.get_scheduled_start_time()
+    return f"nightly-{start:%Y-%m-%d}" if start else "nightly"
+
+
 @flow(name="nightly", description="Ingest new labelled cells, retrain, evaluate by slide, "
       "promote only a model at least as good as the champion, and report.",
-      timeout_seconds=defaults.NIGHTLY_FLOW_TIMEOUT_S)
+      timeout_seconds=defaults.NIGHTLY_FLOW_TIMEOUT_S, flow_run_name=nightly_run_name)
 def nightly_flow(data_url: str | None = None, arch: str = defaults.DEFAULT_ARCH,
                  input_size: int | None = None, epochs: int = defaults.TRAIN_EPOCHS,
                  max_minutes: float | None = defaults.NIGHTLY_TRAIN_MINUTES,

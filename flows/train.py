@@ -75,7 +75,7 @@ def ask_approval(data_url: str, version: str, decision: GateDecision,
 
 @flow(name="train", description="Train the CNN on dataset/, evaluate it on held-out slides, "
       "register it and promote it only if it is at least as good as the champion.",
-      timeout_seconds=defaults.TRAIN_FLOW_TIMEOUT_S)
+      timeout_seconds=defaults.TRAIN_FLOW_TIMEOUT_S, flow_run_name="train-{arch}-seed{seed}")
 def train_flow(data_url: str | None = None, arch: str = defaults.DEFAULT_ARCH,
                input_size: int | None = None, epochs: int = defaults.TRAIN_EPOCHS,
                max_minutes: float | None = defaults.TRAIN_MAX_MINUTES,

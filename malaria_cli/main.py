@@ -43,6 +43,8 @@ def build_parser() -> argparse.ArgumentParser:
 def main(argv: Sequence[str] | None = None) -> int:
     os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
     os.environ.setdefault("PREFECT_SERVER_ANALYTICS_ENABLED", "false")
+    # The project's own loggers (lease losses, decode errors) reach the Prefect UI too.
+    os.environ.setdefault("PREFECT_LOGGING_EXTRA_LOGGERS", "malaria")
     args = build_parser().parse_args(argv)
     # Before anything reads settings: the flags become MALARIA_* variables, seen by this
     # process and by every process it starts.

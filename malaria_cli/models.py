@@ -161,11 +161,29 @@ def cmd_models(args: argparse.Namespace) -> int:
         if args.action == "promote":
             if not args.version:
                 raise RuntimeError("promote needs a VERSION")
+            previous = registry.champion_version()
             registry.promote(args.version, reason=f"promoted by hand: {args.reason}")
             print(f"champion is now {args.version}")
+            _announce_champion(args.version, f"promoted by hand: {args.reason}", previous,
+                               args.data_url or settings.data_url())
         else:
-            print(f"champion is now {registry.rollback(reason=args.reason)}")
+            previous = registry.champion_version()
+            version = registry.rollback(reason=args.reason)
+            print(f"champion is now {version}")
+            _announce_champion(version, f"rolled back: {args.reason}", previous,
+                               args.data_url or settings.data_url())
     return 0
+
+
+def _announce_champion(version: str, reason: str, previous: str | None, data_url: str) -> None:
+    """A new champion starts bulk-scoring through the deployment's trigger, as the gate's
+    does; without a Prefect API there is nobody to tell (and nothing is started for it)."""
+    from tasks.events import api_configured, emit_model_promoted, flush_events
+
+    if api_configured():
+        emit_model_promoted(version, reason, data_url=data_url, previous=previous,
+                            source="manual")
+        flush_events()
 
 
 def _number(value: Any, digits: int = 4) -> str:

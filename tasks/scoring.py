@@ -27,7 +27,7 @@ from malaria.scoring.shards import (
     score_shard,
     split_shards,
 )
-from tasks.reports import publish_object_links
+from tasks.reports import artifact_url, publish_object_links
 
 # At most this many per-slide CSV links are attached to a run: beyond it, summary.csv and
 # the score-parasitemia table say the rest in one place.
@@ -197,9 +197,13 @@ def publish_scoring_report(paths: ScoringPaths, ref: ModelRef, summaries: list[S
     # the first slides of this run attached to the run.
     if written or summaries:
         publish_object_links(store, {"summary": paths.summary_key}, kind="predictions")
-    publish_object_links(store, {s.slide: paths.prediction_key(s.slide)
-                                 for s in summaries[:LINKED_SLIDES]},
-                         kind="predictions", keyed=False)
+    # The first slides' CSVs as links inside the summary: one artifact, not one API call
+    # per slide at the end of every run.
+    links = "".join(f"- [{s.slide}]({artifact_url(store, paths.prediction_key(s.slide))})\n"
+                    for s in summaries[:LINKED_SLIDES])
+    more = len(summaries) - LINKED_SLIDES
+    if more > 0:
+        links += f"- ... and {more} more under the same folder\n"
     create_markdown_artifact(
         key="score-summary",
         markdown=(f"# Scoring with model `{version}`\n\n- {line}\n"
@@ -210,7 +214,8 @@ def publish_scoring_report(paths: ScoringPaths, ref: ModelRef, summaries: list[S
                      f"{'**' if drift.flagged else ''}{drift.message}"
                      f"{'**' if drift.flagged else ''} ({drift.cells} cells scored in this "
                      "run)\n" if drift else "")
-                  + _changed_markdown(changed or [])),
+                  + _changed_markdown(changed or [])
+                  + (f"\n## Per-slide CSVs of this run\n\n{links}" if links else "")),
         description="Scoring run summary")
     logger.info(redact(line))
     return written

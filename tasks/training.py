@@ -54,6 +54,7 @@ from malaria.registry.lineage import (
 )
 from malaria.registry.provenance import new_version
 from malaria.registry.registry import ModelRegistry
+from tasks.events import emit_model_promoted
 
 
 @dataclass
@@ -189,6 +190,9 @@ def gate_candidate(data_url: str, version: str, evaluation: CandidateEvaluation,
                     store_reader(store), ImageCache(Path(cache_dir)), config,
                     candidate_probabilities=evaluation.test_probabilities)
     get_run_logger().info("gate: %s", decision.reason)
+    if decision.promote:  # starts bulk-scoring through the deployment's trigger
+        emit_model_promoted(version, decision.reason, data_url=data_url,
+                            previous=(decision.champion or {}).get("version"))
     return decision
 
 
@@ -215,6 +219,9 @@ def settle_candidate(data_url: str, version: str, decision: GateDecision) -> Gat
     """Record the answered decision and promote if it says so."""
     settled = promotion.settle(ModelRegistry(open_store(data_url)), version, decision)
     get_run_logger().info("gate after approval: %s", settled.reason)
+    if settled.promote:
+        emit_model_promoted(version, settled.reason, data_url=data_url,
+                            previous=(settled.champion or {}).get("version"), source="approval")
     return settled
 
 

@@ -71,6 +71,31 @@ def _run_deployment(env: dict[str, str], name: str, parameters: dict[str, Any]) 
     return {"name": run_name, "state": state, "message": message}
 
 
+def _triggered_run(cfg: StackConfig, deployment: str, timeout: float = 500
+                   ) -> dict[str, Any]:
+    """The first run of ``deployment`` that an automation created (not the scheduler's),
+    once it has finished: its name, state and message, as ``_run_deployment`` gives them."""
+    import time
+
+    with prefect_api_client(cfg) as api:
+        flow_name, name = deployment.split("/")
+        deployment_id = api.get(f"/deployments/name/{flow_name}/{name}").json()["id"]
+        deadline = time.monotonic() + timeout
+        while True:
+            runs = api.post("/flow_runs/filter", json={
+                "deployments": {"id": {"any_": [deployment_id]}},
+                "sort": "EXPECTED_START_TIME_ASC"}, timeout=30).json()
+            triggered = [r for r in runs if not r.get("auto_scheduled")]
+            state = triggered[0].get("state") or {} if triggered else {}
+            if state.get("type") in ("COMPLETED", "FAILED", "CRASHED", "CANCELLED"):
+                return {"name": triggered[0]["name"], "state": state["type"],
+                        "message": state.get("message") or ""}
+            if time.monotonic() > deadline:
+                pytest.fail(f"no triggered {deployment} run finished within {timeout} s: "
+                            f"{[(r['name'], (r.get('state') or {}).get('type')) for r in runs]}")
+            time.sleep(2)
+
+
 @pytest.fixture(scope="module")
 def production(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Production]:
     cfg = StackConfig.with_free_ports(tmp_path_factory.mktemp("prod"))
@@ -105,7 +130,9 @@ def production(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Production]
         if not store.exists(layout.CHAMPION_KEY):  # say why before scoring fails on it
             gates = [i.key for i in store.list(layout.MODELS) if i.key.endswith("gate.json")]
             pytest.fail(f"nightly promoted nothing: {[store.get_bytes(k) for k in gates]}")
-        runs["scoring"] = _run_deployment(env, "score/bulk-scoring", {})
+        # The promotion's event starts bulk-scoring through the deployment's trigger (the
+        # hourly schedule is only the backstop): wait for that run instead of starting one.
+        runs["scoring"] = _triggered_run(cfg, "score/bulk-scoring")
         yield Production(cfg, env, status.prefect_api_url, status.ui_url, store, runs)
     finally:
         for key, value in old.items():
@@ -162,7 +189,8 @@ def test_deployments_pools_and_schedules(production: Production) -> None:
     assert {pools["gpu-training"]["type"], pools["cpu-scoring"]["type"]} == {"process"}
     automations = _api(production).post("/automations/filter", json={},
                              timeout=30).json()
-    assert "malaria-pipeline-failure" in {a["name"] for a in automations}
+    assert {"malaria-pipeline-failure", "bulk-scoring-on-promotion",
+            "bulk-scoring-on-new-scans"} <= {a["name"] for a in automations}
 
 
 def test_runs_through_workers_complete(production: Production) -> None:

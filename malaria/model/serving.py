@@ -53,6 +53,8 @@ def load_model_file(path: str | Path) -> Any:
     import keras
     from keras.src.saving.serialization_lib import SafeModeScope
 
+    import malaria.model.stain  # noqa: F401  (registers the HED jitter layer for loading)
+
     path = Path(path)
     if path.suffix != ".keras" or not path.is_file() or not zipfile.is_zipfile(path):
         raise ValueError(f"{path} is not a .keras model archive: only those are loaded")
