@@ -74,8 +74,8 @@ def score_run_name() -> str:
 def build_task_runner(runner: Runner = "threads", *, dask_address: str | None = None,
                       dask_workers: int = 2,
                       parallel_shards: int = SCORE_PARALLEL_SHARDS) -> TaskRunner[Any]:
-    """``threads``: shards in this process, ``parallel_shards`` at a time (two overlap one
-    shard's fetching with the other's inference). ``dask``: a running cluster at
+    """``threads``: shards in this process, ``parallel_shards`` at a time (one by default:
+    a shard's pipeline overlaps its own fetching and inference; more pay on more cores). ``dask``: a running cluster at
     ``dask_address``, or a local cluster of ``dask_workers`` processes with one thread each
     (each process loads the model once and runs one shard at a time)."""
     if runner == "threads":

@@ -44,7 +44,10 @@ INGEST_CONCURRENCY = 16
 SCORE_SHARD_SIZE = 2000
 SCORE_BATCH_SIZE = 256
 SCORE_CONCURRENCY = 16
-SCORE_PARALLEL_SHARDS = 2
+# One shard at a time: its pipeline already overlaps fetching with inference, and on two
+# cores a second pipeline's model competes with the first (measured 2026-11-30, 8,000
+# cells, 4 alternating pairs: 1 shard 451 cells/s around the flow call, 2 shards 426).
+SCORE_PARALLEL_SHARDS = 1
 SCORE_KEYS_PER_FETCH = 64  # keys a fetch thread asks the store for at once (Store.get_many)
 SCORE_LEASE_TTL_S = 900.0
 SCORE_LEASE_SETTLE_S = 1.0
@@ -95,3 +98,24 @@ GATE_CONFIDENCE = 0.95
 # nightly, in what NIGHTLY_FLOW_TIMEOUT_S leaves after ingest and training.
 APPROVAL_TIMEOUT_S = 4 * 3600
 APPROVAL_POLL_S = 10  # how often the paused run asks the server whether it was resumed
+
+# ---- retention (`malaria gc`, the weekly-gc deployment; malaria.registry.retention). A
+# checkpoint set, a run's reports or an alert goes only when it is beyond the newest KEEP
+# of its kind AND older than its MAX_AGE: a burst of runs cannot push out last week's, and
+# a quiet month cannot empty a kind. Lineage and records are never candidates at all.
+GC_KEEP_CHECKPOINTS = 3
+GC_CHECKPOINT_MAX_AGE_DAYS = 30.0
+GC_KEEP_REPORTS = 14
+GC_REPORT_MAX_AGE_DAYS = 30.0
+GC_KEEP_ALERTS = 200
+GC_ALERT_MAX_AGE_DAYS = 90.0
+# Longer than a training fit may run between two epochs' uploads: a set written to within
+# it may belong to a run in progress, whatever its age or rank.
+GC_ACTIVE_GRACE_S = 24 * 3600.0
+GC_MAX_LEDGER_PARTS = 200  # past this many ledger parts, they are merged into one
+GC_CACHE_MAX_AGE_DAYS = 30.0  # decoded images untouched this long leave the local cache
+GC_KEEP_CACHED_MODELS = 3  # downloaded models kept locally, besides the champion
+# How long gc waits for an ingest run to let go of the ingest lock before it leaves the
+# ledger for next time (it never fails the rest of the collection).
+GC_LOCK_WAIT_S = 600.0
+GC_FLOW_TIMEOUT_S = 2 * 3600  # listing and deleting; a stalled store fails the run
