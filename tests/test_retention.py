@@ -1,5 +1,6 @@
-"""Retention: `malaria prune` keeps the newest of each kind, every checkpoint set a registered
-model came from, and any set a run may still be writing; the ledger keeps every row."""
+"""Retention: `malaria gc` (alias `prune`) keeps the newest of each kind and anything younger
+than its age limit, every checkpoint set a registered model came from, and any set a run may
+still be writing; the ledger keeps every row."""
 
 from __future__ import annotations
 
@@ -21,6 +22,9 @@ from malaria.registry.retention import Group, RetentionPolicy
 
 DAY = 86400.0
 NOW = time.time()
+# Counts alone decide in most tests here: no age keeps anything.
+NO_AGE = {"checkpoint_max_age_days": 0.0, "report_max_age_days": 0.0,
+          "alert_max_age_days": 0.0}
 
 
 def _put(store: LocalStore, key: str, age_days: float, data: bytes = b"x") -> None:
@@ -54,16 +58,17 @@ def test_plan_keeps_newest_protected_and_active_groups() -> None:
     groups = [group(retention.CHECKPOINTS, f"checkpoints/c{i}/", 2 + i) for i in range(5)]
     groups += [group(retention.CHECKPOINTS, "checkpoints/running/", 0.1)]
     groups += [group(retention.REPORTS, f"reports/r{i}/", i) for i in range(4)]
-    policy = RetentionPolicy(keep_checkpoints=2, keep_reports=1)
+    policy = RetentionPolicy(keep_checkpoints=2, keep_reports=1, **NO_AGE)
     pruning = retention.plan(groups, policy, protected={"checkpoints/c4/"}, now=now)
     deleted = {g.name for g in pruning.delete}
     # The running set is newest, so it takes one of the two places; c0 the other.
     assert deleted == {"checkpoints/c1/", "checkpoints/c2/", "checkpoints/c3/",
                        "reports/r1/", "reports/r2/", "reports/r3/"}
     reasons = {g.name: why for g, why in pruning.keep}
-    assert reasons["checkpoints/c4/"] == "referenced by a registered model"
+    assert reasons["checkpoints/c4/"] == retention.PROTECTED_REASON
+    assert "not among the newest 1" in pruning.why["reports/r3/"]
     # Written within the grace period: kept even with no place left among the newest.
-    tight = retention.plan(groups, RetentionPolicy(keep_checkpoints=0), now=now)
+    tight = retention.plan(groups, RetentionPolicy(keep_checkpoints=0, **NO_AGE), now=now)
     assert "checkpoints/running/" not in {g.name for g in tight.delete}
     assert "in progress" in {g.name: why for g, why in tight.keep}["checkpoints/running/"]
 
@@ -95,7 +100,7 @@ def test_prune_bucket_keeps_lineage_newest_and_running(tmp_path: Path) -> None:
         _put(store, layout.report_key(f"nightly-{i}", "cells.gif"), age_days=i)
         _put(store, layout.alert_key(datetime(2026, 1, 1 + i, tzinfo=UTC), f"run{i}"), i)
 
-    policy = RetentionPolicy(keep_checkpoints=2, keep_reports=2, keep_alerts=3)
+    policy = RetentionPolicy(keep_checkpoints=2, keep_reports=2, keep_alerts=3, **NO_AGE)
     before = sorted(i.key for i in store.list())
     dry = retention.plan_bucket(store, policy)
     assert sorted(i.key for i in store.list()) == before  # planning changes nothing
@@ -114,7 +119,7 @@ def test_prune_bucket_keeps_lineage_newest_and_running(tmp_path: Path) -> None:
 def test_a_set_that_grew_after_planning_is_left_alone(tmp_path: Path) -> None:
     store = LocalStore(tmp_path / "bucket")
     prefix = _checkpoint(store, "resumed", age_days=40)
-    pruning = retention.plan_bucket(store, RetentionPolicy(keep_checkpoints=0))
+    pruning = retention.plan_bucket(store, RetentionPolicy(keep_checkpoints=0, **NO_AGE))
     assert [g.name for g in pruning.delete] == [prefix]
     _put(store, prefix + "epoch-9.keras", age_days=0)  # a run resumed on it meanwhile
     retention.apply(store, pruning)
@@ -127,6 +132,8 @@ def _row(run: str, key: str, sha: str, outcome: str = ACCEPTED) -> ManifestRow:
 
 
 def test_ledger_compaction_keeps_every_row_in_order(tmp_path: Path) -> None:
+    from malaria.ingest.compaction import compact_ledger
+
     store = LocalStore(tmp_path / "bucket")
     sha = [f"{i:064x}" for i in range(6)]
     parts = [[_row("ingest-1", "a", sha[0]), _row("ingest-1", "b", sha[1])],
@@ -136,18 +143,18 @@ def test_ledger_compaction_keeps_every_row_in_order(tmp_path: Path) -> None:
         store.put_bytes(layout.ingest_ledger_key(f"ingest-2026010{index}T000000-aa", 0),
                         rows_to_csv(rows))
     before = load_ledger(store)
-    policy = RetentionPolicy(max_ledger_parts=1)
-    assert retention.compact_ledger(store, policy, dry_run=True) == 3
+    # Every part but the newest, which the compacted part sorts right before.
+    assert compact_ledger(store, max_parts=1, dry_run=True).merged == 2
     assert load_ledger(store).parts == 3  # a dry run merges nothing
-    assert retention.compact_ledger(store, policy, settle_s=0.0) == 3
+    assert compact_ledger(store, max_parts=1, settle_s=0.0).merged == 2
     after = load_ledger(store)
-    assert after.parts == 1
+    assert after.parts == 2
     assert (after.sources, after.content, after.dataset_keys) == (
         before.sources, before.content, before.dataset_keys)
     # A part written later sorts after the merged one, so it still replays last.
     later = layout.ingest_ledger_key("ingest-20260201T000000-bb", 0)
     assert sorted([later, *(i.key for i in store.list(layout.INGEST_LEDGER))])[-1] == later
-    assert retention.compact_ledger(store, RetentionPolicy(max_ledger_parts=5)) == 0
+    assert compact_ledger(store, max_parts=5).merged == 0
 
 
 def test_cache_prune_keeps_recent_images_and_the_champion(tmp_path: Path) -> None:
@@ -179,7 +186,7 @@ def test_cli_prune_dry_run_then_prune(tmp_path: Path, monkeypatch: pytest.Monkey
         _checkpoint(store, f"run{i}", age_days=10 + i)
     monkeypatch.setenv("MALARIA_STATE_DIR", str(tmp_path / "state"))
     monkeypatch.setenv("MALARIA_CACHE_DIR", str(tmp_path / "cache"))
-    args = ["prune", "--data-url", store.url, "--keep-checkpoints", "1"]
+    args = ["prune", "--data-url", store.url, "--keep-checkpoints", "1", "--max-age-days", "0"]
     assert main([*args, "--dry-run"]) == 0
     out = capsys.readouterr().out
     assert "would delete    2" in out
