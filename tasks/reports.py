@@ -9,6 +9,7 @@ that address followed by ``<bucket>/<key>``, which the UI can open and show.
 
 from __future__ import annotations
 
+import base64
 import os
 import re
 from collections.abc import Mapping
@@ -28,6 +29,19 @@ from malaria.io.store import Store, open_store
 from malaria.reports.gifs import class_gifs
 
 ARTIFACT_BASE_URL = "MALARIA_ARTIFACT_BASE_URL"
+
+
+# A picture up to this size goes into the artifact itself (a data: URI in markdown, which the
+# Prefect UI shows); a larger one is linked. No bucket credentials are needed to see it.
+EMBED_LIMIT_BYTES = 1_500_000
+
+
+def embedded_image(alt: str, data: bytes, mime: str) -> str | None:
+    """Markdown that shows ``data`` inline, or None when it is too large to embed."""
+    if not data or len(data) > EMBED_LIMIT_BYTES:
+        return None
+    encoded = base64.b64encode(data).decode("ascii")
+    return f"![{alt}](data:{mime};base64,{encoded})"
 
 
 def artifact_key(*parts: str) -> str:
@@ -66,7 +80,17 @@ def publish_cell_gifs(data_url: str, run_id: str, per_class: int = 100) -> dict[
     store = open_store(data_url)
     keys = class_gifs(store, per_class=per_class, run_id=run_id)
     get_run_logger().info("cell GIFs: %s", ", ".join(store.uri(k) for k in keys.values()))
-    publish_object_links(store, keys, kind="cell-gif", images=True)
+    for name, key in keys.items():
+        # Shown in the UI from the artifact itself; an http gateway (or a GIF too large to
+        # embed) gets an image artifact pointing at the object instead.
+        inline = None if os.environ.get(ARTIFACT_BASE_URL) else embedded_image(
+            f"first cells of {name}", store.get_bytes(key), "image/gif")
+        if inline is None:
+            publish_object_links(store, {name: key}, kind="cell-gif", images=True)
+        else:
+            create_markdown_artifact(key=artifact_key("cell-gif", name),
+                                     markdown=f"# First cells of {name}\n\n{inline}\n",
+                                     description=f"cell-gif {name}: {store.uri(key)}")
     return {name: store.uri(key) for name, key in keys.items()}
 
 
@@ -97,6 +121,7 @@ def publish_nightly_report(ingest: dict[str, Any], training: dict[str, Any] | No
                   f"{m['specificity']:.4f} (threshold {training['threshold']:.3f})",
                   "- full report: the `training-report` artifact", ""]
     lines += ["## Cells", ""]
-    lines += [f"- first cells of {name}: `{uri}`" for name, uri in gifs.items()]
+    lines += [f"- first cells of {name}: `{uri}` (the `{artifact_key('cell-gif', name)}` "
+              "artifact shows it)" for name, uri in gifs.items()]
     create_markdown_artifact(key="nightly-report", markdown="\n".join(lines),
                              description="Nightly ingest, training and gate summary")

@@ -55,6 +55,7 @@ from malaria.registry.lineage import (
 from malaria.registry.provenance import new_version
 from malaria.registry.registry import ModelRegistry
 from tasks.events import emit_model_promoted
+from tasks.reports import embedded_image
 
 
 @dataclass
@@ -250,8 +251,11 @@ def check_repeat(data_url: str, config: RetrainConfig, data: PreparedData) -> st
 def publish_training_report(data_url: str, version: str, evaluation: CandidateEvaluation,
                             decision: GateDecision, data: PreparedData) -> None:
     store = open_store(data_url)
-    plots = "\n".join(f"- {name}: `{store.uri(layout.model_file_key(version, name + '.png'))}`"
-                      for name in evaluation.plots)
+    # The plots inside the report (the UI shows them), each with its address in the bucket.
+    plots = "\n\n".join(
+        f"### {name}\n\n{embedded_image(name, data, 'image/png') or ''}\n\n"
+        f"`{store.uri(layout.model_file_key(version, name + '.png'))}`"
+        for name, data in evaluation.plots.items())
     verdict = "PROMOTED" if decision.promote else "not promoted"
     create_markdown_artifact(
         key="training-report",

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import shutil
 import subprocess
 import sys
@@ -245,6 +246,10 @@ def test_prefect_ui_shows_runs_and_training_report(production: Production, chrom
 
     SCREENSHOTS.mkdir(parents=True, exist_ok=True)
     nightly_name = production.runs["nightly"]["name"]
+    # Run names say what ran: the night it was for, how many slides were scored.
+    assert re.fullmatch(r"nightly-\d{4}-\d{2}-\d{2}", nightly_name), nightly_name
+    assert re.fullmatch(r"score-\d+-slides", production.runs["scoring"]["name"]), \
+        production.runs["scoring"]["name"]
     with sync_playwright() as playwright:
         browser = playwright.chromium.launch(
             executable_path=chromium, headless=True,
@@ -273,7 +278,22 @@ def test_prefect_ui_shows_runs_and_training_report(production: Production, chrom
                       wait_until="domcontentloaded")
             page.get_by_text("Held-out test slides").first.wait_for(timeout=60_000)
             assert page.get_by_text("Gate:").first.is_visible()
+            # The plots are in the report itself, and the browser draws them.
+            page.wait_for_function(
+                "() => Array.from(document.images).filter("
+                "i => i.src.startsWith('data:image/png') && i.naturalWidth > 100).length >= 2",
+                timeout=60_000)
             page.screenshot(path=str(SCREENSHOTS / "training-report.png"), full_page=True)
+
+            gif = _api(production).post("/artifacts/filter", timeout=30, json={
+                "artifacts": {"key": {"like_": "cell-gif-"}}, "limit": 1}).json()[0]
+            page.goto(f"{production.ui}/artifacts/artifact/{gif['id']}",
+                      wait_until="domcontentloaded")
+            page.wait_for_function(
+                "() => Array.from(document.images).some("
+                "i => i.src.startsWith('data:image/gif') && i.naturalWidth > 0)",
+                timeout=60_000)
+            page.screenshot(path=str(SCREENSHOTS / "cell-gif.png"), full_page=True)
         finally:
             browser.close()
     assert (SCREENSHOTS / "training-report.png").stat().st_size > 10_000
