@@ -103,7 +103,9 @@ def load_training_data(data_url: str, config: RetrainConfig, cache_dir: str,
                         lineage=rows, retrained_from=lineage_version)
 
 
-@task(name="train-candidate", cache_policy=NO_CACHE, timeout_seconds=defaults.TRAIN_FIT_TIMEOUT_S)
+# A retry resumes from the checkpoint mirrored in the bucket: it loses at most one epoch.
+@task(name="train-candidate", retries=1, retry_delay_seconds=30, cache_policy=NO_CACHE,
+      timeout_seconds=defaults.TRAIN_FIT_TIMEOUT_S)
 def train_candidate(data_url: str, config: RetrainConfig, data: PreparedData) -> dict[str, Any]:
     """Train with a checkpoint every epoch mirrored to the bucket; a re-run of the same data
     and settings resumes from the last checkpoint there."""
