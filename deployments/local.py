@@ -1,10 +1,13 @@
 """`malaria deploy`: work pools, the time-zone variable, the deployments of prefect.yaml (with
 bulk-scoring's event triggers, which `prefect deploy` turns into automations), the failure
-automation and one worker per pool, on the local stack (or any Prefect server that
-PREFECT_API_URL names)."""
+automation, the webhook notification automations (when $MALARIA_ALERT_WEBHOOK_URL is set)
+and one worker per pool, on the local stack (or any Prefect server that PREFECT_API_URL
+names)."""
 
 from __future__ import annotations
 
+import contextlib
+import json
 import os
 import subprocess
 import sys
@@ -13,18 +16,31 @@ from pathlib import Path
 from prefect.automations import Automation
 from prefect.client.orchestration import get_client
 from prefect.client.schemas.actions import VariableCreate
-from prefect.events.actions import RunDeployment
+from prefect.events.actions import CallWebhook, RunDeployment
 from prefect.events.schemas.automations import EventTrigger, Posture
 from prefect.exceptions import ObjectNotFound
 
 from malaria_dev.stack import StackConfig, start_worker
-from tasks.events import emit_cells_uploaded, emit_scans_uploaded, flush_events
+from tasks.events import (
+    PARASITEMIA_CHANGED,
+    SCORING_DRIFT,
+    emit_cells_uploaded,
+    emit_scans_uploaded,
+    flush_events,
+)
+from tasks.notify import WEBHOOK_BLOCK, WEBHOOK_ENV, save_webhook_block
 
 PROJECT_DIR = Path(__file__).resolve().parent.parent
 PREFECT_FILE = PROJECT_DIR / "deployments" / "prefect.yaml"
 POOLS = ("gpu-training", "cpu-scoring")
 AUTOMATION_NAME = "malaria-pipeline-failure"
 PIPELINE_TAG = "malaria-pipeline"
+# The server's own automations call the webhook block: no worker slot, and a busy or dead
+# cpu-scoring pool cannot hold back the news that it is busy or dead.
+NOTIFY_FAILURE = "malaria-notify-failure"
+NOTIFY_DRIFT = "malaria-notify-drift"
+NOTIFY_PARASITEMIA = "malaria-notify-parasitemia-changed"
+FAILURE_STATES = ("Failed", "Crashed", "TimedOut")
 
 
 def _prefect(*args: str) -> str:
@@ -89,6 +105,113 @@ def ensure_failure_automation() -> str:
     return str(automation.id)
 
 
+def _json_template(fields: dict[str, str]) -> str:
+    """A JSON object whose values are Jinja expressions, each rendered through ``tojson`` so a
+    quote in a run or slide name cannot break the document. Only names, states, counts and
+    UI links: never a state message (it may quote an exception) nor the webhook URL."""
+    # default(none): a field the event lacks (no flow run behind it) is JSON null, since
+    # tojson refuses Jinja's undefined.
+    return "{" + ", ".join(f"{json.dumps(key)}: {{{{ ({expression}) | default(none) | tojson }}}}"
+                           for key, expression in fields.items()) + "}"
+
+
+# `text` first: Slack and Mattermost show it; other receivers read the structured fields.
+FAILURE_PAYLOAD = _json_template({
+    "text": '"Malaria pipeline: flow run " ~ event.resource.name ~ " of " ~ deployment.name'
+            ' ~ " is " ~ event.resource["prefect.state-name"] ~ ". " ~ ((flow_run | ui_url) or "")',
+    "kind": '"flow-run-failure"',
+    "flow_run": "event.resource.name",
+    "flow_run_id": "flow_run.id | string",
+    "state": 'event.resource["prefect.state-name"]',
+    "deployment": "deployment.name",
+    "flow": "flow.name",
+    "url": "flow_run | ui_url",
+    "at": "event.occurred | string",
+})
+DRIFT_PAYLOAD = _json_template({
+    "text": '"Malaria scoring drift with model " ~ event.payload.version ~ ": "'
+            ' ~ event.payload.message ~ " (" ~ event.payload.cells ~ " cells, run "'
+            ' ~ flow_run.name ~ "). " ~ (flow_run | ui_url)',
+    "kind": '"scoring-drift"',
+    "model_version": "event.payload.version",
+    "message": "event.payload.message",
+    "cells": "event.payload.cells",
+    "psi": "event.payload.psi",
+    "positive_rate": "event.payload.positive_rate",
+    "reference_positive_rate": "event.payload.reference_positive_rate",
+    "flow_run": "flow_run.name",
+    "url": "flow_run | ui_url",
+    "at": "event.occurred | string",
+})
+PARASITEMIA_PAYLOAD = _json_template({
+    "text": '"Malaria slide " ~ event.payload.slide ~ ": parasitemia "'
+            ' ~ event.payload.previous_parasitemia_pct ~ "% -> " ~ event.payload.parasitemia_pct'
+            ' ~ "% after re-scoring with " ~ event.payload.model_version ~ " (run "'
+            ' ~ flow_run.name ~ "). " ~ (flow_run | ui_url)',
+    "kind": '"parasitemia-changed"',
+    "slide": "event.payload.slide",
+    "parasitemia_pct": "event.payload.parasitemia_pct",
+    "previous_parasitemia_pct": "event.payload.previous_parasitemia_pct",
+    "shift_pp": "event.payload.shift_pp",
+    "model_version": "event.payload.model_version",
+    "previous_model_version": "event.payload.previous_model_version",
+    "flow_run": "flow_run.name",
+    "url": "flow_run | ui_url",
+    "at": "event.occurred | string",
+})
+
+
+def notification_automations(block_id: object) -> list[Automation]:
+    """The three server-side notifications, each calling the webhook block."""
+    def automation(name: str, description: str, trigger: EventTrigger,
+                   payload: str) -> Automation:
+        return Automation(name=name, description=description, trigger=trigger,
+                          actions=[CallWebhook(block_document_id=block_id, payload=payload)])
+
+    return [
+        automation(
+            NOTIFY_FAILURE, "A pipeline flow run failed, crashed or timed out: post it to "
+            f"the webhook block {WEBHOOK_BLOCK}.",
+            EventTrigger(expect={f"prefect.flow-run.{s}" for s in FAILURE_STATES},
+                         match={"prefect.resource.id": "prefect.flow-run.*"},
+                         match_related={"prefect.resource.id": f"prefect.tag.{PIPELINE_TAG}"},
+                         posture=Posture.Reactive, threshold=1),
+            FAILURE_PAYLOAD),
+        automation(
+            NOTIFY_DRIFT, "Scores drifted from the champion's validation slides "
+            f"({SCORING_DRIFT}): post it to the webhook block {WEBHOOK_BLOCK}.",
+            EventTrigger(expect={SCORING_DRIFT},
+                         match={"prefect.resource.id": "malaria.model.*"},
+                         posture=Posture.Reactive, threshold=1),
+            DRIFT_PAYLOAD),
+        automation(
+            NOTIFY_PARASITEMIA, "A re-scored slide's parasitemia moved "
+            f"({PARASITEMIA_CHANGED}): post it to the webhook block {WEBHOOK_BLOCK}.",
+            EventTrigger(expect={PARASITEMIA_CHANGED},
+                         match={"prefect.resource.id": "malaria.slide.*"},
+                         posture=Posture.Reactive, threshold=1),
+            PARASITEMIA_PAYLOAD),
+    ]
+
+
+def ensure_notifications(url: str | None = None) -> dict[str, str]:
+    """With a webhook URL (argument or $MALARIA_ALERT_WEBHOOK_URL): save the webhook block
+    and (re)create the notification automations; returns {name: id}. Without one: nothing
+    (an earlier deploy's block and automations stay as they are)."""
+    url = url or os.environ.get(WEBHOOK_ENV) or None
+    if not url:
+        return {}
+    block_id = save_webhook_block(url)
+    created = {}
+    for automation in notification_automations(block_id):
+        # Replaced whole on every deploy, like the deployments' own triggers: a template or
+        # trigger changed in this file takes effect.
+        with contextlib.suppress(ValueError, ObjectNotFound):
+            Automation.read(name=automation.name).delete()
+        created[automation.name] = str(automation.create().id)
+    return created
+
+
 def trigger_automations(deployment: str = "score/bulk-scoring") -> list[str]:
     """The automations `prefect deploy` made from a deployment's `triggers:`."""
     with get_client(sync_client=True) as client:
@@ -102,10 +225,12 @@ def deploy_local(cfg: StackConfig, *, start_workers: bool = True) -> dict[str, o
     timezone = ensure_timezone_variable()
     deployments = deploy_all()
     automation = ensure_failure_automation()
+    notifications = ensure_notifications()
     workers = {pool: start_worker(cfg, pool, cwd=PROJECT_DIR) for pool in POOLS} \
         if start_workers else {}
     return {"pools": list(POOLS), "timezone": timezone, "deployments": deployments,
-            "automation": automation, "scoring_triggers": trigger_automations(),
+            "automation": automation, "notifications": notifications,
+            "scoring_triggers": trigger_automations(),
             "workers": workers}
 
 

@@ -38,7 +38,8 @@ def cmd_stack(args: argparse.Namespace) -> int:
 
 
 def cmd_deploy(args: argparse.Namespace) -> int:
-    """Work pools, deployments, the failure automation and a worker per pool."""
+    """Work pools, deployments, the failure and notification automations, a worker per
+    pool."""
     from malaria_dev.stack import stack_status
 
     cfg = stack_config()
@@ -52,6 +53,11 @@ def cmd_deploy(args: argparse.Namespace) -> int:
     print(f"deployments: {', '.join(result['deployments'])}")  # type: ignore[arg-type]
     print(f"nightly time zone (variable malaria_timezone): {result['timezone']}")
     print(f"failure automation: {result['automation']}")
+    # Names only: the webhook URL lives in the block and is never printed.
+    notifications = result["notifications"]
+    print("webhook notifications (server-side automations): "
+          + (", ".join(notifications) if notifications  # type: ignore[arg-type]
+             else "none (set MALARIA_ALERT_WEBHOOK_URL and deploy again)"))
     print("bulk-scoring triggers (automations): "
           f"{', '.join(result['scoring_triggers']) or 'none'}")  # type: ignore[arg-type]
     for pool, pid in result["workers"].items():  # type: ignore[attr-defined]

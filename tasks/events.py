@@ -10,6 +10,7 @@ the work: every helper logs and returns ``None`` rather than raise.
 from __future__ import annotations
 
 import logging
+import math
 from collections.abc import Mapping, Sequence
 from typing import Any
 from urllib.parse import urlsplit
@@ -24,6 +25,8 @@ MODEL_PROMOTED = "malaria.model.promoted"
 CELLS_UPLOADED = "malaria.cells.uploaded"
 CELLS_INGESTED = "malaria.cells.ingested"
 SCANS_UPLOADED = "malaria.scans.uploaded"
+SCORING_DRIFT = "malaria.scoring.drift"
+PARASITEMIA_CHANGED = "malaria.slide.parasitemia-changed"
 # The events that make bulk-scoring run (the triggers in deployments/prefect.yaml).
 SCORING_TRIGGERS = (MODEL_PROMOTED, SCANS_UPLOADED)
 # A payload lists at most this many slides: an event stays small whatever was uploaded.
@@ -64,6 +67,23 @@ def emit_model_promoted(version: str, reason: str, *, data_url: str | None = Non
     return _emit(MODEL_PROMOTED, model_resource(version),
                  {"version": version, "previous": previous, "reason": redact(reason),
                   "source": source}, related)
+
+
+def emit_drift_flagged(version: str, message: str, *, cells: int, psi: float | None,
+                       positive_rate: float | None, reference_positive_rate: float | None,
+                       data_url: str | None = None) -> Event | None:
+    """A scoring run's scores drifted from the champion's validation slides (drift.flagged):
+    the server's notification automation forwards it (deployments/local.py)."""
+    related = [bucket_resource(data_url, role="predictions")] if data_url else None
+    return _emit(SCORING_DRIFT, model_resource(version),
+                 {"version": version, "message": redact(message), "cells": int(cells),
+                  "psi": _finite(psi), "positive_rate": _finite(positive_rate),
+                  "reference_positive_rate": _finite(reference_positive_rate)}, related)
+
+
+def _finite(value: float | None) -> float | None:
+    # NaN (PSI with an empty bin) is not JSON: the payload says "unknown" instead.
+    return value if value is not None and math.isfinite(value) else None
 
 
 def emit_cells_ingested(data_url: str, counts: Mapping[str, int], run_id: str

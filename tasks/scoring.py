@@ -27,6 +27,7 @@ from malaria.scoring.shards import (
     score_shard,
     split_shards,
 )
+from tasks.events import emit_drift_flagged
 from tasks.reports import artifact_url, publish_object_links
 
 # At most this many per-slide CSV links are attached to a run: beyond it, summary.csv and
@@ -182,6 +183,11 @@ def publish_scoring_report(paths: ScoringPaths, ref: ModelRef, summaries: list[S
     drift = drift_against_validation(paths, ref, summaries) if summaries else None
     if drift is not None:
         (logger.warning if drift.flagged else logger.info)("drift: %s", drift.message)
+        if drift.flagged:  # an event, so the server's automation notifies without a worker
+            emit_drift_flagged(version, drift.message, cells=drift.cells, psi=drift.psi,
+                               positive_rate=drift.positive_rate,
+                               reference_positive_rate=drift.reference_positive_rate,
+                               data_url=paths.out_url)
     store = paths.out_store()
     if written:
         logger.info("rebuilt %s", store.uri(paths.summary_key))

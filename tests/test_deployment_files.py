@@ -133,6 +133,10 @@ def test_prefect_yaml_declares_the_deployments() -> None:
     assert hourly["interval"] == 3600
     assert not deployments["ingest"].get("schedules")
     assert not deployments["failure-alert"].get("schedules")
+    [morning] = deployments["morning-digest"]["schedules"]
+    assert morning["cron"] == "0 7 * * *"
+    assert morning["timezone"] == "{{ prefect.variables.malaria_timezone }}"
+    assert pools["morning-digest"] == "cpu-scoring"
     for name in ("nightly-retrain", "bulk-scoring", "ingest"):
         assert "malaria-pipeline" in deployments[name]["tags"]
 
@@ -210,3 +214,24 @@ def test_flow_runs_send_the_domain_logs_to_the_ui(name: str) -> None:
     assert env["PREFECT_LOGGING_EXTRA_LOGGERS"] == "malaria"
     assert "PREFECT_LOGGING_EXTRA_LOGGERS=malaria" in (
         DEPLOYMENTS / "Dockerfile.worker").read_text()
+
+
+def test_notification_automations_are_valid_server_templates() -> None:
+    """The webhook payload templates parse as the server parses them, and name no secret."""
+    import uuid
+
+    from prefect.server.events.actions import CallWebhook as ServerCallWebhook
+
+    from deployments.local import notification_automations
+
+    automations = notification_automations(uuid.uuid4())
+    assert {a.name for a in automations} == {"malaria-notify-failure", "malaria-notify-drift",
+                                             "malaria-notify-parasitemia-changed"}
+    for automation in automations:
+        [action] = automation.actions
+        ServerCallWebhook(block_document_id=action.block_document_id, payload=action.payload)
+        assert "message" not in action.payload or "event.payload.message" in action.payload
+        assert "state.message" not in action.payload and "url }}" not in action.payload
+    failure = next(a for a in automations if a.name == "malaria-notify-failure")
+    assert failure.trigger.expect == {"prefect.flow-run.Failed", "prefect.flow-run.Crashed",
+                                      "prefect.flow-run.TimedOut"}

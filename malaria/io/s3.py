@@ -13,7 +13,10 @@ Both clients are configured from one place (``connection``): the endpoint
 custom endpoint and virtual-hosted for AWS (``MALARIA_S3_ADDRESSING_STYLE`` overrides), the
 CA bundle (``AWS_CA_BUNDLE``), proxies (``HTTPS_PROXY`` / ``HTTP_PROXY`` / ``NO_PROXY``)
 and credentials from boto3's chain (environment, profiles, SSO, roles), which obstore asks
-again before they expire. Credentials never reach a log or an error message.
+again before they expire. A caller may name credentials for the whole process instead
+(``use_credentials``: the task layer reads them from a Prefect credentials block); they win
+over the environment, and an explicit argument wins over them. Credentials never reach a log
+or an error message.
 """
 
 from __future__ import annotations
@@ -24,7 +27,7 @@ import os
 import threading
 import uuid
 from collections.abc import Coroutine, Iterator, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
 from typing import Any
@@ -83,11 +86,50 @@ class Connection:
         return self.endpoint_url is None or self.endpoint_url.startswith("https://")
 
 
+@dataclass(frozen=True)
+class ExplicitCredentials:
+    """Credentials (and optionally region and endpoint) named by the caller rather than found
+    by boto3's chain. The secrets stay out of ``repr``: this object may end up in a log."""
+
+    access_key: str | None = None
+    secret_key: str | None = field(default=None, repr=False)
+    session_token: str | None = field(default=None, repr=False)
+    region: str | None = None
+    endpoint_url: str | None = None
+
+
+_explicit: ExplicitCredentials | None = None
+
+
+def use_credentials(credentials: ExplicitCredentials | None) -> None:
+    """Every client this process opens from now on uses ``credentials`` (``None``: boto3's
+    chain again). Cached clients are dropped so none keeps the previous identity."""
+    global _explicit
+    with _client_lock:
+        _explicit = credentials
+    reset_clients()
+
+
+def explicit_credentials() -> ExplicitCredentials | None:
+    return _explicit
+
+
+def _session() -> boto3.session.Session:
+    """A boto3 session with the named credentials, or boto3's chain when there are none."""
+    named = _explicit
+    if named is None or not named.access_key:
+        return boto3.session.Session()
+    return boto3.session.Session(aws_access_key_id=named.access_key,
+                                 aws_secret_access_key=named.secret_key,
+                                 aws_session_token=named.session_token)
+
+
 def connection(endpoint_url: str | None = None, region: str | None = None) -> Connection:
-    endpoint = (endpoint_url or os.environ.get("AWS_ENDPOINT_URL_S3")
+    named = _explicit or ExplicitCredentials()
+    endpoint = (endpoint_url or named.endpoint_url or os.environ.get("AWS_ENDPOINT_URL_S3")
                 or os.environ.get("AWS_ENDPOINT_URL") or None)
-    region = (region or os.environ.get("AWS_DEFAULT_REGION") or os.environ.get("AWS_REGION")
-              or "us-east-1")
+    region = (region or named.region or os.environ.get("AWS_DEFAULT_REGION")
+              or os.environ.get("AWS_REGION") or "us-east-1")
     # Path-style works with every S3-compatible server on loopback; AWS wants virtual-hosted.
     style = os.environ.get("MALARIA_S3_ADDRESSING_STYLE") or ("path" if endpoint else "virtual")
     if style not in ("path", "virtual"):
@@ -151,8 +193,9 @@ def s3_client(endpoint_url: str | None = None, *, pool_size: int = DEFAULT_POOL_
     max_attempts = bounds.max_attempts if max_attempts is None else max_attempts
     connect_timeout = bounds.connect_timeout if connect_timeout is None else connect_timeout
     read_timeout = bounds.read_timeout if read_timeout is None else read_timeout
+    # The named identity is part of the key: a client never outlives a change of it.
     cache_key = (os.getpid(), conn, pool_size, access_key, secret_key, max_attempts,
-                 connect_timeout, read_timeout)
+                 connect_timeout, read_timeout, _explicit)
     with _client_lock:
         client = _clients.get(cache_key)
         if client is None:
@@ -167,7 +210,9 @@ def s3_client(endpoint_url: str | None = None, *, pool_size: int = DEFAULT_POOL_
                 request_checksum_calculation="when_required",
                 response_checksum_validation="when_required",
             )
-            client = boto3.session.Session().client(
+            # Explicit arguments first (the stack's identity), then the named credentials.
+            session = boto3.session.Session() if access_key else _session()
+            client = session.client(
                 "s3", endpoint_url=conn.endpoint_url, region_name=conn.region, config=config,
                 aws_access_key_id=access_key, aws_secret_access_key=secret_key,
             )
@@ -185,7 +230,7 @@ class _Boto3Credentials:
     handed out for ``CREDENTIAL_REFRESH`` and then asked for again."""
 
     def __init__(self) -> None:
-        credentials = boto3.session.Session().get_credentials()
+        credentials = _session().get_credentials()
         if credentials is None:
             raise StorageError("no S3 credentials: set AWS_ACCESS_KEY_ID and "
                                "AWS_SECRET_ACCESS_KEY, or an AWS profile or role")
@@ -227,7 +272,7 @@ def object_store(bucket: str, endpoint_url: str | None = None) -> Any:
     conn = connection(endpoint_url)
     # Read per call, not at import: tests lower MAX_ATTEMPTS for a failure they can wait for.
     bounds = limits()
-    cache_key = (os.getpid(), conn, bucket, bounds)
+    cache_key = (os.getpid(), conn, bucket, bounds, _explicit)
     with _client_lock:
         store = _object_stores.get(cache_key)
     if store is not None:
