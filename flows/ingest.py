@@ -32,6 +32,7 @@ from tasks.ingest import (
     load_ingest_state,
     publish_ingest_report,
 )
+from tasks.notify import use_credentials_block
 
 
 def ingest_run_name() -> str:
@@ -46,6 +47,7 @@ def ingest_run_name() -> str:
 def ingest_flow(data_url: str | None = None, chunk_size: int = INGEST_CHUNK_SIZE,
                 concurrency: int = INGEST_CONCURRENCY,
                 lock_wait_s: float = INGEST_LOCK_WAIT_S) -> dict[str, object]:
+    use_credentials_block()  # a named AwsCredentials block, else the environment
     data_url = resolve_data_url(data_url)
     started = datetime.now(UTC)
     run_id = new_run_id(started)

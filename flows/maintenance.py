@@ -14,6 +14,7 @@ from malaria.core.settings import cache_dir as resolve_cache_dir
 from malaria.core.settings import data_url as resolve_data_url
 from malaria.registry.retention import RetentionPolicy
 from tasks.maintenance import collect_garbage
+from tasks.notify import use_credentials_block
 
 
 @flow(name="gc", description="Prune old checkpoints, reports, alerts and local caches by age "
@@ -38,6 +39,7 @@ def gc_flow(data_url: str | None = None, dry_run: bool = False,
         max_ledger_parts=max_ledger_parts, cache_max_age_days=cache_max_age_days,
         keep_cached_models=keep_cached_models)
     # The cache trimmed is this worker's own (the scoring pool's decoded images and models).
+    use_credentials_block()  # a named AwsCredentials block, else the environment
     return collect_garbage(resolve_data_url(data_url), policy, dry_run=dry_run,
                            cache_dir=resolve_cache_dir() if prune_cache else None,
                            lock_wait_s=lock_wait_s)

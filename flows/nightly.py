@@ -13,6 +13,7 @@ from flows.train import train_flow
 from malaria.core import defaults, layout
 from malaria.core.settings import data_url as resolve_data_url
 from malaria.io.store import open_store
+from tasks.notify import use_credentials_block
 from tasks.reports import publish_cell_gifs, publish_nightly_report
 
 
@@ -35,6 +36,7 @@ def nightly_flow(data_url: str | None = None, arch: str = defaults.DEFAULT_ARCH,
                  require_approval: bool = False) -> dict[str, Any]:
     # require_approval: the train subflow pauses for a person before it promotes (see
     # flows.train); resume that subflow run, not this one.
+    use_credentials_block()  # a named AwsCredentials block, else the environment
     data_url = resolve_data_url(data_url)
     ingested = ingest_flow(data_url=data_url)
     has_data = next(iter(open_store(data_url).list(layout.DATASET)), None) is not None

@@ -46,6 +46,7 @@ from malaria.scoring.model import ModelRef
 from malaria.scoring.paths import ScoringPaths
 from malaria.scoring.report import ScoreReport, SlideTally
 from malaria.scoring.shards import Shard, ShardResult
+from tasks.notify import use_credentials_block
 from tasks.scoring import (
     announce_parasitemia_change,
     finalize_slide_step,
@@ -212,6 +213,7 @@ def score_flow(data_url: str | None = None, model_path: str | None = None,
     champion of ``registry_url`` (default: the data URL). ``slides``: only these slides are
     considered; ``force``: they are re-scored even when up to date (the CSV they replace is
     kept in the history when another scoring made it; see malaria.scoring.output)."""
+    use_credentials_block()  # a named AwsCredentials block, else the environment
     data_url = resolve_data_url(data_url)
     paths = ScoringPaths.for_run(data_url, scans_url, out_url, registry_url)
     logger = get_run_logger()

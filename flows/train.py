@@ -27,6 +27,7 @@ from malaria.io.store import open_store
 from malaria.model.config import RetrainConfig
 from malaria.registry.gate import GateDecision, comparison_markdown, with_approval
 from malaria.registry.registry import ModelRegistry
+from tasks.notify import use_credentials_block
 from tasks.training import (
     check_repeat,
     decide_candidate,
@@ -90,6 +91,7 @@ def train_flow(data_url: str | None = None, arch: str = defaults.DEFAULT_ARCH,
                ) -> dict[str, Any]:
     """``lineage_version``: train again on exactly the cells (and split) that registered
     version saw, as its ``lineage.csv`` lists them; every object must still match its ETag."""
+    use_credentials_block()  # a named AwsCredentials block, else the environment
     data_url = resolve_data_url(data_url)
     cache = resolve_cache_dir(cache_dir)
     config = RetrainConfig(arch=arch, input_size=input_size, epochs=epochs,

@@ -137,6 +137,9 @@ def test_prefect_yaml_declares_the_deployments() -> None:
     assert morning["cron"] == "0 7 * * *"
     assert morning["timezone"] == "{{ prefect.variables.malaria_timezone }}"
     assert pools["morning-digest"] == "cpu-scoring"
+    [weekly] = deployments["weekly-gc"]["schedules"]
+    assert weekly["cron"] == "0 3 * * 0" and pools["weekly-gc"] == "cpu-scoring"
+    assert weekly["timezone"] == "{{ prefect.variables.malaria_timezone }}"
     for name in ("nightly-retrain", "bulk-scoring", "ingest"):
         assert "malaria-pipeline" in deployments[name]["tags"]
 
