@@ -23,7 +23,7 @@ from malaria.core.defaults import (
 from malaria.core.settings import data_url as resolve_data_url
 from malaria.ingest.chunk import iter_chunks
 from malaria.ingest.manifest import OUTCOMES, IngestSummary, ManifestWriter, new_run_id
-from malaria.io.store import open_store
+from malaria.io.store import open_store, put_json
 from tasks.events import emit_cells_ingested
 from tasks.ingest import (
     apply_label_corrections,
@@ -46,11 +46,14 @@ def ingest_run_name() -> str:
       flow_run_name=ingest_run_name, timeout_seconds=INGEST_RUN_TIMEOUT_S)
 def ingest_flow(data_url: str | None = None, chunk_size: int = INGEST_CHUNK_SIZE,
                 concurrency: int = INGEST_CONCURRENCY,
-                lock_wait_s: float = INGEST_LOCK_WAIT_S) -> dict[str, object]:
+                lock_wait_s: float = INGEST_LOCK_WAIT_S,
+                run_id: str | None = None) -> dict[str, object]:
+    """``run_id``: the caller's name for this run (nightly reads the run's counts from
+    ``manifests/<run_id>.summary.json``); a new one by default."""
     use_credentials_block()  # a named AwsCredentials block, else the environment
     data_url = resolve_data_url(data_url)
     started = datetime.now(UTC)
-    run_id = new_run_id(started)
+    run_id = run_id or new_run_id(started)
     logger = get_run_logger()
     logger.info("ingest run %s on %s", run_id, data_url)
 
@@ -83,8 +86,11 @@ def ingest_flow(data_url: str | None = None, chunk_size: int = INGEST_CHUNK_SIZE
     logger.info(summary.invariant_line())
     # For automations and the event feed: what this run sorted (counts only).
     emit_cells_ingested(data_url, {"listed": summary.listed, **summary.outcomes}, run_id)
-    return {"run_id": run_id, "listed": summary.listed,
-            **{outcome: summary.outcomes[outcome] for outcome in OUTCOMES},
-            "reasons": dict(summary.reasons), "retracted": summary.retracted,
-            "corrections": dict(summary.corrections),
-            "manifest": layout.manifest_key(run_id), "balanced": summary.balanced}
+    counts: dict[str, object] = {
+        "run_id": run_id, "listed": summary.listed,
+        **{outcome: summary.outcomes[outcome] for outcome in OUTCOMES},
+        "reasons": dict(summary.reasons), "retracted": summary.retracted,
+        "corrections": dict(summary.corrections),
+        "manifest": layout.manifest_key(run_id), "balanced": summary.balanced}
+    put_json(open_store(data_url), layout.manifest_summary_key(run_id), counts)
+    return counts

@@ -6,15 +6,32 @@ from __future__ import annotations
 from typing import Any
 
 from prefect import flow, get_run_logger
-from prefect.runtime import flow_run
+from prefect.deployments import run_deployment
+from prefect.runtime import deployment, flow_run
 
 from flows.ingest import ingest_flow
 from flows.train import train_flow
 from malaria.core import defaults, layout
 from malaria.core.settings import data_url as resolve_data_url
-from malaria.io.store import open_store
+from malaria.ingest.manifest import new_run_id
+from malaria.io.store import get_json, open_store
 from tasks.notify import use_credentials_block
 from tasks.reports import publish_cell_gifs, publish_nightly_report
+
+INGEST_DEPLOYMENT = "ingest/ingest"
+
+
+def ingest_elsewhere(deployment: str, data_url: str) -> dict[str, Any]:
+    """Run the ingest deployment (a child of this run in the UI), wait, and read its counts
+    from the bucket: a deployment run's return value does not travel between workers."""
+    run_id = new_run_id()
+    child = run_deployment(deployment, parameters={"data_url": data_url, "run_id": run_id},
+                           timeout=defaults.INGEST_RUN_TIMEOUT_S)
+    state = child.state
+    if state is None or not state.is_completed():
+        raise RuntimeError(f"ingest run {child.name} ended {state.name if state else 'unknown'}"
+                           f": {state.message if state else ''}")
+    return dict(get_json(open_store(data_url), layout.manifest_summary_key(run_id)))
 
 
 def nightly_run_name() -> str:
@@ -33,12 +50,19 @@ def nightly_flow(data_url: str | None = None, arch: str = defaults.DEFAULT_ARCH,
                  batch_size: int = defaults.TRAIN_BATCH_SIZE, gif_cells: int = 100,
                  min_auc: float = defaults.GATE_MIN_AUC,
                  min_accuracy: float = defaults.GATE_MIN_ACCURACY,
-                 require_approval: bool = False) -> dict[str, Any]:
-    # require_approval: the train subflow pauses for a person before it promotes (see
-    # flows.train); resume that subflow run, not this one.
+                 require_approval: bool = False,
+                 ingest_deployment: str | None = INGEST_DEPLOYMENT) -> dict[str, Any]:
+    """``require_approval``: the train subflow pauses for a person before it promotes (see
+    flows.train); resume that subflow run, not this one. ``ingest_deployment``: when this
+    run is itself a deployment's, ingest runs as that deployment (on the CPU pool, not in
+    this GPU job) and this run waits for it; otherwise (by hand, tests, or None) in
+    process, as a subflow."""
     use_credentials_block()  # a named AwsCredentials block, else the environment
     data_url = resolve_data_url(data_url)
-    ingested = ingest_flow(data_url=data_url)
+    if ingest_deployment and deployment.get_id():
+        ingested = ingest_elsewhere(ingest_deployment, data_url)
+    else:
+        ingested = ingest_flow(data_url=data_url)
     has_data = next(iter(open_store(data_url).list(layout.DATASET)), None) is not None
     trained = None
     if has_data:

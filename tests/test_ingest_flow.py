@@ -11,7 +11,7 @@ import pandas as pd
 import pytest
 
 from malaria.core import layout
-from malaria.io.store import S3Store
+from malaria.io.store import S3Store, get_json
 from malaria_dev.synthetic import bad_inputs, generate_cells
 
 pytestmark = pytest.mark.integration
@@ -64,7 +64,9 @@ def test_ingest_flow_on_seaweedfs(seaweed_bucket: S3Store, prefect_harness: None
     assert second.get("accepted", 0) == 0
     after = {i.key: i.etag for i in store.list("") if not i.key.startswith(("manifests/",))}
     assert after == before
-    assert len(list(store.list(layout.MANIFESTS))) == 2
+    # One manifest per run (each with its counts beside it, manifests/<run>.summary.json).
+    assert len([i for i in store.list(layout.MANIFESTS) if i.key.endswith('.csv')]) == 2
+    assert get_json(store, layout.manifest_summary_key(second["run_id"])) == second
 
     # The run left a table artifact with the counts by outcome and reason.
     with get_client(sync_client=True) as client:

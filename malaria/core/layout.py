@@ -13,6 +13,7 @@ models/<version>/...                 model file, metrics.json, plots, data manif
 models/<version>/lineage.csv         every cell it saw: key, ETag, class, slide, split
 models/champion.json                 which version serves
 manifests/<run>.csv                  what each run read and what became of it (audit trail)
+manifests/<run>.summary.json         an ingest run's counts (what the nightly report shows)
 state/ingest/<run>-<chunk>.csv       ingest ledger: one part per committed chunk
 checkpoints/<run key>/...            training checkpoints, so a killed training resumes
 reports/<run>/...                    pictures for people (GIFs of cells per class)
@@ -97,6 +98,11 @@ def quarantine_sidecar_key(reason: str, source_key: str) -> str:
 
 def manifest_key(run_id: str) -> str:
     return f"{MANIFESTS}{run_id}.csv"
+
+
+def manifest_summary_key(run_id: str) -> str:
+    """The run's counts beside its manifest, for whoever started it elsewhere (nightly)."""
+    return f"{MANIFESTS}{run_id}.summary.json"
 
 
 def ingest_ledger_key(run_id: str, chunk_index: int) -> str:
