@@ -11,6 +11,7 @@ import argparse
 import os
 from pathlib import Path
 
+from malaria.core import layout
 from malaria.core.defaults import SCORE_BATCH_SIZE, SCORE_CONCURRENCY, SCORE_SHARD_SIZE
 
 
@@ -41,7 +42,7 @@ def cmd_score(args: argparse.Namespace) -> int:
     for summary in sorted(result["summary"], key=lambda row: row["slide"]):
         print(f"  slide {summary['slide']}: {summary['cells_scored']} cells, parasitemia "
               f"{summary['parasitemia_pct']}%, {summary['unreadable']} unreadable")
-    print(f"CSVs in {args.out or 'predictions/'} (summary.csv: one row per slide)")
+    print(f"CSVs in {args.out or layout.PREDICTIONS} (summary.csv: one row per slide)")
     return 0
 
 

@@ -191,10 +191,13 @@ def test_named_slides_and_a_forced_rescore_keep_the_history(
 
     # Links to the CSVs: the s3:// address (no presigned URL: it would carry a key id).
     from prefect.client.schemas.filters import ArtifactFilter, ArtifactFilterKey
+    from prefect.client.schemas.sorting import ArtifactSort
 
+    # The newest: the harness's server is shared with the other flow tests of the run.
     with get_client(sync_client=True) as client:
-        [link] = client.read_artifacts(limit=1, artifact_filter=ArtifactFilter(
-            key=ArtifactFilterKey(any_=["predictions-summary"])))
+        [link] = client.read_artifacts(limit=1, sort=ArtifactSort.CREATED_DESC,
+                                       artifact_filter=ArtifactFilter(key=ArtifactFilterKey(
+                                           any_=["predictions-summary"])))
     # (Prefect stores a link artifact as markdown: [text](link).)
     assert f"({s3_store.uri(layout.PREDICTION_SUMMARY_KEY)})" in str(link.data)
 
