@@ -70,10 +70,27 @@ def prepare_data(records: Sequence[CellRecord], read_bytes: Reader, cache: Image
         raise ValueError("training needs cells of both classes")
     split = split_by_slide(records, seed=seed, val_fraction=val_fraction,
                            test_fraction=test_fraction)
+    try:
+        return data_for_split(records, split, read_bytes, cache, input_size, workers=workers)
+    except EmptySplit as error:
+        raise ValueError(f"the {error.part} split is empty: need at least 3 slides") from None
+
+
+class EmptySplit(ValueError):
+    """A part of a slide split has no cells."""
+
+    def __init__(self, part: str) -> None:
+        super().__init__(f"the {part} split is empty")
+        self.part = part
+
+
+def data_for_split(records: Sequence[CellRecord], split: SlideSplit, read_bytes: Reader,
+                   cache: ImageCache, input_size: int, *, workers: int = 8) -> PreparedData:
+    """The arrays of each part of ``split`` (a fresh one, or one a model recorded)."""
     parts = {part: split.of(records, part) for part in ("train", "val", "test")}
     for part, chosen in parts.items():
         if not chosen:
-            raise ValueError(f"the {part} split is empty: need at least 3 slides")
+            raise EmptySplit(part)
     arrays = {part: load_arrays(chosen, cache, input_size, read_bytes, workers=workers)
               for part, chosen in parts.items()}
     return PreparedData(split=split, train=arrays["train"], val=arrays["val"],

@@ -27,6 +27,7 @@ from malaria.evaluation.metrics import EvaluationReport, evaluate
 from malaria.io.atomic import write_atomic
 from malaria.model.architectures import input_size_of
 from malaria.model.candidate import (
+    PreparedData,
     evaluate_candidate,
     metrics_document,
     prepare_data,
@@ -52,6 +53,14 @@ def train_local(data_dir: Path, out: Path, config: RetrainConfig, *, cache_dir: 
     data = prepare_data(records, folder_reader(data_dir), ImageCache(cache_dir),
                         config.resolved_input_size(), seed=config.seed,
                         val_fraction=config.val_fraction, test_fraction=config.test_fraction)
+    return train_and_save(data, out, config, on_epoch=on_epoch)
+
+
+def train_and_save(data: PreparedData, out: Path, config: RetrainConfig, *,
+                   on_epoch: Callable[[int, dict[str, Any]], None] | None = None,
+                   card_extra: dict[str, Any] | None = None) -> dict[str, Any]:
+    """Train on prepared data (checkpoints beside ``out``, so a killed run resumes),
+    evaluate, and write the model, its card (plus ``card_extra``) and its plots."""
     checkpoints = out.with_name(f".{out.name}.checkpoints") / checkpoint_id(
         config, data.manifest_sha256)
     result = train_candidate(config, data.train, data.val, checkpoint_dir=checkpoints,
@@ -61,6 +70,7 @@ def train_local(data_dir: Path, out: Path, config: RetrainConfig, *, cache_dir: 
     model_bytes = save_for_serving(result.model, out)
     card = metrics_document(config, data, evaluation, result.summary())
     card["model_bytes"] = model_bytes
+    card.update(card_extra or {})
     write_atomic(model_card_path(out), json.dumps(card, indent=2, default=str))
     for name, png in evaluation.plots.items():
         write_atomic(out.with_name(f"{out.stem}.{name}.png"), png)

@@ -249,18 +249,12 @@ def prepare_lineage_data(records: Sequence[CellRecord], split: SlideSplit,
                          input_size: int, *, workers: int = 8) -> PreparedData:
     """What :func:`malaria.model.candidate.prepare_data` builds, on the recorded split
     instead of a recomputed one."""
-    from malaria.dataset.pipeline import load_arrays
-    from malaria.model.candidate import PreparedData, data_manifest_hash
+    from malaria.model.candidate import EmptySplit, data_for_split
 
-    parts = {part: split.of(records, part) for part in SPLITS}
-    for part, chosen in parts.items():
-        if not chosen:
-            raise LineageError(f"the recorded {part} split has no cells")
-    arrays = {part: load_arrays(chosen, cache, input_size, read_bytes, workers=workers)
-              for part, chosen in parts.items()}
-    return PreparedData(split=split, train=arrays["train"], val=arrays["val"],
-                        test=arrays["test"], test_records=parts["test"],
-                        manifest_sha256=data_manifest_hash(records), input_size=input_size)
+    try:
+        return data_for_split(records, split, read_bytes, cache, input_size, workers=workers)
+    except EmptySplit as error:
+        raise LineageError(f"the recorded {error.part} split has no cells") from None
 
 
 def recorded_config(record: Mapping[str, Any]) -> RetrainConfig:
@@ -287,14 +281,10 @@ def retrain_from_lineage(store: Store, version: str, out: Path, *, cache_dir: Pa
     is given; write the model file and its card as ``malaria train`` does, and return the
     card. ``retrained_from`` in the card says whether the data manifest hash came out equal
     to the original's."""
-    import json
 
     from malaria.dataset.cache import ImageCache
     from malaria.dataset.records import store_reader
-    from malaria.io.atomic import write_atomic
-    from malaria.model.candidate import evaluate_candidate, metrics_document, train_candidate
-    from malaria.model.checkpoints import checkpoint_id, save_for_serving
-    from malaria.model.local import model_card_path
+    from malaria.model.local import train_and_save
     from malaria.registry.provenance import code_version, environment_packages
     from malaria.registry.registry import ModelRegistry
 
@@ -304,22 +294,10 @@ def retrain_from_lineage(store: Store, version: str, out: Path, *, cache_dir: Pa
     config = config or recorded_config(record)
     data = prepare_lineage_data(records, split, store_reader(store), ImageCache(cache_dir),
                                 config.resolved_input_size())
-    checkpoints = out.with_name(f".{out.name}.checkpoints") / checkpoint_id(
-        config, data.manifest_sha256)
-    result = train_candidate(config, data.train, data.val, checkpoint_dir=checkpoints,
-                             on_epoch=on_epoch)
-    evaluation = evaluate_candidate(result.model, data, result.history,
-                                    threshold_rule=config.threshold_rule, tta=config.tta)
-    model_bytes = save_for_serving(result.model, out)
-    card = metrics_document(config, data, evaluation, result.summary())
-    card["model_bytes"] = model_bytes
-    card["lineage"] = {**record["lineage"]}  # the same cells: the original's lineage file
-    card["provenance"] = {"flow_run_id": None, "code": code_version(),
-                          "packages": environment_packages()}
     original = record.get("data_manifest_sha256")
-    card["retrained_from"] = {"version": version, "data_manifest_sha256": original,
-                              "same_data": original == data.manifest_sha256}
-    write_atomic(model_card_path(out), json.dumps(card, indent=2, default=str))
-    for name, png in evaluation.plots.items():
-        write_atomic(out.with_name(f"{out.stem}.{name}.png"), png)
-    return card
+    return train_and_save(data, out, config, on_epoch=on_epoch, card_extra={
+        "lineage": {**record["lineage"]},  # the same cells: the original's lineage file
+        "provenance": {"flow_run_id": None, "code": code_version(),
+                       "packages": environment_packages()},
+        "retrained_from": {"version": version, "data_manifest_sha256": original,
+                           "same_data": original == data.manifest_sha256}})
