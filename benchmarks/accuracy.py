@@ -549,6 +549,8 @@ class Variant:
 VARIANT_PRESETS: dict[str, list[dict[str, Any]]] = {
     "issue15-adapt": [
         {"name": "cellnet", "arch": "cellnet"},
+        # The same models scored with one view: what 8-view TTA buys for its 8x scoring cost.
+        {"name": "cellnet-tta1", "arch": "cellnet", "tta": 1},
         {"name": "cellnet+colour", "arch": "cellnet", "slide_adapt": "colour"},
         {"name": "cellnet+bn", "arch": "cellnet", "slide_adapt": "bn"},
         {"name": "cellnet+bn-prior128", "arch": "cellnet", "slide_adapt": "bn",

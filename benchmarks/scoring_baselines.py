@@ -70,11 +70,13 @@ class MemoryStore:
 
 
 def compute_bound(cells: list[tuple[str, bytes]], model_path: Path, batch_size: int,
-                  concurrency: int, shard_size: int) -> tuple[float, dict[str, float]]:
+                  concurrency: int, shard_size: int,
+                  views: int = 1) -> tuple[float, dict[str, float]]:
     """(c) decode + resize + inference with the project's shard scorer, no storage: the best
     of one ``score_cells`` over every cell, and the shards of the end-to-end run scored as
     the flow's thread runner runs them (``SCORE_PARALLEL_SHARDS`` at a time), so that the
-    bound gets the same overlap between shards that the project has."""
+    bound gets the same overlap between shards that the project has. ``views``: test-time
+    views per cell, as the project scores the model."""
     from itertools import groupby
 
     from malaria.core.defaults import SCORE_PARALLEL_SHARDS
@@ -89,7 +91,7 @@ def compute_bound(cells: list[tuple[str, bytes]], model_path: Path, batch_size: 
 
     def score(chunk: Any) -> None:
         score_cells(store, chunk, loaded, batch_size=batch_size,  # type: ignore[arg-type]
-                    concurrency=concurrency)
+                    concurrency=concurrency, tta=views)
 
     start = time.perf_counter()
     score(keys)

@@ -31,7 +31,9 @@ class ModelRef:
     tta: int = 1  # views averaged per cell (test-time augmentation), 1 = none
 
 
-def _views(value: Any) -> int:
+def views_of(value: Any) -> int:
+    """Views averaged per cell for a recorded ``tta`` (True: the 8 symmetries of the
+    square; False or None: 1)."""
     if value is True:
         return 8
     if value is None or value is False:
@@ -62,7 +64,7 @@ def resolve_model(paths: ScoringPaths, model_path: str | Path | None = None,
             threshold=float(card.get("threshold", DEFAULT_THRESHOLD) if threshold is None
                             else threshold),
             source="file", location=str(path), architecture=str(card.get("architecture", "")),
-            tta=_views(card.get("tta") if tta is None else tta))
+            tta=views_of(card.get("tta") if tta is None else tta))
     if not paths.registry_url:
         raise ScoringError("no model: give a model file or a registry URL")
     registry = ModelRegistry(open_store(paths.registry_url))
@@ -75,7 +77,7 @@ def resolve_model(paths: ScoringPaths, model_path: str | Path | None = None,
     return ModelRef(version=version, threshold=recorded if threshold is None else threshold,
                     source="registry", location=paths.registry_url,
                     architecture=str(record.get("architecture", "")),
-                    tta=_views(record.get("tta") if tta is None else tta))
+                    tta=views_of(record.get("tta") if tta is None else tta))
 
 
 @dataclass
