@@ -183,12 +183,12 @@ def build_bench_model(path: Path) -> tuple[int, str, int]:
     (the threshold and the test-time views the product's default scores with); returns
     (input size, precision, views per cell)."""
     from malaria.core.defaults import DEFAULT_THRESHOLD
+    from malaria.core.views import views_of
     from malaria.model.architectures import DEFAULT_ARCH, build_model, default_input_size
     from malaria.model.checkpoints import save_for_serving
     from malaria.model.config import RetrainConfig, TrainConfig
     from malaria.model.local import model_card_path
     from malaria.model.precision import dtype_policy, resolve_precision
-    from malaria.scoring.model import views_of
 
     size = default_input_size(DEFAULT_ARCH)
     # The saved layers keep the dtype policy, so serving runs at the precision a champion

@@ -274,7 +274,9 @@ def add_model_commands(sub: argparse._SubParsersAction[argparse.ArgumentParser])
     evaluate.add_argument("--model", required=True)
     evaluate.add_argument("--data", required=True)
     evaluate.add_argument("--json", help="write the metrics here")
-    evaluate.add_argument("--tta", action="store_true", help="test-time augmentation")
+    evaluate.add_argument("--tta", action=argparse.BooleanOptionalAction, default=None,
+                          help="test-time augmentation over the 8 symmetries, or none "
+                          "(default: as the model was evaluated, from its card)")
     evaluate.set_defaults(func=cmd_evaluate)
 
     predict = sub.add_parser("predict", help="probability and class for each image")

@@ -119,3 +119,48 @@ def test_cells_to_review_are_the_confident_mistakes_by_key() -> None:
     table = review_table(review)
     assert table.count("\n") == 4 and "`dataset/x/0.png` | 0 | Parasitized | 0.020" in table
     assert "No misclassified" in review_table([])
+
+
+def test_evaluate_and_predict_use_the_views_the_threshold_was_chosen_with(
+        trained: tuple[Path, Path], tmp_path: Path) -> None:
+    """A card that records 8-view TTA: `evaluate` and `predict` average the same 8 views as
+    the scorer (the card's threshold was chosen on those), unless told otherwise."""
+    import shutil
+
+    import numpy as np
+
+    from malaria.dataset.decode import decode_to_array
+    from malaria.dataset.records import records_from_folder
+    from malaria.model.local import evaluate_local, predict_files
+    from malaria.model.predict import predict_probabilities
+    from malaria.model.serving import load_model_file
+
+    data, model = trained
+    copy = tmp_path / "tta.keras"
+    shutil.copy(model, copy)
+    card = json.loads(model.with_name("model.keras.json").read_text())
+    (tmp_path / "tta.keras.json").write_text(json.dumps({**card, "tta": True}))
+    net = load_model_file(copy)
+    files = sorted(data.rglob("*.png"))[:12]
+    images = np.stack([decode_to_array(f.read_bytes(), 32) for f in files])
+    eight, one = (predict_probabilities(net, images, tta=t) for t in (True, False))
+    assert not np.allclose(eight, one)
+
+    predicted = [p.probability for p in predict_files(copy, files)]
+    np.testing.assert_allclose(predicted, eight, atol=2e-6)
+
+    cache = tmp_path / "cache"
+    records = records_from_folder(data)
+    by_card = evaluate_local(copy, data, cache_dir=cache)
+    one_view = evaluate_local(copy, data, cache_dir=cache, tta=False)
+    assert by_card.n == one_view.n == len(records)
+    assert by_card.roc_auc != one_view.roc_auc
+    assert evaluate_local(copy, data, cache_dir=cache, tta=True).roc_auc == by_card.roc_auc
+
+
+def test_views_of_a_recorded_tta_setting() -> None:
+    from malaria.core.views import views_of
+
+    assert [views_of(v) for v in (True, False, None, 1, 2, 8, 20, 0)] == [8, 1, 1, 1, 2, 8, 8, 1]
+    with pytest.raises(TypeError):
+        views_of([8])

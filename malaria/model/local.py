@@ -19,6 +19,7 @@ import numpy as np
 from malaria.core.defaults import DEFAULT_THRESHOLD
 from malaria.core.images import validate_image
 from malaria.core.labels import predicted_class
+from malaria.core.views import views_of
 from malaria.dataset.cache import ImageCache
 from malaria.dataset.decode import decode_to_array
 from malaria.dataset.pipeline import load_arrays
@@ -82,23 +83,28 @@ def load_model_card(model_path: Path) -> dict[str, Any]:
     return json.loads(path.read_text()) if path.exists() else {}
 
 
-def load_with_card(model_path: Path) -> tuple[Any, int, float]:
-    """(model, input size, threshold); the threshold comes from the model's card, 0.5 without."""
+def load_with_card(model_path: Path) -> tuple[Any, int, float, int]:
+    """(model, input size, threshold, views per cell): the operating point the model was
+    evaluated at, from its card (the threshold was chosen on probabilities averaged over
+    that many views, as the scorer uses them); 0.5 and one view without a card."""
     model = load_model_file(model_path)
     size = input_size_of(model)
-    threshold = float(load_model_card(model_path).get("threshold", DEFAULT_THRESHOLD))
-    return model, size, threshold
+    card = load_model_card(model_path)
+    return (model, size, float(card.get("threshold", DEFAULT_THRESHOLD)),
+            views_of(card.get("tta")))
 
 
 def evaluate_local(model_path: Path, data_dir: Path, *, cache_dir: Path,
-                   tta: bool = False) -> EvaluationReport:
-    """``malaria evaluate``: every cell of a class-folder tree, slide from the file name."""
-    model, size, threshold = load_with_card(model_path)
+                   tta: bool | int | None = None) -> EvaluationReport:
+    """``malaria evaluate``: every cell of a class-folder tree, slide from the file name,
+    at the model's operating point (its card's threshold and views; ``tta`` overrides the
+    views)."""
+    model, size, threshold, views = load_with_card(model_path)
     records = records_from_folder(data_dir)
     if not records:
         raise ValueError(f"no labelled images under {data_dir} (expected class subfolders)")
     arrays = load_arrays(records, ImageCache(cache_dir), size, folder_reader(data_dir))
-    prob = predict_probabilities(model, arrays.images, tta=tta)
+    prob = predict_probabilities(model, arrays.images, tta=views if tta is None else tta)
     return evaluate(arrays.labels, prob, threshold, slides=list(arrays.slides))
 
 
@@ -113,7 +119,7 @@ class Prediction:
 def predict_files(model_path: Path, paths: Sequence[Path]) -> list[Prediction]:
     """``malaria predict``: one line per image, like the source article's last step; an
     unreadable file gets an error instead of a probability."""
-    model, size, threshold = load_with_card(model_path)
+    model, size, threshold, views = load_with_card(model_path)
     results: list[Prediction | None] = []
     arrays: list[np.ndarray] = []
     for path in paths:
@@ -128,7 +134,7 @@ def predict_files(model_path: Path, paths: Sequence[Path]) -> list[Prediction]:
             continue
         arrays.append(decode_to_array(data, size))
         results.append(None)
-    probs = iter(predict_probabilities(model, np.stack(arrays)) if arrays else [])
+    probs = iter(predict_probabilities(model, np.stack(arrays), tta=views) if arrays else [])
     out: list[Prediction] = []
     for path, result in zip(paths, results, strict=True):
         if result is None:

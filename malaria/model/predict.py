@@ -9,6 +9,7 @@ from typing import Any
 import keras
 import numpy as np
 
+from malaria.core.views import views_of
 from malaria.model.precision import backend
 
 _DIHEDRAL: tuple[Callable[[np.ndarray], np.ndarray], ...] = (
@@ -58,7 +59,7 @@ def predict_probabilities(model: keras.Model, images_uint8: np.ndarray, batch_si
     images_uint8 = np.asarray(images_uint8, dtype=np.uint8)
     if images_uint8.ndim == 3:
         images_uint8 = images_uint8[None]
-    views = 8 if tta is True else (1 if tta is False else max(1, min(8, int(tta))))
+    views = views_of(tta)
     fn = _predict_function(model)
     out = np.empty(len(images_uint8), dtype=np.float32)
     for start in range(0, len(images_uint8), batch_size):

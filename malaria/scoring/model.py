@@ -7,11 +7,11 @@ import threading
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
 
 import numpy as np
 
 from malaria.core.defaults import DEFAULT_THRESHOLD
+from malaria.core.views import views_of
 from malaria.io.store import open_store
 from malaria.model.serving import load_model_file, registered_model_file
 from malaria.registry.provenance import sha256_file
@@ -29,16 +29,6 @@ class ModelRef:
     location: str  # the registry's store URL, or a model file path
     architecture: str = ""
     tta: int = 1  # views averaged per cell (test-time augmentation), 1 = none
-
-
-def views_of(value: Any) -> int:
-    """Views averaged per cell for a recorded ``tta`` (True: the 8 symmetries of the
-    square; False or None: 1)."""
-    if value is True:
-        return 8
-    if value is None or value is False:
-        return 1
-    return max(1, min(8, int(value)))
 
 
 def resolve_model(paths: ScoringPaths, model_path: str | Path | None = None,
