@@ -1,0 +1,119 @@
+"""What test-time views buy, on models a cross-validation already trained (no training).
+
+``benchmarks.accuracy --cv K`` keeps each fold's model in its work folder
+(``<workdir>/cvK-fold<k>/recipe<r>-member0/<arch>-<size>-<pid>/model.keras``). This scores
+every fold's validation and test cells with the first 1, 2, 4 and 8 symmetries of the square
+(the product's order: identity, horizontal flip, vertical flip, rotation by 90 degrees, ...),
+chooses each fold's threshold on its own validation slides at that many views (the
+product's rule), pools the folds' test cells and reports, per view count: accuracy, AUC,
+sensitivity, specificity, per-slide parasitemia error, and the paired slide-bootstrap
+difference to 8 views. The scorer's cost grows with the views (one inference per view).
+
+    python -m benchmarks.tta_views --pack cells-80.npz --cv 5 \\
+        --models '.malaria/bench-accuracy/cv5-fold{fold}/recipe0-member0/cellnet-80-*/model.keras'
+"""
+
+from __future__ import annotations
+
+import argparse
+import glob
+import json
+import os
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+VIEW_COUNTS = (1, 2, 4, 8)
+
+
+def view_probabilities(model: Any, images: np.ndarray) -> np.ndarray:
+    """P(parasitized) per view, shape (8, N): each symmetry on its own."""
+    from malaria.model.predict import _DIHEDRAL, _predict_function
+
+    fn = _predict_function(model)
+    out = np.empty((len(_DIHEDRAL), len(images)), np.float64)
+    for v, view in enumerate(_DIHEDRAL):
+        for start in range(0, len(images), 256):
+            batch = np.ascontiguousarray(view(images[start:start + 256]))
+            out[v, start:start + 256] = np.asarray(fn(batch), np.float64).reshape(-1)
+    return out
+
+
+def main(argv: list[str] | None = None) -> int:
+    os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
+    parser = argparse.ArgumentParser(description=__doc__,
+                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--pack", type=Path, required=True)
+    parser.add_argument("--cv", type=int, default=5)
+    parser.add_argument("--models", required=True,
+                        help="glob of each fold's model file, with {fold} for 0..K-1")
+    parser.add_argument("--json", type=Path)
+    args = parser.parse_args(argv)
+
+    from benchmarks.accuracy import Scored, cv_splits, paired_difference, read_pack
+    from malaria.core import defaults
+    from malaria.evaluation.metrics import evaluate_pooled
+    from malaria.evaluation.threshold import choose_threshold
+    from malaria.model.serving import load_model_file
+
+    records, load = read_pack(args.pack)
+    _, splits = cv_splits(records, args.cv)
+    scored: dict[int, list[Scored]] = {n: [] for n in VIEW_COUNTS}
+    files = []
+    for fold, split in enumerate(splits):
+        found = sorted(glob.glob(args.models.format(fold=fold)))
+        if not found:  # a CV still running: the folds done so far
+            print(f"fold {fold + 1}/{len(splits)}: no model yet, left out", flush=True)
+            continue
+        if len(found) > 1:
+            raise SystemExit(f"fold {fold}: more than one model for {args.models!r}: {found}")
+        files.append(found[0])
+        model = load_model_file(Path(found[0]))
+        size = int(model.inputs[0].shape[1])
+        val = load(split.of(records, "val"), size)
+        test = load(split.of(records, "test"), size)
+        val_views, test_views = view_probabilities(model, val.images), \
+            view_probabilities(model, test.images)
+        for n in VIEW_COUNTS:
+            val_p, test_p = val_views[:n].mean(axis=0), test_views[:n].mean(axis=0)
+            threshold = choose_threshold(val.labels, val_p, rule=defaults.THRESHOLD_RULE)
+            scored[n].append(Scored(test.labels, test_p, test.slides, threshold))
+        print(f"fold {fold + 1}/{len(splits)} scored ({found[0]})", flush=True)
+
+    if not files:
+        raise SystemExit(f"no model matches {args.models!r}")
+    results: dict[str, Any] = {"models": files, "views": {}}
+    print("| views | accuracy | AUC | sensitivity | specificity | parasitemia err mean / max, pp"
+          " | d acc vs 8 [CI] | d AUC vs 8 [CI] | d parasitemia vs 8 [CI] |")
+    print("|---|---|---|---|---|---|---|---|---|")
+    for n in VIEW_COUNTS:
+        cells = scored[n]
+        report = evaluate_pooled(
+            np.concatenate([s.labels for s in cells]),
+            np.concatenate([s.probabilities for s in cells]),
+            np.concatenate([np.full(len(s.labels), s.threshold) for s in cells]),
+            slides=list(np.concatenate([s.slides for s in cells]).astype(str)))
+        diff = paired_difference(scored[8], cells)
+        row = report.to_dict()
+        results["views"][str(n)] = {"metrics": {k: row[k] for k in (
+            "accuracy", "roc_auc", "sensitivity", "specificity", "parasitemia_error_mean",
+            "parasitemia_error_max")}, "vs_8_views": diff}
+
+        def ci(key: str, digits: int, d: dict[str, Any] = diff) -> str:
+            if d[key]["low"] is None:
+                return f"{d[key]['estimate']:+.{digits}f}"
+            return (f"{d[key]['estimate']:+.{digits}f} [{d[key]['low']:+.{digits}f}, "
+                    f"{d[key]['high']:+.{digits}f}]")
+
+        print(f"| {n} | {report.accuracy:.4f} | {report.roc_auc:.4f} | "
+              f"{report.sensitivity:.4f} | {report.specificity:.4f} | "
+              f"{report.parasitemia_error_mean:.2f} / {report.parasitemia_error_max:.1f} | "
+              f"{ci('accuracy', 4)} | {ci('auc', 4)} | {ci('parasitemia_error_mean', 2)} |")
+    if args.json:
+        args.json.write_text(json.dumps(results, indent=1))
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
