@@ -46,7 +46,7 @@ def nightly_run_name() -> str:
 def nightly_flow(data_url: str | None = None, arch: str = defaults.DEFAULT_ARCH,
                  input_size: int | None = None, epochs: int = defaults.TRAIN_EPOCHS,
                  max_minutes: float | None = defaults.NIGHTLY_TRAIN_MINUTES,
-                 seed: int = defaults.TRAIN_SEED, tta: bool = defaults.TEST_TIME_AUGMENTATION,
+                 seed: int = defaults.TRAIN_SEED, tta: bool | int = defaults.TEST_TIME_AUGMENTATION,
                  batch_size: int = defaults.TRAIN_BATCH_SIZE, gif_cells: int = 100,
                  min_auc: float = defaults.GATE_MIN_AUC,
                  min_accuracy: float = defaults.GATE_MIN_ACCURACY,

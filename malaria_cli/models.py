@@ -26,8 +26,8 @@ _TRAINING_OPTIONS = {"arch": "arch", "input_size": "input_size", "epochs": "epoc
 def _given_options(args: argparse.Namespace) -> dict[str, Any]:
     given = {field: getattr(args, name) for name, field in _TRAINING_OPTIONS.items()
              if getattr(args, name) is not None}
-    if args.no_tta:
-        given["tta"] = False
+    if args.tta is not None:
+        given["tta"] = args.tta
     return given
 
 
@@ -254,7 +254,10 @@ def add_model_commands(sub: argparse._SubParsersAction[argparse.ArgumentParser])
                        f"{defaults.TRAIN_MAX_MINUTES or 'none'})")
         p.add_argument("--batch-size", type=int, help=f"default {defaults.TRAIN_BATCH_SIZE}")
         p.add_argument("--seed", type=int, help=f"default {defaults.TRAIN_SEED}")
-        p.add_argument("--no-tta", action="store_true", help="no test-time augmentation")
+        p.add_argument("--tta", action=argparse.BooleanOptionalAction, default=None,
+                       help="choose the threshold on (and record, for scoring) probabilities "
+                       "averaged over the 8 symmetries of the square (default: "
+                       f"{defaults.TEST_TIME_AUGMENTATION}, one view)")
 
     train = sub.add_parser("train", help="train on a local folder with class subfolders, or "
                            "again on the cells a registered version saw")

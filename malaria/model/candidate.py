@@ -124,7 +124,7 @@ class CandidateEvaluation:
 
 def evaluate_candidate(model: Any, data: PreparedData, history: list[dict[str, Any]], *,
                        threshold_rule: ThresholdRule = "youden",
-                       tta: bool = True) -> CandidateEvaluation:
+                       tta: bool | int = True) -> CandidateEvaluation:
     val_prob = predict_probabilities(model, data.val.images, tta=tta)
     threshold = choose_threshold(data.val.labels, val_prob, rule=threshold_rule)
     validation = evaluate(data.val.labels, val_prob, threshold, slides=list(data.val.slides))

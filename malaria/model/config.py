@@ -72,7 +72,7 @@ class RetrainConfig:
     val_fraction: float = defaults.VAL_FRACTION
     test_fraction: float = defaults.TEST_FRACTION
     threshold_rule: ThresholdRule = defaults.THRESHOLD_RULE  # type: ignore[assignment]
-    tta: bool = defaults.TEST_TIME_AUGMENTATION
+    tta: bool | int = defaults.TEST_TIME_AUGMENTATION  # views per cell (core.views)
     # Gate: not worse than the champion minus the tolerance, and above absolute floors.
     tolerance: float = defaults.GATE_TOLERANCE
     min_auc: float = defaults.GATE_MIN_AUC

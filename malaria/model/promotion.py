@@ -37,7 +37,7 @@ MODEL_FILE = "model.keras"  # a model's file in the registry and in the download
 
 def predict_registered(registry: ModelRegistry, version: str, records: Sequence[CellRecord],
                        read_bytes: Reader, cache: ImageCache, *,
-                       tta: bool) -> tuple[EvaluationReport, npt.NDArray[np.float64]]:
+                       tta: bool | int) -> tuple[EvaluationReport, npt.NDArray[np.float64]]:
     """A registered model's report on ``records`` (its own input size and threshold) and
     its probability per cell, in the order of ``records``."""
     record = registry.get(version)
@@ -51,7 +51,7 @@ def predict_registered(registry: ModelRegistry, version: str, records: Sequence[
 
 
 def score_registered(registry: ModelRegistry, version: str, records: Sequence[CellRecord],
-                     read_bytes: Reader, cache: ImageCache, *, tta: bool) -> EvaluationReport:
+                     read_bytes: Reader, cache: ImageCache, *, tta: bool | int) -> EvaluationReport:
     """Score a registered model on ``records`` with its own input size and threshold."""
     return predict_registered(registry, version, records, read_bytes, cache, tta=tta)[0]
 
