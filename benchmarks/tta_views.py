@@ -27,19 +27,6 @@ import numpy as np
 VIEW_COUNTS = (1, 2, 4, 8)
 
 
-def view_probabilities(model: Any, images: np.ndarray) -> np.ndarray:
-    """P(parasitized) per view, shape (8, N): each symmetry on its own."""
-    from malaria.model.predict import _DIHEDRAL, _predict_function
-
-    fn = _predict_function(model)
-    out = np.empty((len(_DIHEDRAL), len(images)), np.float64)
-    for v, view in enumerate(_DIHEDRAL):
-        for start in range(0, len(images), 256):
-            batch = np.ascontiguousarray(view(images[start:start + 256]))
-            out[v, start:start + 256] = np.asarray(fn(batch), np.float64).reshape(-1)
-    return out
-
-
 def main(argv: list[str] | None = None) -> int:
     os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
     parser = argparse.ArgumentParser(description=__doc__,
@@ -55,6 +42,7 @@ def main(argv: list[str] | None = None) -> int:
     from malaria.core import defaults
     from malaria.evaluation.metrics import evaluate_pooled
     from malaria.evaluation.threshold import choose_threshold
+    from malaria.model.predict import predict_views
     from malaria.model.serving import load_model_file
 
     records, load = read_pack(args.pack)
@@ -73,8 +61,8 @@ def main(argv: list[str] | None = None) -> int:
         size = int(model.inputs[0].shape[1])
         val = load(split.of(records, "val"), size)
         test = load(split.of(records, "test"), size)
-        val_views, test_views = view_probabilities(model, val.images), \
-            view_probabilities(model, test.images)
+        val_views = predict_views(model, val.images)
+        test_views = predict_views(model, test.images)
         for n in VIEW_COUNTS:
             val_p, test_p = val_views[:n].mean(axis=0), test_views[:n].mean(axis=0)
             threshold = choose_threshold(val.labels, val_p, rule=defaults.THRESHOLD_RULE)

@@ -10,6 +10,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from malaria.core import defaults, settings
+from malaria.core.views import views_of
 from malaria.io.atomic import write_atomic
 from malaria_cli.common import use_local_stack_if_configured
 
@@ -257,7 +258,7 @@ def add_model_commands(sub: argparse._SubParsersAction[argparse.ArgumentParser])
         p.add_argument("--tta", action=argparse.BooleanOptionalAction, default=None,
                        help="choose the threshold on (and record, for scoring) probabilities "
                        "averaged over the 8 symmetries of the square (default: "
-                       f"{defaults.TEST_TIME_AUGMENTATION}, one view)")
+                       f"{views_of(defaults.TEST_TIME_AUGMENTATION)} view(s))")
 
     train = sub.add_parser("train", help="train on a local folder with class subfolders, or "
                            "again on the cells a registered version saw")

@@ -9,7 +9,7 @@ from typing import Any
 import keras
 import numpy as np
 
-from malaria.core.views import views_of
+from malaria.core.views import MAX_VIEWS, views_of
 from malaria.model.precision import backend
 
 _DIHEDRAL: tuple[Callable[[np.ndarray], np.ndarray], ...] = (
@@ -47,6 +47,24 @@ def _predict_function(model: keras.Model) -> Callable[[np.ndarray], Any]:
     return fn
 
 
+def predict_views(model: keras.Model, images_uint8: np.ndarray, batch_size: int = 256,
+                  *, views: int = MAX_VIEWS) -> np.ndarray:
+    """P(parasitized) per view and image, shape (views, N), float64: the first ``views``
+    symmetries of the square (identity, flips, rotations by 90 degrees, transposes), each
+    on its own."""
+    images_uint8 = np.asarray(images_uint8, dtype=np.uint8)
+    if images_uint8.ndim == 3:
+        images_uint8 = images_uint8[None]
+    fn = _predict_function(model)
+    out = np.empty((views, len(images_uint8)), dtype=np.float64)
+    for start in range(0, len(images_uint8), batch_size):
+        batch = images_uint8[start:start + batch_size]
+        for row, view in enumerate(_DIHEDRAL[:views]):
+            probs = fn(np.ascontiguousarray(view(batch)))
+            out[row, start:start + batch_size] = np.asarray(probs, np.float64).reshape(-1)
+    return out
+
+
 def predict_probabilities(model: keras.Model, images_uint8: np.ndarray, batch_size: int = 256,
                           *, tta: bool | int = False) -> np.ndarray:
     """P(parasitized) per image, shape (N,), float32.
@@ -56,17 +74,6 @@ def predict_probabilities(model: keras.Model, images_uint8: np.ndarray, batch_si
     takes the first n of them). A cell has no orientation, so each view is as valid as the
     original, and averaging removes some of the model's orientation noise.
     """
-    images_uint8 = np.asarray(images_uint8, dtype=np.uint8)
-    if images_uint8.ndim == 3:
-        images_uint8 = images_uint8[None]
     views = views_of(tta)
-    fn = _predict_function(model)
-    out = np.empty(len(images_uint8), dtype=np.float32)
-    for start in range(0, len(images_uint8), batch_size):
-        batch = images_uint8[start:start + batch_size]
-        total = np.zeros(len(batch), dtype=np.float64)
-        for view in _DIHEDRAL[:views]:
-            probs = fn(np.ascontiguousarray(view(batch)))
-            total += np.asarray(probs, dtype=np.float64).reshape(-1)
-        out[start:start + batch_size] = total / views
-    return out
+    per_view = predict_views(model, images_uint8, batch_size, views=views)
+    return (per_view.sum(axis=0) / views).astype(np.float32)
