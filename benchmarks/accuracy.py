@@ -245,6 +245,10 @@ class Scored:
     probabilities: np.ndarray
     slides: np.ndarray
     threshold: float
+    # The validation cells' labels and probabilities, which chose the threshold: kept with a
+    # CV fold so an ensemble of kept runs can choose its own threshold later.
+    val_labels: np.ndarray | None = None
+    val_probabilities: np.ndarray | None = None
 
 
 class TimeToTarget(keras.callbacks.Callback):
@@ -450,7 +454,8 @@ def score_runs(runs: list[TrainedRun], args: argparse.Namespace, *, tta: bool | 
                                for run in runs]
     if first.tracker is not None:
         metrics["time_to_target"] = first.tracker.report()
-    return metrics, Scored(target.labels, scores, target.slides, threshold)
+    return metrics, Scored(target.labels, scores, target.slides, threshold,
+                           sets["val"].labels, val_scores)
 
 
 def train_and_score(arch: str, records: list[CellRecord], split: SlideSplit,
@@ -648,8 +653,11 @@ def save_fold_state(state: Path, fold: int, variant: Variant, split: SlideSplit,
     instead of training again, so a CV longer than one device session is done in pieces."""
     state.mkdir(parents=True, exist_ok=True)
     meta, arrays = _state_files(state, fold, variant)
+    validation = ({} if cells.val_labels is None else
+                  {"val_labels": cells.val_labels, "val_probabilities": cells.val_probabilities})
     np.savez(arrays, labels=cells.labels, probabilities=cells.probabilities,
-             slides=cells.slides.astype(str), threshold=np.float64(cells.threshold))
+             slides=cells.slides.astype(str), threshold=np.float64(cells.threshold),
+             **validation)
     # Written last: a fold whose JSON exists is complete.
     meta.write_text(json.dumps({"variant": asdict(variant), "slides": split.as_dict(),
                                 "row": row}, default=_jsonable))
@@ -666,8 +674,11 @@ def load_fold_state(state: Path, fold: int, variant: Variant,
     if {k: saved.get(k) for k in same} != same:
         return None
     with np.load(arrays, allow_pickle=False) as data:
+        # Folds kept before the validation scores were saved have none.
+        val = ((data["val_labels"], data["val_probabilities"])
+               if "val_labels" in data.files else (None, None))
         cells = Scored(data["labels"], data["probabilities"], data["slides"],
-                       float(data["threshold"]))
+                       float(data["threshold"]), *val)
     return saved["row"], cells
 
 
