@@ -812,6 +812,22 @@ def paired_difference(base: list[Scored], other: list[Scored], *, resamples: int
     return out
 
 
+def pooled_report(scored: list[Scored]) -> EvaluationReport:
+    """The product's metrics over every fold's test cells, each at its own fold's
+    threshold."""
+    labels, probs, slides, _ = _pooled(scored)
+    thresholds = np.concatenate([np.full(len(s.labels), s.threshold) for s in scored])
+    return evaluate_pooled(labels, probs, thresholds, slides=list(slides))
+
+
+def signed_ci(interval: dict[str, Any], digits: int) -> str:
+    """``+0.0012 [-0.0003, +0.0027]``: a paired difference and its interval."""
+    estimate, low, high = interval["estimate"], interval["low"], interval["high"]
+    if low is None or high is None:
+        return f"{estimate:+.{digits}f}"
+    return f"{estimate:+.{digits}f} [{low:+.{digits}f}, {high:+.{digits}f}]"
+
+
 def _ci(value: float, interval: dict[str, Any], digits: int) -> str:
     low, high = interval.get("low"), interval.get("high")
     if low is None or high is None:

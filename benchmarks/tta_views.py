@@ -22,8 +22,6 @@ import os
 from pathlib import Path
 from typing import Any
 
-import numpy as np
-
 VIEW_COUNTS = (1, 2, 4, 8)
 
 
@@ -38,9 +36,15 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--json", type=Path)
     args = parser.parse_args(argv)
 
-    from benchmarks.accuracy import Scored, cv_splits, paired_difference, read_pack
+    from benchmarks.accuracy import (
+        Scored,
+        cv_splits,
+        paired_difference,
+        pooled_report,
+        read_pack,
+        signed_ci,
+    )
     from malaria.core import defaults
-    from malaria.evaluation.metrics import evaluate_pooled
     from malaria.evaluation.threshold import choose_threshold
     from malaria.model.predict import predict_views
     from malaria.model.serving import load_model_file
@@ -77,27 +81,18 @@ def main(argv: list[str] | None = None) -> int:
     print("|---|---|---|---|---|---|---|---|---|")
     for n in VIEW_COUNTS:
         cells = scored[n]
-        report = evaluate_pooled(
-            np.concatenate([s.labels for s in cells]),
-            np.concatenate([s.probabilities for s in cells]),
-            np.concatenate([np.full(len(s.labels), s.threshold) for s in cells]),
-            slides=list(np.concatenate([s.slides for s in cells]).astype(str)))
+        report = pooled_report(cells)
         diff = paired_difference(scored[8], cells)
         row = report.to_dict()
         results["views"][str(n)] = {"metrics": {k: row[k] for k in (
             "accuracy", "roc_auc", "sensitivity", "specificity", "parasitemia_error_mean",
             "parasitemia_error_max")}, "vs_8_views": diff}
 
-        def ci(key: str, digits: int, d: dict[str, Any] = diff) -> str:
-            if d[key]["low"] is None:
-                return f"{d[key]['estimate']:+.{digits}f}"
-            return (f"{d[key]['estimate']:+.{digits}f} [{d[key]['low']:+.{digits}f}, "
-                    f"{d[key]['high']:+.{digits}f}]")
-
         print(f"| {n} | {report.accuracy:.4f} | {report.roc_auc:.4f} | "
               f"{report.sensitivity:.4f} | {report.specificity:.4f} | "
               f"{report.parasitemia_error_mean:.2f} / {report.parasitemia_error_max:.1f} | "
-              f"{ci('accuracy', 4)} | {ci('auc', 4)} | {ci('parasitemia_error_mean', 2)} |")
+              f"{signed_ci(diff['accuracy'], 4)} | {signed_ci(diff['auc'], 4)} | "
+              f"{signed_ci(diff['parasitemia_error_mean'], 2)} |")
     if args.json:
         args.json.write_text(json.dumps(results, indent=1))
     return 0

@@ -277,9 +277,9 @@ def pack(tmp_path_factory: pytest.TempPathFactory) -> Path:
     return path
 
 
-def test_cv_variants_end_to_end_and_resumed(pack: Path, tmp_path: Path,
-                                            monkeypatch: pytest.MonkeyPatch,
-                                            capsys: pytest.CaptureFixture[str]) -> None:
+def test_cv_variants_end_to_end_resumed_and_ensembled_from_kept_models(
+        pack: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch,
+        capsys: pytest.CaptureFixture[str]) -> None:
     import benchmarks.accuracy as bench
 
     variants = [{"name": "base", "arch": "cellnet-tiny"},
@@ -332,6 +332,30 @@ def test_cv_variants_end_to_end_and_resumed(pack: Path, tmp_path: Path,
         assert repeat[name]["accuracy"] == report[name]["accuracy"]
         assert repeat[name]["auc"] == report[name]["auc"]
 
+    # A kept fold holds the validation scores that chose its threshold.
+    with np.load(tmp_path / "state" / "fold0-pair.npz") as kept:
+        assert len(kept["val_labels"]) == len(kept["val_probabilities"]) > 0
+
+    # benchmarks.cv_ensemble, from the fold models the CV kept, gives the CV's own figures:
+    # one member alone is "base", the two members averaged at 2 views are "pair".
+    from benchmarks import cv_ensemble
+
+    members = [f"member{i}={tmp_path}/work/cv2-fold{{fold}}/recipe0-member{i}/*/model.keras"
+               for i in (0, 1)]
+    for views, one, both in ((1, "base", None), (2, None, "pair")):
+        kept_out = tmp_path / f"ensemble-{views}.json"
+        assert cv_ensemble.main(["--pack", str(pack), "--cv", "2", "--views", str(views),
+                                 "--member", members[0], "--member", members[1],
+                                 "--ensemble", "member0+member1", "--json", str(kept_out)]) == 0
+        results = json.loads(kept_out.read_text())["results"]
+        for name, variant in (("member0", one), ("member0+member1", both)):
+            if variant is None:
+                continue
+            metrics = results[name]["metrics"]
+            assert metrics["accuracy"] == pytest.approx(report[variant]["accuracy"], abs=1e-9)
+            assert metrics["roc_auc"] == pytest.approx(report[variant]["auc"], abs=1e-6)
+        assert results["member0+member1"]["versus_first"]["variant"] == "member0"
+
 
 def test_cv_variants_need_cv(pack: Path) -> None:
     from benchmarks.accuracy import main
@@ -341,4 +365,20 @@ def test_cv_variants_need_cv(pack: Path) -> None:
     assert refused.value.code == 2
     with pytest.raises(SystemExit) as refused:
         main(["--pack", str(pack), "--cv", "2", "--cv-variants", '[{"name": 1, "x": 2}]'])
+    assert refused.value.code == 2
+
+
+@pytest.mark.parametrize("arguments", [
+    ["--member", "no-glob"],
+    ["--member", "a+b=x/{fold}"],
+    ["--member", "a=x/{fold}", "--member", "a=y/{fold}"],
+    ["--member", "a=x/{fold}", "--ensemble", "a"],
+    ["--member", "a=x/{fold}", "--ensemble", "a+c"],
+])
+def test_kept_model_ensembles_refuse_malformed_members(pack: Path,
+                                                       arguments: list[str]) -> None:
+    from benchmarks.cv_ensemble import main
+
+    with pytest.raises(SystemExit) as refused:
+        main(["--pack", str(pack), *arguments])
     assert refused.value.code == 2

@@ -1,0 +1,192 @@
+"""What averaging independently trained models buys, on models a cross-validation already
+trained (no training).
+
+``benchmarks.accuracy --cv K`` keeps each fold's model in its work folder
+(``<workdir>/cvK-fold<k>/recipe<r>-member0/<arch>-<size>-<pid>/model.keras``). Name each
+kept recipe with ``--member NAME=GLOB`` (``{fold}`` stands for 0..K-1) and each ensemble
+with ``--ensemble NAME+NAME``. In every fold each member scores its validation and test
+cells at the product's views (``--views``, default the product's setting); an ensemble
+averages its members' probabilities and chooses its threshold on its own averaged
+validation scores (the product's rule), as a member does alone. The folds' test cells are
+pooled, and every member and ensemble is compared with the first member: accuracy, AUC,
+sensitivity, specificity, per-slide parasitemia error, and the paired slide-bootstrap
+difference. An ensemble costs its members' training and scoring together.
+
+    python -m benchmarks.cv_ensemble --pack cells-80.npz --cv 5 \\
+        --member cellnet='work/cv5-fold{fold}/recipe0-member0/cellnet-80-*/model.keras' \\
+        --member hed='work/cv5-fold{fold}/recipe1-member0/cellnet-hed-80-*/model.keras' \\
+        --ensemble cellnet+hed
+
+Models of another input size take a pack of that size: ``--pack`` may be given once per size.
+"""
+
+from __future__ import annotations
+
+import argparse
+import glob
+import json
+import os
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+
+@dataclass(frozen=True)
+class FoldScores:
+    """One model's (or ensemble's) probabilities on one fold's validation and test cells."""
+
+    val: np.ndarray
+    test: np.ndarray
+
+
+def parse_members(entries: list[str]) -> dict[str, str]:
+    members: dict[str, str] = {}
+    for entry in entries:
+        name, sep, pattern = entry.partition("=")
+        if not sep or not name or not pattern:
+            raise ValueError(f"--member takes NAME=GLOB, got {entry!r}")
+        if "+" in name or name in members:
+            raise ValueError(f"member names are unique and hold no '+': {name!r}")
+        members[name] = pattern
+    return members
+
+
+def parse_ensembles(entries: list[str], members: dict[str, str]) -> dict[str, list[str]]:
+    ensembles: dict[str, list[str]] = {}
+    for entry in entries:
+        names = entry.split("+")
+        unknown = [n for n in names if n not in members]
+        if len(names) < 2 or unknown or len(set(names)) != len(names):
+            raise ValueError(f"--ensemble takes two or more distinct --member names joined "
+                             f"by '+': {entry!r}")
+        ensembles[entry] = names
+    return ensembles
+
+
+def average(scores: list[FoldScores]) -> FoldScores:
+    """An ensemble's scores: its members' probabilities, averaged."""
+    return FoldScores(np.mean([s.val for s in scores], axis=0),
+                      np.mean([s.test for s in scores], axis=0))
+
+
+def one_model_file(pattern: str, fold: int) -> str | None:
+    found = sorted(glob.glob(pattern.format(fold=fold)))
+    if len(found) > 1:
+        raise SystemExit(f"fold {fold}: more than one model for {pattern!r}: {found}")
+    return found[0] if found else None
+
+
+def main(argv: list[str] | None = None) -> int:
+    os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
+    parser = argparse.ArgumentParser(description=__doc__,
+                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--pack", type=Path, action="append", required=True,
+                        help="the cells as a pack; once per input size the models take")
+    parser.add_argument("--cv", type=int, default=5)
+    parser.add_argument("--member", action="append", required=True, metavar="NAME=GLOB",
+                        help="each fold's model file of one kept recipe, {fold} for 0..K-1")
+    parser.add_argument("--ensemble", action="append", default=[], metavar="A+B[+C]")
+    parser.add_argument("--views", type=int,
+                        help="test-time views per cell (default: the product's setting)")
+    parser.add_argument("--json", type=Path)
+    args = parser.parse_args(argv)
+    try:
+        members = parse_members(args.member)
+        ensembles = parse_ensembles(args.ensemble, members)
+    except ValueError as error:
+        parser.error(str(error))
+
+    from benchmarks.accuracy import (
+        Scored,
+        cv_splits,
+        paired_difference,
+        pooled_report,
+        read_pack,
+        signed_ci,
+    )
+    from malaria.core import defaults
+    from malaria.core.views import views_of
+    from malaria.evaluation.threshold import choose_threshold
+    from malaria.model.predict import predict_views
+    from malaria.model.serving import load_model_file
+
+    views = args.views or views_of(defaults.TEST_TIME_AUGMENTATION)
+    packs = {}
+    for path in args.pack:
+        records, load = read_pack(path)
+        packs[int(np.load(path, mmap_mode="r")["images"].shape[1])] = (records, load)
+    records = next(iter(packs.values()))[0]
+    _, splits = cv_splits(records, args.cv)
+    names = [*members, *ensembles]
+    scored: dict[str, list[Scored]] = {name: [] for name in names}
+    files: dict[str, list[str]] = {name: [] for name in members}
+    folds_used = []
+    for fold, split in enumerate(splits):
+        found = {name: one_model_file(pattern, fold) for name, pattern in members.items()}
+        missing = [name for name, file in found.items() if file is None]
+        if missing:  # a CV still running: the folds every member has so far
+            print(f"fold {fold + 1}/{len(splits)}: no model yet for {missing}, left out",
+                  flush=True)
+            continue
+        folds_used.append(fold)
+        scores: dict[str, FoldScores] = {}
+        labels: dict[str, Any] = {}
+        for name, file in found.items():
+            assert file is not None
+            files[name].append(file)
+            model = load_model_file(Path(file))
+            size = int(model.inputs[0].shape[1])
+            if size not in packs:
+                raise SystemExit(f"{file} takes {size} px cells: give a --pack of that size")
+            _, load = packs[size]
+            val, test = load(split.of(records, "val"), size), load(split.of(records, "test"),
+                                                                   size)
+            labels = {"val": val.labels, "test": test.labels, "slides": test.slides}
+            scores[name] = FoldScores(predict_views(model, val.images, views=views).mean(0),
+                                      predict_views(model, test.images, views=views).mean(0))
+        for name, parts in ensembles.items():
+            scores[name] = average([scores[part] for part in parts])
+        for name in names:
+            threshold = choose_threshold(labels["val"], scores[name].val,
+                                         rule=defaults.THRESHOLD_RULE)
+            scored[name].append(Scored(labels["test"], scores[name].test.astype(np.float32),
+                                       labels["slides"], threshold, labels["val"],
+                                       scores[name].val.astype(np.float32)))
+        print(f"fold {fold + 1}/{len(splits)} scored", flush=True)
+    if not folds_used:
+        raise SystemExit("no fold has a model for every member")
+
+    first = names[0]
+    results: dict[str, Any] = {"views": views, "folds": folds_used, "models": files,
+                               "ensembles": ensembles, "results": {}}
+    print(f"\n{len(folds_used)} of {len(splits)} folds, {views} view(s) per cell\n")
+    print(f"| model | accuracy | AUC | sensitivity | specificity | parasitemia err mean / max, "
+          f"pp | d acc vs {first} [CI] | d AUC [CI] | d parasitemia [CI] |")
+    print("|---|---|---|---|---|---|---|---|---|")
+    for name in names:
+        cells = scored[name]
+        report = pooled_report(cells)
+        row = report.to_dict()
+        entry: dict[str, Any] = {"metrics": {k: row[k] for k in (
+            "accuracy", "roc_auc", "sensitivity", "specificity", "parasitemia_error_mean",
+            "parasitemia_error_max")}, "thresholds": [s.threshold for s in cells]}
+        cols = ["-", "-", "-"]
+        if name != first:
+            diff = paired_difference(scored[first], cells)
+            entry["versus_first"] = {"variant": first, **diff}
+            cols = [signed_ci(diff[key], digits) for key, digits in (
+                ("accuracy", 4), ("auc", 4), ("parasitemia_error_mean", 2))]
+        results["results"][name] = entry
+        print(f"| {name} | {report.accuracy:.4f} | {report.roc_auc:.4f} | "
+              f"{report.sensitivity:.4f} | {report.specificity:.4f} | "
+              f"{report.parasitemia_error_mean:.2f} / {report.parasitemia_error_max:.1f} | "
+              + " | ".join(cols) + " |", flush=True)
+    if args.json:
+        args.json.write_text(json.dumps(results, indent=1))
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
