@@ -189,23 +189,33 @@ def test_the_digest_summarises_the_last_day(notifications: dict[str, str], tmp_p
                                             hook_url: str,
                                             caplog: pytest.LogCaptureFixture) -> None:
     from prefect.client.orchestration import get_client
+    from prefect.states import Failed
 
     from flows.digest import ARTIFACT_KEY, digest_flow
 
     token = hook_url.rsplit("/", 1)[-1]
     caplog.set_level(logging.DEBUG)
+    # A failed deployment run of its own (untagged: the failure automation leaves it alone),
+    # so the test does not lean on another test's run.
+    deployment = f"digest-{uuid.uuid4().hex[:6]}"
+    with get_client(sync_client=True) as client:
+        deployment_id = client.create_deployment(
+            flow_id=client.create_flow_from_name("digest-test-flow"), name=deployment)
+        run = client.create_flow_run_from_deployment(deployment_id)
+        client.set_flow_run_state(run.id, Failed(message="boom"), force=True)
     result = digest_flow(data_url=_seed_bucket(tmp_path / "bucket"))
     assert result["webhook"] == "delivered", result
     assert result["models_registered"] == 1 and result["promotions"] == 1
     assert result["slides_scored"] == 2 and result["parasitemia_changes"] == 1
     assert result["ingest_runs"] == 1 and result["quarantined"] == 3
-    assert result["runs"].get("Failed", 0) >= 1  # the failed run of the test above
+    assert result["runs"].get("Failed", 0) >= 1
     with get_client(sync_client=True) as client:
         artifact = client.read_latest_artifacts(limit=50)
         [digest] = [a for a in artifact if a.key == ARTIFACT_KEY]
     markdown = str(digest.data)
     assert "slides scored: 2" in markdown and "quarantined: 3" in markdown
     assert "| unreadable_image | 2 |" in markdown and "`v-new`" in markdown
+    assert f"| {deployment} |" in markdown and "boom" not in markdown
     [post] = _posts("morning-digest")
     assert post["counts"]["slides_scored"] == 2 and post["text"] == markdown
     assert token not in markdown and token not in caplog.text
