@@ -6,39 +6,10 @@ from __future__ import annotations
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
 
+from digestbucket import digest_bucket
+
 from malaria.core import layout
-from malaria.ingest.manifest import ManifestRow, rows_to_csv
-from malaria.io.store import Store, open_store
-from malaria.registry.registry import ModelRegistry
 from malaria.reports.digest import Digest, bucket_sections, render
-from malaria.scoring.output import SlideSummary, summary_csv_bytes
-
-LONG_AGO = "2020-01-01T00:00:00+00:00"
-
-
-def _bucket(root: Path) -> Store:
-    store = open_store(str(root))
-    model = root.parent / "model.keras"
-    model.write_bytes(b"not a real model")
-    registry = ModelRegistry(store)
-    registry.register("v-old", model, {"created_at": LONG_AGO}, {})
-    registry.register("v-new", model, {}, {})
-    registry.promote("v-new", reason="gate: better | AUC")
-    now = datetime.now(UTC).isoformat(timespec="seconds")
-
-    def row(slide: str, scored_at: str) -> SlideSummary:
-        return SlideSummary(slide, 100, 5, 5.0, 0, 0.1, "v-new", scored_at, "fp")
-
-    store.put_bytes(layout.PREDICTION_SUMMARY_KEY, summary_csv_bytes(
-        [row("s1", now), row("s2", now), row("s3", LONG_AGO)]))
-    store.put_bytes(layout.prediction_history_key("s1", "fp", "v-old"), b"old csv")
-    rows = [ManifestRow("run-1", f"incoming/{i}.png", 1, "e", outcome, reason)
-            for i, (outcome, reason) in enumerate([("accepted", ""),
-                                                   ("quarantined", "unreadable_image"),
-                                                   ("quarantined", "unreadable_image"),
-                                                   ("quarantined", "no_label")])]
-    store.put_bytes(layout.manifest_key("run-1"), rows_to_csv(rows))
-    return store
 
 
 def _last_day() -> Digest:
@@ -48,7 +19,7 @@ def _last_day() -> Digest:
 
 def test_the_bucket_sections_count_what_falls_in_the_window(tmp_path: Path) -> None:
     digest = _last_day()
-    bucket_sections(_bucket(tmp_path / "bucket"), digest)
+    bucket_sections(digest_bucket(tmp_path / "bucket"), digest)
 
     assert digest.problems == []
     assert digest.registered == ["v-new"]  # v-old was created years ago
@@ -68,7 +39,7 @@ def test_the_bucket_sections_count_what_falls_in_the_window(tmp_path: Path) -> N
 
 
 def test_an_empty_window_and_an_unreadable_source(tmp_path: Path) -> None:
-    store = _bucket(tmp_path / "bucket")
+    store = digest_bucket(tmp_path / "bucket")
     old = Digest(since=datetime(2019, 1, 1, tzinfo=UTC), until=datetime(2019, 1, 2, tzinfo=UTC))
     bucket_sections(store, old)
     assert old.counts() == {"runs": {}, "models_registered": 0, "promotions": 0,

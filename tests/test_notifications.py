@@ -14,11 +14,11 @@ import threading
 import time
 import uuid
 from collections.abc import Iterator
-from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any, ClassVar
 
 import pytest
+from digestbucket import digest_bucket
 
 pytestmark = pytest.mark.integration
 
@@ -154,37 +154,6 @@ def test_drift_and_parasitemia_events_are_posted_by_the_server(
     assert changed and changed[0]["slide"] == "s-77" and changed[0]["shift_pp"] == 3.0
 
 
-def _seed_bucket(root: Path) -> str:
-    from malaria.core import layout
-    from malaria.ingest.manifest import ManifestRow, rows_to_csv
-    from malaria.io.store import open_store
-    from malaria.registry.registry import ModelRegistry
-    from malaria.scoring.output import SlideSummary, summary_csv_bytes
-
-    store = open_store(str(root))
-    model = root.parent / "model.keras"
-    model.write_bytes(b"not a real model")
-    registry = ModelRegistry(store)
-    registry.register("v-old", model, {"created_at": "2020-01-01T00:00:00+00:00"}, {})
-    registry.register("v-new", model, {}, {})
-    registry.promote("v-new", reason="gate: better AUC")
-    now = datetime.now(UTC).isoformat(timespec="seconds")
-
-    def row(slide: str, scored_at: str) -> SlideSummary:
-        return SlideSummary(slide, 100, 5, 5.0, 0, 0.1, "v-new", scored_at, "fp")
-
-    store.put_bytes(layout.PREDICTION_SUMMARY_KEY, summary_csv_bytes(
-        [row("s1", now), row("s2", now), row("s3", "2020-01-01T00:00:00+00:00")]))
-    store.put_bytes(layout.prediction_history_key("s1", "fp", "v-old"), b"old csv")
-    rows = [ManifestRow("run-1", f"incoming/{i}.png", 1, "e", outcome, reason)
-            for i, (outcome, reason) in enumerate([("accepted", ""),
-                                                   ("quarantined", "unreadable_image"),
-                                                   ("quarantined", "unreadable_image"),
-                                                   ("quarantined", "no_label")])]
-    store.put_bytes(layout.manifest_key("run-1"), rows_to_csv(rows))
-    return str(root)
-
-
 def test_the_digest_summarises_the_last_day(notifications: dict[str, str], tmp_path: Path,
                                             hook_url: str,
                                             caplog: pytest.LogCaptureFixture) -> None:
@@ -203,7 +172,8 @@ def test_the_digest_summarises_the_last_day(notifications: dict[str, str], tmp_p
             flow_id=client.create_flow_from_name("digest-test-flow"), name=deployment)
         run = client.create_flow_run_from_deployment(deployment_id)
         client.set_flow_run_state(run.id, Failed(message="boom"), force=True)
-    result = digest_flow(data_url=_seed_bucket(tmp_path / "bucket"))
+    digest_bucket(tmp_path / "bucket")
+    result = digest_flow(data_url=str(tmp_path / "bucket"))
     assert result["webhook"] == "delivered", result
     assert result["models_registered"] == 1 and result["promotions"] == 1
     assert result["slides_scored"] == 2 and result["parasitemia_changes"] == 1
