@@ -108,3 +108,15 @@ def seaweed_bucket(seaweedfs: dict[str, str], monkeypatch: pytest.MonkeyPatch) -
     monkeypatch.setenv("MALARIA_DATA_URL", store.url)
     yield store  # type: ignore[misc]
     reset_clients()
+
+
+@pytest.fixture(scope="session")
+def tiny_model(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """An untrained ``cellnet-tiny`` at 32 px, saved as the product saves a model: for the
+    tests that score or register one (nobody writes to the file)."""
+    from malaria.model.architectures import build_model
+    from malaria.model.checkpoints import save_for_serving
+
+    path = tmp_path_factory.mktemp("model") / "model.keras"
+    save_for_serving(build_model("cellnet-tiny", 32), path)
+    return path

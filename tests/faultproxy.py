@@ -24,6 +24,7 @@ PUT. The random draw is seeded: the same seed and request order give the same fa
 from __future__ import annotations
 
 import asyncio
+import os
 import random
 import socket
 import struct
@@ -31,6 +32,11 @@ import threading
 from collections import Counter
 from collections.abc import Callable, Sequence
 from contextlib import suppress
+from urllib.parse import urlsplit
+
+import pytest
+
+from malaria.io.s3 import reset_clients
 
 KINDS = ("500", "503", "reset", "stall", "blackhole")
 
@@ -213,3 +219,42 @@ class FaultProxy:
                 if not line.lower().startswith(b"connection:")]
         kept.append(b"Connection: close" if close else b"Connection: keep-alive")
         return b"\r\n".join(kept) + b"\r\n\r\n" + body
+
+
+# ------------------------------------------------- wiring it to the project's S3 clients
+
+
+def proxy(endpoint: str, rate: float, kinds: tuple[str, ...], seed: int = 13,
+          choose: Callable[[bytes], str | None] | None = None) -> FaultProxy:
+    """A proxy in front of the S3 server at ``endpoint`` (stalls of 0.4 s)."""
+    target = urlsplit(endpoint)
+    return FaultProxy(str(target.hostname), int(target.port or 80), rate=rate, kinds=kinds,
+                      seed=seed, stall_s=0.4, choose=choose)
+
+
+class Through:
+    """Every client opened from now on (flows open theirs from URLs) goes through
+    ``faults`` with ``limits`` (client timeouts and retries, as environment variables); on
+    leaving, back to the server itself."""
+
+    def __init__(self, monkeypatch: pytest.MonkeyPatch, faults: FaultProxy,
+                 limits: dict[str, str]) -> None:
+        self.monkeypatch, self.faults, self.limits = monkeypatch, faults, limits
+
+    def __enter__(self) -> FaultProxy:
+        self.saved = {n: os.environ.get(n) for n in ("AWS_ENDPOINT_URL", *self.limits)}
+        self.faults.__enter__()
+        self.monkeypatch.setenv("AWS_ENDPOINT_URL", self.faults.url)
+        for name, value in self.limits.items():
+            self.monkeypatch.setenv(name, value)
+        reset_clients()
+        return self.faults
+
+    def __exit__(self, *exc: object) -> None:
+        for name, value in self.saved.items():
+            if value is None:
+                self.monkeypatch.delenv(name, raising=False)
+            else:
+                self.monkeypatch.setenv(name, value)
+        reset_clients()
+        self.faults.__exit__(None, None, None)

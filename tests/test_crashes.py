@@ -208,16 +208,6 @@ def test_ingest_killed_at_random_points_converges(seaweed_bucket: S3Store, prefe
 SCAN_SLIDES = {"601": 7, "602": 5, "603": 4}
 
 
-@pytest.fixture(scope="module")
-def tiny_model(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    from malaria.model.architectures import build_model
-    from malaria.model.checkpoints import save_for_serving
-
-    path = tmp_path_factory.mktemp("model") / "model.keras"
-    save_for_serving(build_model("cellnet-tiny", 32), path)
-    return path
-
-
 def scan_input() -> dict[str, bytes]:
     return {layout.scan_key(slide, cell.file_name): cell.data
             for slide, n in SCAN_SLIDES.items()

@@ -24,11 +24,10 @@ from collections.abc import Iterator
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from typing import Any
-from urllib.parse import urlsplit
 
 import pandas as pd
 import pytest
-from faultproxy import KINDS, FaultProxy
+from faultproxy import KINDS, FaultProxy, Through, proxy
 
 from malaria.core.layout import CHAMPION_KEY, DATASET, PREDICTIONS, dataset_key
 from malaria.io.s3 import S3Store, reset_clients
@@ -65,39 +64,6 @@ def new_bucket(endpoint: str) -> S3Store:
     store = S3Store(f"faults-{uuid.uuid4().hex[:12]}", endpoint_url=endpoint)
     store.ensure_bucket()
     return store
-
-
-def proxy(endpoint: str, rate: float, kinds: tuple[str, ...], seed: int = 13) -> FaultProxy:
-    target = urlsplit(endpoint)
-    return FaultProxy(str(target.hostname), int(target.port or 80), rate=rate, kinds=kinds,
-                      seed=seed, stall_s=0.4)
-
-
-class Through:
-    """Every client opened from now on (flows open theirs from URLs) goes through
-    ``proxy``, with ``limits``; on leaving, back to the server itself."""
-
-    def __init__(self, monkeypatch: pytest.MonkeyPatch, faults: FaultProxy,
-                 limits: dict[str, str]) -> None:
-        self.monkeypatch, self.faults, self.limits = monkeypatch, faults, limits
-
-    def __enter__(self) -> FaultProxy:
-        self.saved = {n: os.environ.get(n) for n in ("AWS_ENDPOINT_URL", *self.limits)}
-        self.faults.__enter__()
-        self.monkeypatch.setenv("AWS_ENDPOINT_URL", self.faults.url)
-        for name, value in self.limits.items():
-            self.monkeypatch.setenv(name, value)
-        reset_clients()
-        return self.faults
-
-    def __exit__(self, *exc: object) -> None:
-        for name, value in self.saved.items():
-            if value is None:
-                self.monkeypatch.delenv(name, raising=False)
-            else:
-                self.monkeypatch.setenv(name, value)
-        reset_clients()
-        self.faults.__exit__(None, None, None)
 
 
 def snapshot(store: S3Store) -> dict[str, Any]:
@@ -137,16 +103,6 @@ def record(name: str, faults: FaultProxy) -> None:
 
 
 # ------------------------------------------------------------------------------ scoring
-
-
-@pytest.fixture(scope="module")
-def tiny_model(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    from malaria.model.architectures import build_model
-    from malaria.model.checkpoints import save_for_serving
-
-    path = tmp_path_factory.mktemp("model") / "model.keras"
-    save_for_serving(build_model("cellnet-tiny", 32), path)
-    return path
 
 
 def prepare_scoring(store: S3Store, model: Path) -> None:

@@ -23,16 +23,14 @@ import csv
 import io
 import itertools
 import json
-import os
 import time
 import uuid
-from collections.abc import Callable, Iterator
+from collections.abc import Iterator
 from concurrent.futures import ThreadPoolExecutor
 from typing import Any
-from urllib.parse import urlsplit
 
 import pytest
-from faultproxy import KINDS, FaultProxy
+from faultproxy import KINDS, FaultProxy, Through, proxy
 
 from malaria.core import layout
 from malaria.core.defaults import INGEST_LOCK_TTL_S
@@ -74,40 +72,6 @@ def new_bucket(endpoint: str) -> S3Store:
     store = S3Store(f"faults-ingest-{uuid.uuid4().hex[:12]}", endpoint_url=endpoint)
     store.ensure_bucket()
     return store
-
-
-def proxy(endpoint: str, rate: float, kinds: tuple[str, ...], seed: int = 13,
-          choose: Callable[[bytes], str | None] | None = None) -> FaultProxy:
-    target = urlsplit(endpoint)
-    return FaultProxy(str(target.hostname), int(target.port or 80), rate=rate, kinds=kinds,
-                      seed=seed, stall_s=0.4, choose=choose)
-
-
-class Through:
-    """Every client opened from now on (the flow opens its own from the URL) goes through
-    ``faults`` with ``limits``; on leaving, back to the server itself."""
-
-    def __init__(self, monkeypatch: pytest.MonkeyPatch, faults: FaultProxy,
-                 limits: dict[str, str]) -> None:
-        self.monkeypatch, self.faults, self.limits = monkeypatch, faults, limits
-
-    def __enter__(self) -> FaultProxy:
-        self.saved = {n: os.environ.get(n) for n in ("AWS_ENDPOINT_URL", *self.limits)}
-        self.faults.__enter__()
-        self.monkeypatch.setenv("AWS_ENDPOINT_URL", self.faults.url)
-        for name, value in self.limits.items():
-            self.monkeypatch.setenv(name, value)
-        reset_clients()
-        return self.faults
-
-    def __exit__(self, *exc: object) -> None:
-        for name, value in self.saved.items():
-            if value is None:
-                self.monkeypatch.delenv(name, raising=False)
-            else:
-                self.monkeypatch.setenv(name, value)
-        reset_clients()
-        self.faults.__exit__(None, None, None)
 
 
 def record(name: str, faults: FaultProxy, outcome: str) -> None:

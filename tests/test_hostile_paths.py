@@ -227,16 +227,6 @@ def test_manifest_cells_are_escaped_and_read_back_exactly() -> None:
     assert list(read_rows(data)) == rows
 
 
-@pytest.fixture(scope="module")
-def tiny_model(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    from malaria.model.architectures import build_model
-    from malaria.model.checkpoints import save_for_serving
-
-    path = tmp_path_factory.mktemp("model") / "model.keras"
-    save_for_serving(build_model("cellnet-tiny", 32), path)
-    return path
-
-
 def test_prediction_and_summary_csvs_hold_no_formula_and_round_trip(
         local_store: LocalStore, tiny_model: Path) -> None:
     from malaria.scoring.model import resolve_model

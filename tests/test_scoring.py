@@ -45,16 +45,6 @@ BAD = {"empty.png": b"", "notes.png": b"not an image at all\n"}
 pytestmark = pytest.mark.usefixtures("clients_find_moto")
 
 
-@pytest.fixture(scope="module")
-def tiny_model(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    from malaria.model.architectures import build_model
-    from malaria.model.checkpoints import save_for_serving
-
-    path = tmp_path_factory.mktemp("model") / "model.keras"
-    save_for_serving(build_model("cellnet-tiny", 32), path)
-    return path
-
-
 def _png(image: Image.Image, fmt: str = "PNG") -> bytes:
     buffer = io.BytesIO()
     image.save(buffer, format=fmt)

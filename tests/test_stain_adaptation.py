@@ -215,7 +215,7 @@ def test_scoring_by_slide_with_adabn() -> None:
 
 def _args(**extra: object) -> argparse.Namespace:
     base = {"archs": "cellnet", "override": None, "size": None, "slide_adapt": "none",
-            "bn_prior": 0.0, "ensemble": 1}
+            "bn_prior": 0.0, "ensemble": 1, "tta": False}
     return argparse.Namespace(**{**base, **extra})
 
 
@@ -232,6 +232,11 @@ def test_variants_parse_share_training_and_refuse_mistakes(tmp_path: Path) -> No
                                                    "override": {"epochs": 3}}]))
     a, b = parse_variants(str(listing), _args(override='{"epochs": 3}'))
     assert a.recipe == b.recipe  # default size and the same override, however written
+    # The views are resolved from the command line (False: one view), so a kept fold
+    # records the views it was scored at.
+    assert (a.tta, b.tta) == (1, 1)
+    assert [v.tta for v in parse_variants('[{"name": "a"}, {"name": "b", "tta": 1}]',
+                                          _args(tta=8))] == [8, 1]
     for bad, message in (('[{"name": "a", "slide-adapt": "bn"}]', "unknown keys"),
                          ('[{"name": "a"}, {"name": "a"}]', "differ"),
                          ('[{"name": "a", "arch": "nope"}]', "unknown architecture"),
@@ -239,6 +244,35 @@ def test_variants_parse_share_training_and_refuse_mistakes(tmp_path: Path) -> No
                          ("[]", "non-empty")):
         with pytest.raises(ValueError, match=message):
             parse_variants(bad, _args())
+
+
+def test_a_kept_fold_is_taken_only_at_the_views_it_was_scored_at(tmp_path: Path) -> None:
+    from benchmarks.accuracy import (
+        Scored,
+        Variant,
+        load_fold_state,
+        save_fold_state,
+    )
+    from malaria.dataset.split import SlideSplit
+
+    split = SlideSplit(train=["t1", "t2"], val=["v"], test=["x"])
+    cells = Scored(np.array([1.0, 0.0]), np.array([0.9, 0.2], dtype=np.float32),
+                   np.array(["x", "x"]), 0.5, np.array([1.0, 0.0]), np.array([0.8, 0.1]))
+    eight = Variant("cellnet", "cellnet", tta=8)
+    save_fold_state(tmp_path, 0, eight, split, {"tta": 8, "accuracy": 1.0}, cells)
+
+    kept = load_fold_state(tmp_path, 0, eight, split)
+    assert kept is not None and kept[0]["accuracy"] == 1.0
+    assert kept[1].val_probabilities is not None and list(kept[1].val_labels) == [1.0, 0.0]
+    assert load_fold_state(tmp_path, 0, Variant("cellnet", "cellnet", tta=1), split) is None
+
+    # A fold kept before the views were recorded (variant tta None) is at its row's views.
+    meta = tmp_path / "fold0-cellnet.json"
+    saved = json.loads(meta.read_text())
+    saved["variant"]["tta"] = None
+    meta.write_text(json.dumps(saved))
+    assert load_fold_state(tmp_path, 0, eight, split) is not None
+    assert load_fold_state(tmp_path, 0, Variant("cellnet", "cellnet", tta=1), split) is None
 
 
 def test_paired_difference_on_the_same_cells() -> None:

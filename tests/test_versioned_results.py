@@ -22,16 +22,6 @@ from malaria_dev.synthetic import generate_scan_cells
 pytestmark = pytest.mark.usefixtures("clients_find_moto")
 
 
-@pytest.fixture(scope="module")
-def tiny_model(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    from malaria.model.architectures import build_model
-    from malaria.model.checkpoints import save_for_serving
-
-    path = tmp_path_factory.mktemp("model") / "model.keras"
-    save_for_serving(build_model("cellnet-tiny", 32), path)
-    return path
-
-
 def _score(store: S3Store) -> dict[str, Any]:
     from flows.score import score_flow
 
