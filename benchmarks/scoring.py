@@ -182,9 +182,9 @@ def build_bench_model(path: Path) -> tuple[int, str, int]:
     for serving at ``path`` with a card at the operating point ``malaria train`` records
     (the threshold and the test-time views the product's default scores with); returns
     (input size, precision, views per cell)."""
-    from malaria.core.defaults import DEFAULT_THRESHOLD
+    from malaria.core.defaults import DEFAULT_ARCH, DEFAULT_THRESHOLD
     from malaria.core.views import views_of
-    from malaria.model.architectures import DEFAULT_ARCH, build_model, default_input_size
+    from malaria.model.architectures import build_model, default_input_size
     from malaria.model.checkpoints import save_for_serving
     from malaria.model.config import RetrainConfig, TrainConfig
     from malaria.model.local import model_card_path
@@ -222,7 +222,7 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
     reset_clients()
     results: dict[str, Any] = {}
     try:
-        from malaria.model.architectures import DEFAULT_ARCH
+        from malaria.core.defaults import DEFAULT_ARCH
         from malaria.model.precision import reported_cpu_flags
         from malaria.model.serving import load_model_file
 

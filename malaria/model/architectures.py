@@ -37,8 +37,6 @@ from keras import layers
 
 from malaria.model.stain import RandomHEDJitter
 
-DEFAULT_ARCH = "cellnet"
-
 
 @dataclass(frozen=True)
 class Architecture:
