@@ -18,6 +18,12 @@ difference. An ensemble costs its members' training and scoring together.
         --ensemble cellnet+hed
 
 Models of another input size take a pack of that size: ``--pack`` may be given once per size.
+
+``--rules youden,parasitemia,0.5`` scores every model and ensemble under each threshold rule
+(rows ``NAME @RULE``; the first rule's first model is the paired baseline): a rule of
+:func:`malaria.evaluation.threshold.choose_threshold`, ``parasitemia`` (the threshold
+whose calls give the smallest mean per-slide parasitemia error on the validation slides:
+the lab's number, fitted directly) or a fixed number (no fitting).
 """
 
 from __future__ import annotations
@@ -71,6 +77,55 @@ def average(scores: list[FoldScores]) -> FoldScores:
                       np.mean([s.test for s in scores], axis=0))
 
 
+def parasitemia_threshold(labels: np.ndarray, probabilities: np.ndarray,
+                           slides: np.ndarray) -> float:
+    """The threshold (midpoints between adjacent distinct scores, as the product's rules
+    use) whose calls give the smallest mean |called - labelled| share of parasitized cells
+    over the slides; ties go to the candidate nearest 0.5."""
+    unique = np.unique(probabilities)
+    candidates = np.concatenate([[unique[0] / 2.0], (unique[:-1] + unique[1:]) / 2.0,
+                                 [(unique[-1] + 1.0) / 2.0]])
+    error = np.zeros(candidates.size)
+    slide_names = np.unique(slides)
+    for slide in slide_names:
+        mine = slides == slide
+        scores = np.sort(probabilities[mine])
+        called = (scores.size - np.searchsorted(scores, candidates, side="left")) / scores.size
+        error += np.abs(called - labels[mine].mean())
+    best = error <= error.min() + 1e-12
+    chosen = candidates[best]
+    return float(chosen[np.argmin(np.abs(chosen - 0.5))])
+
+
+def parse_rules(text: str) -> list[str]:
+    from malaria.evaluation.threshold import THRESHOLD_RULES
+
+    rules = [r.strip() for r in text.split(",") if r.strip()]
+    for rule in rules:
+        if rule in (*THRESHOLD_RULES, "parasitemia"):
+            continue
+        try:
+            if not 0.0 < float(rule) < 1.0:
+                raise ValueError
+        except ValueError:
+            raise ValueError(f"--rules: {rule!r} is neither a rule ({', '.join(THRESHOLD_RULES)}"
+                             f", parasitemia) nor a threshold in (0, 1)") from None
+    if not rules or len(set(rules)) != len(rules):
+        raise ValueError("--rules takes distinct rules, separated by commas")
+    return rules
+
+
+def threshold_by(rule: str, labels: np.ndarray, probabilities: np.ndarray,
+                 slides: np.ndarray) -> float:
+    from malaria.evaluation.threshold import THRESHOLD_RULES, choose_threshold
+
+    if rule == "parasitemia":
+        return parasitemia_threshold(labels, probabilities, slides)
+    if rule in THRESHOLD_RULES:
+        return choose_threshold(labels, probabilities, rule=rule)  # type: ignore[arg-type]
+    return float(rule)
+
+
 def one_model_file(pattern: str, fold: int) -> str | None:
     found = sorted(glob.glob(pattern.format(fold=fold)))
     if len(found) > 1:
@@ -90,11 +145,16 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--ensemble", action="append", default=[], metavar="A+B[+C]")
     parser.add_argument("--views", type=int,
                         help="test-time views per cell (default: the product's setting)")
+    parser.add_argument("--rules", help="threshold rules, comma-separated (default: the "
+                        "product's); see above")
     parser.add_argument("--json", type=Path)
     args = parser.parse_args(argv)
+    from malaria.core import defaults
+
     try:
         members = parse_members(args.member)
         ensembles = parse_ensembles(args.ensemble, members)
+        rules = parse_rules(args.rules or defaults.THRESHOLD_RULE)
     except ValueError as error:
         parser.error(str(error))
 
@@ -106,9 +166,7 @@ def main(argv: list[str] | None = None) -> int:
         read_pack,
         signed_ci,
     )
-    from malaria.core import defaults
     from malaria.core.views import views_of
-    from malaria.evaluation.threshold import choose_threshold
     from malaria.model.predict import predict_views
     from malaria.model.serving import load_model_file
 
@@ -119,7 +177,8 @@ def main(argv: list[str] | None = None) -> int:
         packs[int(np.load(path, mmap_mode="r")["images"].shape[1])] = (records, load)
     records = next(iter(packs.values()))[0]
     _, splits = cv_splits(records, args.cv)
-    names = [*members, *ensembles]
+    models = [*members, *ensembles]
+    names = [f"{m} @{r}" if len(rules) > 1 else m for r in rules for m in models]
     scored: dict[str, list[Scored]] = {name: [] for name in names}
     files: dict[str, list[str]] = {name: [] for name in members}
     folds_used = []
@@ -143,24 +202,27 @@ def main(argv: list[str] | None = None) -> int:
             _, load = packs[size]
             val, test = load(split.of(records, "val"), size), load(split.of(records, "test"),
                                                                    size)
-            labels = {"val": val.labels, "test": test.labels, "slides": test.slides}
+            labels = {"val": val.labels, "test": test.labels, "slides": test.slides,
+                      "val_slides": val.slides}
             scores[name] = FoldScores(predict_views(model, val.images, views=views).mean(0),
                                       predict_views(model, test.images, views=views).mean(0))
         for name, parts in ensembles.items():
             scores[name] = average([scores[part] for part in parts])
-        for name in names:
-            threshold = choose_threshold(labels["val"], scores[name].val,
-                                         rule=defaults.THRESHOLD_RULE)
-            scored[name].append(Scored(labels["test"], scores[name].test.astype(np.float32),
-                                       labels["slides"], threshold, labels["val"],
-                                       scores[name].val.astype(np.float32)))
+        for rule in rules:
+            for model_name in models:
+                name = f"{model_name} @{rule}" if len(rules) > 1 else model_name
+                got = scores[model_name]
+                threshold = threshold_by(rule, labels["val"], got.val, labels["val_slides"])
+                scored[name].append(Scored(labels["test"], got.test.astype(np.float32),
+                                           labels["slides"], threshold, labels["val"],
+                                           got.val.astype(np.float32)))
         print(f"fold {fold + 1}/{len(splits)} scored", flush=True)
     if not folds_used:
         raise SystemExit("no fold has a model for every member")
 
     first = names[0]
-    results: dict[str, Any] = {"views": views, "folds": folds_used, "models": files,
-                               "ensembles": ensembles, "results": {}}
+    results: dict[str, Any] = {"views": views, "rules": rules, "folds": folds_used,
+                               "models": files, "ensembles": ensembles, "results": {}}
     print(f"\n{len(folds_used)} of {len(splits)} folds, {views} view(s) per cell\n")
     print(f"| model | accuracy | AUC | sensitivity | specificity | parasitemia err mean / max, "
           f"pp | d acc vs {first} [CI] | d AUC [CI] | d parasitemia [CI] |")

@@ -408,6 +408,9 @@ def test_cv_variants_need_cv(pack: Path) -> None:
     ["--member", "a=x/{fold}", "--member", "a=y/{fold}"],
     ["--member", "a=x/{fold}", "--ensemble", "a"],
     ["--member", "a=x/{fold}", "--ensemble", "a+c"],
+    ["--member", "a=x/{fold}", "--rules", "youden,nope"],
+    ["--member", "a=x/{fold}", "--rules", "1.5"],
+    ["--member", "a=x/{fold}", "--rules", "youden,youden"],
 ])
 def test_kept_model_ensembles_refuse_malformed_members(pack: Path,
                                                        arguments: list[str]) -> None:
@@ -416,3 +419,15 @@ def test_kept_model_ensembles_refuse_malformed_members(pack: Path,
     with pytest.raises(SystemExit) as refused:
         main(["--pack", str(pack), *arguments])
     assert refused.value.code == 2
+
+
+def test_the_parasitemia_rule_fits_each_slides_share() -> None:
+    from benchmarks.cv_ensemble import parasitemia_threshold, threshold_by
+
+    labels = np.array([1, 0, 0, 0, 1, 1, 0, 0], dtype=np.float32)
+    probs = np.array([0.9, 0.6, 0.2, 0.1, 0.95, 0.7, 0.65, 0.1])
+    slides = np.array(["a"] * 4 + ["b"] * 4)
+    # a's 25% needs a threshold in (0.6, 0.9], b's 50% one in (0.65, 0.7]: the midpoint.
+    assert parasitemia_threshold(labels, probs, slides) == pytest.approx(0.675)
+    assert threshold_by("0.3", labels, probs, slides) == 0.3
+    assert 0.0 < threshold_by("youden", labels, probs, slides) < 1.0
