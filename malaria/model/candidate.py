@@ -18,6 +18,7 @@ from typing import Any
 import keras
 import numpy as np
 
+from malaria.core import defaults
 from malaria.core.labels import CLASS_OF_LABEL
 from malaria.dataset.cache import ImageCache
 from malaria.dataset.pipeline import ArraySet, load_arrays
@@ -123,8 +124,9 @@ class CandidateEvaluation:
 
 
 def evaluate_candidate(model: Any, data: PreparedData, history: list[dict[str, Any]], *,
-                       threshold_rule: ThresholdRule = "youden",
-                       tta: bool | int = True) -> CandidateEvaluation:
+                       threshold_rule: ThresholdRule = defaults.THRESHOLD_RULE,
+                       tta: bool | int = defaults.TEST_TIME_AUGMENTATION
+                       ) -> CandidateEvaluation:
     val_prob = predict_probabilities(model, data.val.images, tta=tta)
     threshold = choose_threshold(data.val.labels, val_prob, rule=threshold_rule)
     validation = evaluate(data.val.labels, val_prob, threshold, slides=list(data.val.slides))
