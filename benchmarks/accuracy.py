@@ -100,7 +100,7 @@ from malaria.evaluation.adaptation import (
 from malaria.evaluation.metrics import EvaluationReport, evaluate, evaluate_pooled, roc_auc
 from malaria.evaluation.paired import slide_draw_counts
 from malaria.evaluation.slides import slide_bootstrap, weighted_roc_auc
-from malaria.evaluation.threshold import choose_threshold
+from malaria.evaluation.threshold import THRESHOLD_RULES, ThresholdRule, choose_threshold
 from malaria.model.architectures import classifier_params, default_input_size
 from malaria.model.candidate import train_candidate
 from malaria.model.checkpoints import save_for_serving
@@ -170,6 +170,7 @@ class Scoring:
     slide_adapt: str = "none"
     reference: ColourStats | None = None
     bn_prior: float = 0.0
+    threshold_rule: ThresholdRule = defaults.THRESHOLD_RULE  # type: ignore[assignment]
 
 
 def probabilities(models: keras.Model | list[keras.Model], cells: ArraySet, tta: bool | int,
@@ -196,7 +197,7 @@ def score_with_target(
     it is applied to."""
     val_scores = probabilities(model, val, tta, scoring)
     if threshold is None:
-        threshold = choose_threshold(val.labels, val_scores, rule=defaults.THRESHOLD_RULE)
+        threshold = choose_threshold(val.labels, val_scores, rule=scoring.threshold_rule)
     if target is None:
         target, scores = val, val_scores
     else:
@@ -401,7 +402,8 @@ def train_run(arch: str, records: list[CellRecord], split: SlideSplit,
     return TrainedRun(arch, config, size, result, model_bytes, workdir, sets, tracker)
 
 
-def run_scoring(runs: list[TrainedRun], slide_adapt: str, bn_prior: float = 0.0) -> Scoring:
+def run_scoring(runs: list[TrainedRun], slide_adapt: str, bn_prior: float = 0.0,
+                threshold_rule: str = defaults.THRESHOLD_RULE) -> Scoring:
     """The scoring for ``slide_adapt``; the colour adaptations take the training cells'
     colour statistics, which are also written next to the model (kept with it)."""
     reference = None
@@ -410,7 +412,7 @@ def run_scoring(runs: list[TrainedRun], slide_adapt: str, bn_prior: float = 0.0)
         for run in runs:
             (run.workdir / "colour_reference.json").write_text(
                 json.dumps(reference.to_dict(), indent=1))
-    return Scoring(slide_adapt, reference, bn_prior)
+    return Scoring(slide_adapt, reference, bn_prior, threshold_rule)  # type: ignore[arg-type]
 
 
 def score_runs(runs: list[TrainedRun], args: argparse.Namespace, *, tta: bool | int,
@@ -472,7 +474,8 @@ def train_and_score(arch: str, records: list[CellRecord], split: SlideSplit,
         for i in range(count)]
     adapt = getattr(args, "slide_adapt", "none")
     return score_runs(runs, args, tta=args.tta,
-                      scoring=run_scoring(runs, adapt, getattr(args, "bn_prior", 0.0)))
+                      scoring=run_scoring(runs, adapt, getattr(args, "bn_prior", 0.0),
+                                          args.threshold_rule))
 
 
 # ------------------------------------------------------------------------ cross-validation
@@ -530,8 +533,9 @@ def cv_summary(fold_rows: list[dict[str, Any]], scored: list[Scored], folds: dic
 class Variant:
     """One recipe of a cross-validation comparison: what is trained (``arch``,
     ``override``, ``size``) and how it is scored (``slide_adapt``, ``bn_prior``,
-    ``ensemble`` members of seeds seed..seed+N-1, ``tta`` test-time views). The views are
-    part of what a kept fold is: :func:`parse_variants` fills them in from ``--tta``."""
+    ``ensemble`` members of seeds seed..seed+N-1, ``tta`` test-time views,
+    ``threshold_rule``). Views and rule are part of what a kept fold is: :func:`parse_variants`
+    fills them in from ``--tta`` and ``--threshold-rule``."""
 
     name: str
     arch: str
@@ -541,6 +545,7 @@ class Variant:
     bn_prior: float = 0.0
     ensemble: int = 1
     tta: int | None = None
+    threshold_rule: str = defaults.THRESHOLD_RULE
 
     @property
     def recipe(self) -> tuple[str, str, int | None]:
@@ -552,35 +557,39 @@ class Variant:
 # Issue 15's comparisons, each over the same 5 folds (``--cv-variants issue15-adapt``). The
 # first variant of each is the product's recipe, the baseline of the paired differences.
 # Models trained per fold (H200, ~45-60 s each with compilation): adapt 1, stain 4,
-# ensemble 3. They score at 8 test-time views, the default when they were first run (the kept
-# folds are at 8); benchmarks.cv_ensemble rescores kept fold models at the product's views.
+# ensemble 3. They score at 8 test-time views and Youden's threshold, the defaults when they
+# were first run (the kept folds are so); benchmarks.cv_ensemble rescores kept fold models at
+# the product's views and rule.
+AS_FIRST_RUN = {"tta": 8, "threshold_rule": "youden"}
 VARIANT_PRESETS: dict[str, list[dict[str, Any]]] = {
     "issue15-adapt": [
-        {"name": "cellnet", "arch": "cellnet", "tta": 8},
+        {"name": "cellnet", "arch": "cellnet", **AS_FIRST_RUN},
         # The same models scored with one view: what 8-view TTA buys for its 8x scoring cost.
-        {"name": "cellnet-tta1", "arch": "cellnet", "tta": 1},
-        {"name": "cellnet+colour", "arch": "cellnet", "tta": 8, "slide_adapt": "colour"},
-        {"name": "cellnet+bn", "arch": "cellnet", "tta": 8, "slide_adapt": "bn"},
-        {"name": "cellnet+bn-prior128", "arch": "cellnet", "tta": 8, "slide_adapt": "bn",
-         "bn_prior": 128},
-        {"name": "cellnet+colour+bn", "arch": "cellnet", "tta": 8, "slide_adapt": "colour+bn"},
+        {"name": "cellnet-tta1", "arch": "cellnet", **AS_FIRST_RUN, "tta": 1},
+        {"name": "cellnet+colour", "arch": "cellnet", "slide_adapt": "colour", **AS_FIRST_RUN},
+        {"name": "cellnet+bn", "arch": "cellnet", "slide_adapt": "bn", **AS_FIRST_RUN},
+        {"name": "cellnet+bn-prior128", "arch": "cellnet", "slide_adapt": "bn",
+         "bn_prior": 128, **AS_FIRST_RUN},
+        {"name": "cellnet+colour+bn", "arch": "cellnet", "slide_adapt": "colour+bn",
+         **AS_FIRST_RUN},
     ],
     "issue15-stain": [
-        {"name": "cellnet", "arch": "cellnet", "tta": 8},
-        {"name": "cellnet-hed", "arch": "cellnet-hed", "tta": 8},
-        {"name": "cellnet-hed+bn", "arch": "cellnet-hed", "tta": 8, "slide_adapt": "bn"},
-        {"name": "cellnet-hed-only", "arch": "cellnet-hed-only", "tta": 8},
-        {"name": "cellnet-stainnorm", "arch": "cellnet-stainnorm", "tta": 8},
+        {"name": "cellnet", "arch": "cellnet", **AS_FIRST_RUN},
+        {"name": "cellnet-hed", "arch": "cellnet-hed", **AS_FIRST_RUN},
+        {"name": "cellnet-hed+bn", "arch": "cellnet-hed", "slide_adapt": "bn", **AS_FIRST_RUN},
+        {"name": "cellnet-hed-only", "arch": "cellnet-hed-only", **AS_FIRST_RUN},
+        {"name": "cellnet-stainnorm", "arch": "cellnet-stainnorm", **AS_FIRST_RUN},
     ],
     "issue15-ensemble": [
-        {"name": "cellnet", "arch": "cellnet", "tta": 8},
-        {"name": "cellnet-x2", "arch": "cellnet", "tta": 8, "ensemble": 2},
-        {"name": "cellnet-x3", "arch": "cellnet", "tta": 8, "ensemble": 3},
-        {"name": "cellnet-x3+bn", "arch": "cellnet", "tta": 8, "ensemble": 3, "slide_adapt": "bn"},
+        {"name": "cellnet", "arch": "cellnet", **AS_FIRST_RUN},
+        {"name": "cellnet-x2", "arch": "cellnet", "ensemble": 2, **AS_FIRST_RUN},
+        {"name": "cellnet-x3", "arch": "cellnet", "ensemble": 3, **AS_FIRST_RUN},
+        {"name": "cellnet-x3+bn", "arch": "cellnet", "ensemble": 3, "slide_adapt": "bn",
+         **AS_FIRST_RUN},
     ],
 }
 VARIANT_KEYS = {"name", "arch", "archs", "override", "size", "slide_adapt", "bn_prior",
-                "ensemble", "tta"}
+                "ensemble", "tta", "threshold_rule"}
 
 
 def parse_variants(text: str, args: argparse.Namespace) -> list[Variant]:
@@ -615,7 +624,8 @@ def parse_variants(text: str, args: argparse.Namespace) -> list[Variant]:
             slide_adapt=entry.get("slide_adapt", args.slide_adapt),
             bn_prior=float(entry.get("bn_prior", args.bn_prior)),
             ensemble=int(entry.get("ensemble", args.ensemble)),
-            tta=int(entry.get("tta", args.tta or 1))))
+            tta=int(entry.get("tta", args.tta or 1)),
+            threshold_rule=str(entry.get("threshold_rule", args.threshold_rule))))
     check_variants(variants)
     return variants
 
@@ -635,6 +645,9 @@ def check_variants(variants: list[Variant]) -> None:
                              f"{SLIDE_ADAPTATIONS}, got {v.slide_adapt!r}")
         if v.ensemble < 1:
             raise ValueError(f"variant {v.name!r}: ensemble must be >= 1")
+        if v.threshold_rule not in THRESHOLD_RULES:
+            raise ValueError(f"variant {v.name!r}: threshold_rule must be one of "
+                             f"{THRESHOLD_RULES}, got {v.threshold_rule!r}")
         json.loads(v.override or "{}")  # malformed JSON fails here, not after a fold
 
 
@@ -676,6 +689,8 @@ def load_fold_state(state: Path, fold: int, variant: Variant,
     saved = json.loads(meta.read_text())
     if saved["variant"].get("tta") is None:  # kept before the views were recorded: the row's
         saved["variant"]["tta"] = int(saved["row"].get("tta") or 1)
+    # Kept before the rule was recorded: every fold then was thresholded by Youden's J.
+    saved["variant"].setdefault("threshold_rule", "youden")
     same = json.loads(json.dumps({"variant": asdict(variant), "slides": split.as_dict()}))
     if {k: saved.get(k) for k in same} != same:
         return None
@@ -738,7 +753,8 @@ def run_cv_variants(variants: list[Variant], records: list[CellRecord],
             views = v.tta if v.tta is not None else int(args.tta or 1)
             tta = views if views > 1 else False
             row, cells = score_runs(chosen, args, tta=tta,
-                                    scoring=run_scoring(chosen, v.slide_adapt, v.bn_prior))
+                                    scoring=run_scoring(chosen, v.slide_adapt, v.bn_prior,
+                                                        v.threshold_rule))
             row.update(fold=fold, slides=split.as_dict())
             fold_rows[v.name].append(row)
             scored[v.name].append(cells)
@@ -763,11 +779,11 @@ def run_cv(arch: str, records: list[CellRecord], folds: dict[str, int],
     """Train ``arch`` once per fold (``--ensemble`` times) through :func:`train_run` (the
     same run as a single split) and pool the folds' test cells."""
     variant = Variant(arch, arch, args.override, args.size, args.slide_adapt, args.bn_prior,
-                      args.ensemble, int(args.tta or 1))
+                      args.ensemble, int(args.tta or 1), args.threshold_rule)
     return run_cv_variants([variant], records, folds, splits, args, load)[0][arch]
 
 
-def _pooled(scored: list[Scored]) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
+def pooled_cells(scored: list[Scored]) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
     labels = np.concatenate([s.labels for s in scored])
     probs = np.concatenate([s.probabilities for s in scored])
     slides = np.concatenate([s.slides for s in scored]).astype(str)
@@ -781,8 +797,8 @@ def paired_difference(base: list[Scored], other: list[Scored], *, resamples: int
     cell at its own fold's threshold): accuracy, AUC and mean per-slide parasitemia error
     (percentage points), with a paired slide-bootstrap interval. Both variants score the
     same cells, so the paired interval is far narrower than the two separate ones."""
-    y, p_base, slides, c_base = _pooled(base)
-    y_other, p_other, slides_other, c_other = _pooled(other)
+    y, p_base, slides, c_base = pooled_cells(base)
+    y_other, p_other, slides_other, c_other = pooled_cells(other)
     if not (np.array_equal(y, y_other) and np.array_equal(slides, slides_other)):
         raise ValueError("the two variants did not score the same cells")
     unique, slide_of = np.unique(slides, return_inverse=True)
@@ -822,7 +838,7 @@ def paired_difference(base: list[Scored], other: list[Scored], *, resamples: int
 def pooled_report(scored: list[Scored]) -> EvaluationReport:
     """The product's metrics over every fold's test cells, each at its own fold's
     threshold."""
-    labels, probs, slides, _ = _pooled(scored)
+    labels, probs, slides, _ = pooled_cells(scored)
     thresholds = np.concatenate([np.full(len(s.labels), s.threshold) for s in scored])
     return evaluate_pooled(labels, probs, thresholds, slides=list(slides))
 
@@ -835,7 +851,7 @@ def signed_ci(interval: dict[str, Any], digits: int) -> str:
     return f"{estimate:+.{digits}f} [{low:+.{digits}f}, {high:+.{digits}f}]"
 
 
-def _ci(value: float, interval: dict[str, Any], digits: int) -> str:
+def with_interval(value: float, interval: dict[str, Any], digits: int) -> str:
     low, high = interval.get("low"), interval.get("high")
     if low is None or high is None:
         return f"{value:.{digits}f}"
@@ -852,13 +868,13 @@ def comparison_table(results: dict[str, dict[str, Any]],
              "mean ± sd | train s per fold |", "|" + "---|" * 12]
     for name, r in results.items():
         b, sp, d = r["bootstrap"], r["spread"], differences.get(name)
-        delta = {key: (_ci(d[key]["estimate"], d[key], 2 if "parasitemia" in key else 4)
+        delta = {key: (with_interval(d[key]["estimate"], d[key], 2 if "parasitemia" in key else 4)
                        if d else "-") for key in ("accuracy", "auc", "parasitemia_error_mean")}
         lines.append(
-            f"| {name} | {_ci(r['accuracy'], b['accuracy'], 4)} | {delta['accuracy']} | "
-            f"{_ci(r['auc'], b['auc'], 4)} | {delta['auc']} | {r['sensitivity']:.4f} | "
+            f"| {name} | {with_interval(r['accuracy'], b['accuracy'], 4)} | {delta['accuracy']} | "
+            f"{with_interval(r['auc'], b['auc'], 4)} | {delta['auc']} | {r['sensitivity']:.4f} | "
             f"{r['specificity']:.4f} | "
-            f"{_ci(r['parasitemia']['mean'], b['parasitemia_error_mean'], 2)} / "
+            f"{with_interval(r['parasitemia']['mean'], b['parasitemia_error_mean'], 2)} / "
             f"{r['parasitemia']['max']:.1f} | {delta['parasitemia_error_mean']} | "
             f"{sp['accuracy']['mean']:.4f} ± {sp['accuracy']['sd']:.4f} "
             f"({sp['accuracy']['min']:.4f}-{sp['accuracy']['max']:.4f}) | "
@@ -888,8 +904,8 @@ def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--data", type=Path, default=Path(os.environ.get(
         "MALARIA_CELLS", "../shared/data/nih-cells-128")))
-    parser.add_argument("--minutes", type=float, default=15.0,
-                        help="training budget per architecture")
+    parser.add_argument("--minutes", type=float, default=defaults.TRAIN_MAX_MINUTES,
+                        help="training budget per architecture (default: the product's)")
     parser.add_argument("--json", type=Path, help="write the results here")
     parser.add_argument("--archs", default=f"{defaults.DEFAULT_ARCH},seed-augmented")
     parser.add_argument("--size", type=int, help="input size for every architecture")
@@ -898,6 +914,9 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--seed", type=int, default=defaults.TRAIN_SEED, help="training seed")
     parser.add_argument("--tta", type=int, default=views_of(defaults.TEST_TIME_AUGMENTATION),
                         help="test-time views (1 = none; default: the product's setting)")
+    parser.add_argument("--threshold-rule", choices=THRESHOLD_RULES,
+                        default=defaults.THRESHOLD_RULE,
+                        help="how the decision threshold is set (default: the product's)")
     parser.add_argument("--eval", choices=("test", "val"), default="test")
     parser.add_argument("--train-slides", type=float, default=1.0,
                         help="train on this seeded fraction of the training slides")
@@ -1005,7 +1024,8 @@ def main_cv(args: argparse.Namespace, records: list[CellRecord], load: Loader) -
           + ", ".join(f"{len(s.train)}/{len(s.val)}/{len(s.test)}" for s in splits), flush=True)
     variants: list[Variant] = getattr(args, "variants", None) or [
         Variant(arch, arch, args.override, args.size, args.slide_adapt, args.bn_prior,
-                args.ensemble, int(args.tta or 1)) for arch in args.archs.split(",")]
+                args.ensemble, int(args.tta or 1), args.threshold_rule)
+        for arch in args.archs.split(",")]
     check_variants(variants)
     results, scored = run_cv_variants(variants, records, folds, splits, args, load)
     for name, r in results.items():

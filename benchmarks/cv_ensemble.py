@@ -38,6 +38,8 @@ from typing import Any
 
 import numpy as np
 
+CV_RESAMPLES = 2000  # as benchmarks.accuracy's CV summary
+
 
 @dataclass(frozen=True)
 class FoldScores:
@@ -159,14 +161,19 @@ def main(argv: list[str] | None = None) -> int:
         parser.error(str(error))
 
     from benchmarks.accuracy import (
+        CV_SEED,
         Scored,
         cv_splits,
         paired_difference,
+        pooled_cells,
         pooled_report,
         read_pack,
         signed_ci,
+        spread,
+        with_interval,
     )
     from malaria.core.views import views_of
+    from malaria.evaluation.slides import slide_bootstrap
     from malaria.model.predict import predict_views
     from malaria.model.serving import load_model_file
 
@@ -223,28 +230,38 @@ def main(argv: list[str] | None = None) -> int:
     first = names[0]
     results: dict[str, Any] = {"views": views, "rules": rules, "folds": folds_used,
                                "models": files, "ensembles": ensembles, "results": {}}
-    print(f"\n{len(folds_used)} of {len(splits)} folds, {views} view(s) per cell\n")
-    print(f"| model | accuracy | AUC | sensitivity | specificity | parasitemia err mean / max, "
-          f"pp | d acc vs {first} [CI] | d AUC [CI] | d parasitemia [CI] |")
-    print("|---|---|---|---|---|---|---|---|---|")
+    print(f"\n{len(folds_used)} of {len(splits)} folds, {views} view(s) per cell; intervals: "
+          f"95%, {CV_RESAMPLES} resamples of the slides; d: paired, against {first}\n")
+    print("| model | accuracy [CI] | d acc [CI] | AUC [CI] | d AUC [CI] | sensitivity | "
+          "specificity | parasitemia err mean [CI] / max, pp | d parasitemia [CI] | "
+          "per-fold acc mean ± sd (min-max) |")
+    print("|" + "---|" * 10)
     for name in names:
         cells = scored[name]
         report = pooled_report(cells)
         row = report.to_dict()
+        labels, probs, slides, calls = pooled_cells(cells)
+        interval = slide_bootstrap(labels, probs, calls, list(slides), resamples=CV_RESAMPLES,
+                                   seed=CV_SEED)
+        per_fold = spread([pooled_report([fold]).accuracy for fold in cells])
         entry: dict[str, Any] = {"metrics": {k: row[k] for k in (
             "accuracy", "roc_auc", "sensitivity", "specificity", "parasitemia_error_mean",
-            "parasitemia_error_max")}, "thresholds": [s.threshold for s in cells]}
-        cols = ["-", "-", "-"]
+            "parasitemia_error_max")}, "bootstrap": interval, "per_fold_accuracy": per_fold,
+            "thresholds": [s.threshold for s in cells]}
+        deltas = ["-", "-", "-"]
         if name != first:
             diff = paired_difference(scored[first], cells)
             entry["versus_first"] = {"variant": first, **diff}
-            cols = [signed_ci(diff[key], digits) for key, digits in (
+            deltas = [signed_ci(diff[key], digits) for key, digits in (
                 ("accuracy", 4), ("auc", 4), ("parasitemia_error_mean", 2))]
         results["results"][name] = entry
-        print(f"| {name} | {report.accuracy:.4f} | {report.roc_auc:.4f} | "
+        print(f"| {name} | {with_interval(report.accuracy, interval['accuracy'], 4)} | {deltas[0]} | "
+              f"{with_interval(report.roc_auc, interval['auc'], 4)} | {deltas[1]} | "
               f"{report.sensitivity:.4f} | {report.specificity:.4f} | "
-              f"{report.parasitemia_error_mean:.2f} / {report.parasitemia_error_max:.1f} | "
-              + " | ".join(cols) + " |", flush=True)
+              f"{with_interval(report.parasitemia_error_mean, interval['parasitemia_error_mean'], 2)} / "
+              f"{report.parasitemia_error_max:.1f} | {deltas[2]} | "
+              f"{per_fold['mean']:.4f} ± {per_fold['sd']:.4f} ({per_fold['min']:.4f}-"
+              f"{per_fold['max']:.4f}) |", flush=True)
     if args.json:
         args.json.write_text(json.dumps(results, indent=1))
     return 0

@@ -11,6 +11,7 @@ from typing import TYPE_CHECKING, Any
 
 from malaria.core import defaults, settings
 from malaria.core.views import views_of
+from malaria.evaluation.threshold import rule_origin
 from malaria.io.atomic import write_atomic
 from malaria_cli.common import use_local_stack_if_configured
 
@@ -58,7 +59,8 @@ def cmd_train(args: argparse.Namespace) -> int:
     print(f"saved {out} ({card['model_bytes'] / 1e6:.2f} MB) and {model_card_path(out)}")
     print(f"held-out slides {card['slides']['test']}: accuracy {m['accuracy']:.4f}, "
           f"AUC {m['roc_auc']:.4f}, sensitivity {m['sensitivity']:.4f}, specificity "
-          f"{m['specificity']:.4f} at threshold {card['threshold']:.3f} (from validation slides)")
+          f"{m['specificity']:.4f} at threshold {card['threshold']:.3f} "
+          f"({rule_origin(card.get('threshold_rule'))})")
     return 0
 
 
@@ -202,7 +204,7 @@ def describe_version(record: Mapping[str, Any], decision: Mapping[str, Any] | No
              f"  created     {record.get('created_at', 'not recorded')}",
              f"  model       {record.get('architecture', '?')} at {record.get('input_size', '?')}"
              f" px, threshold {_number(record.get('threshold'), 3)} "
-             f"({record.get('threshold_rule', '?')}, from validation slides)",
+             f"({rule_origin(record.get('threshold_rule'))})",
              "  test slides " + "  ".join(f"{name} {_number(m.get(key))}" for name, key in (
                  ("accuracy", "accuracy"), ("AUC", "roc_auc"), ("sensitivity", "sensitivity"),
                  ("specificity", "specificity")))]

@@ -25,6 +25,7 @@ from prefect.runtime import flow_run
 from malaria.core import defaults, layout
 from malaria.dataset.cache import ImageCache
 from malaria.dataset.records import records_from_store, store_reader
+from malaria.evaluation.threshold import rule_origin
 from malaria.io.store import open_store
 from malaria.model import candidate, promotion
 from malaria.model.candidate import (
@@ -153,8 +154,8 @@ def evaluate_on_test_slides(trained: dict[str, Any], data: PreparedData,
     t = evaluation.test
     get_run_logger().info(
         "test slides: accuracy %.4f, AUC %.4f, sensitivity %.4f, specificity %.4f "
-        "(threshold %.3f from validation slides)", t.accuracy, t.roc_auc, t.sensitivity,
-        t.specificity, evaluation.threshold)
+        "(threshold %.3f, %s)", t.accuracy, t.roc_auc, t.sensitivity,
+        t.specificity, evaluation.threshold, rule_origin(config.threshold_rule))
     return evaluation
 
 

@@ -275,3 +275,23 @@ def test_cv_refuses_what_does_not_go_with_it(cells: Path) -> None:
         assert refused.value.code == 2
     with pytest.raises(SystemExit, match="number of slides"):
         main(["--data", str(cells), "--cv", "9"])
+
+
+def test_arch_speed_trains_and_scores_each_architecture_alternately(cells: Path,
+                                                                     tmp_path: Path) -> None:
+    import json
+
+    from benchmarks import arch_speed
+
+    write_pack(tmp_path / "cells.npz", records_from_folder(cells),
+               folder_loader(cells, tmp_path / "cache"), SIZE)
+    out = tmp_path / "speed.json"
+    assert arch_speed.main(["--pack", str(tmp_path / "cells.npz"), "--archs",
+                            "cellnet-tiny,cellnet-tiny", "--reps", "1", "--epochs", "1",
+                            "--train", "64", "--val", "32", "--score", "32",
+                            "--json", str(out)]) == 0
+    report = json.loads(out.read_text())
+    [runs] = report["runs"].values()  # the same architecture twice: one entry, two runs
+    assert len(runs) == 2 and all(r["train_images_per_s"] > 0 and r["score_cells_per_s"] > 0
+                                  for r in runs)
+    assert set(report["mean"]) == {"cellnet-tiny"} and "avx2" in report["cpu_flags"]

@@ -242,11 +242,11 @@ def test_threshold_comes_only_from_the_validation_data() -> None:
     p_val = np.clip(0.55 * y_val + rng.normal(0.2, 0.15, 300), 0, 1)
     y_test = rng.integers(0, 2, 300)
     p_test = np.clip(0.55 * y_test + rng.normal(0.3, 0.15, 300), 0, 1)  # a shifted stain
-    t = choose_threshold(y_val, p_val)
+    t = choose_threshold(y_val, p_val, rule="youden")
     # Same validation data, same threshold, whatever the test set is.
-    assert choose_threshold(y_val.copy(), p_val.copy()) == t
+    assert choose_threshold(y_val.copy(), p_val.copy(), rule="youden") == t
     # Test-optimal is different; choosing on test would have flattered the model.
-    t_test = choose_threshold(y_test, p_test)
+    t_test = choose_threshold(y_test, p_test, rule="youden")
     assert t_test != t
     honest = evaluate(y_test, p_test, t)
     peeked = evaluate(y_test, p_test, t_test)
@@ -254,6 +254,21 @@ def test_threshold_comes_only_from_the_validation_data() -> None:
     # The chosen threshold lies between two adjacent validation scores.
     below, above = p_val[p_val < t].max(), p_val[p_val >= t].min()
     assert t == pytest.approx((below + above) / 2)
+
+
+def test_the_fixed_rule_is_the_default_threshold_whatever_the_scores() -> None:
+    from malaria.core.defaults import DEFAULT_THRESHOLD, THRESHOLD_RULE
+    from malaria.evaluation.threshold import rule_origin
+
+    y = [0, 0, 0, 1, 1, 1]
+    for prob in ([0.05, 0.1, 0.2, 0.6, 0.7, 0.95], [0.7, 0.8, 0.85, 0.9, 0.95, 0.99]):
+        assert choose_threshold(y, prob, rule="fixed") == DEFAULT_THRESHOLD == 0.5
+    assert THRESHOLD_RULE == "fixed"  # the product's rule (benchmarks/README.md: the CV)
+    assert choose_threshold(y, [0.7, 0.8, 0.85, 0.9, 0.95, 0.99]) == 0.5
+    with pytest.raises(ValueError, match="both classes"):  # still a validation problem
+        choose_threshold([1, 1], [0.4, 0.9], rule="fixed")
+    assert rule_origin("fixed") == "fixed"
+    assert rule_origin("youden") == "youden, from validation slides"
 
 
 def test_threshold_refuses_one_class_and_bad_rules() -> None:
@@ -267,7 +282,7 @@ def test_threshold_refuses_one_class_and_bad_rules() -> None:
 
 def test_threshold_at_the_ends_of_the_scale() -> None:
     # Scores at exactly 0 and 1: candidates must still separate them.
-    t = choose_threshold([0, 0, 1], [0.0, 0.0, 1.0])
+    t = choose_threshold([0, 0, 1], [0.0, 0.0, 1.0], rule="youden")
     assert 0.0 < t <= 1.0 and evaluate([0, 0, 1], [0.0, 0.0, 1.0], t).accuracy == 1.0
 
 

@@ -215,7 +215,7 @@ def test_scoring_by_slide_with_adabn() -> None:
 
 def _args(**extra: object) -> argparse.Namespace:
     base = {"archs": "cellnet", "override": None, "size": None, "slide_adapt": "none",
-            "bn_prior": 0.0, "ensemble": 1, "tta": False}
+            "bn_prior": 0.0, "ensemble": 1, "tta": False, "threshold_rule": "fixed"}
     return argparse.Namespace(**{**base, **extra})
 
 
@@ -241,6 +241,7 @@ def test_variants_parse_share_training_and_refuse_mistakes(tmp_path: Path) -> No
                          ('[{"name": "a"}, {"name": "a"}]', "differ"),
                          ('[{"name": "a", "arch": "nope"}]', "unknown architecture"),
                          ('[{"name": "a", "slide_adapt": "hsv"}]', "slide_adapt"),
+                         ('[{"name": "a", "threshold_rule": "f1"}]', "threshold_rule"),
                          ("[]", "non-empty")):
         with pytest.raises(ValueError, match=message):
             parse_variants(bad, _args())
@@ -266,13 +267,21 @@ def test_a_kept_fold_is_taken_only_at_the_views_it_was_scored_at(tmp_path: Path)
     assert kept[1].val_probabilities is not None and list(kept[1].val_labels) == [1.0, 0.0]
     assert load_fold_state(tmp_path, 0, Variant("cellnet", "cellnet", tta=1), split) is None
 
-    # A fold kept before the views were recorded (variant tta None) is at its row's views.
+    assert load_fold_state(tmp_path, 0, Variant("cellnet", "cellnet", tta=8,
+                                                threshold_rule="youden"), split) is None
+
+    # A fold kept before views and rule were recorded (tta None, no rule) was scored at its
+    # row's views and by Youden's J, the only rule then.
     meta = tmp_path / "fold0-cellnet.json"
     saved = json.loads(meta.read_text())
     saved["variant"]["tta"] = None
+    del saved["variant"]["threshold_rule"]
     meta.write_text(json.dumps(saved))
-    assert load_fold_state(tmp_path, 0, eight, split) is not None
-    assert load_fold_state(tmp_path, 0, Variant("cellnet", "cellnet", tta=1), split) is None
+    old = Variant("cellnet", "cellnet", tta=8, threshold_rule="youden")
+    assert load_fold_state(tmp_path, 0, old, split) is not None
+    assert load_fold_state(tmp_path, 0, eight, split) is None  # the default rule is "fixed"
+    assert load_fold_state(tmp_path, 0, Variant("cellnet", "cellnet", tta=1,
+                                                threshold_rule="youden"), split) is None
 
 
 def test_paired_difference_on_the_same_cells() -> None:

@@ -12,7 +12,10 @@ GATE_MIN_ACCURACY = 0.85
 GATE_TOLERANCE = 0.005
 
 # ---- training
-DEFAULT_ARCH = "cellnet"
+# cellnet with stain-density (HED) jitter in training: in the slide-grouped CV (1 view, 0.5)
+# +0.0059 accuracy and +0.0017 AUC over cellnet, parasitemia -0.16 pp (benchmarks/README.md,
+# "HED stain jitter, threshold rules, ensembles"). Identity at inference.
+DEFAULT_ARCH = "cellnet-hed"
 TRAIN_EPOCHS = 30
 TRAIN_BATCH_SIZE = 128
 TRAIN_SEED = 0
@@ -31,15 +34,22 @@ TRAIN_PRECISION = "auto"
 # scoring cost (benchmarks/README.md, "Test-time views"). The threshold is chosen on
 # probabilities at this setting, and the scorer reads it from the model's record.
 TEST_TIME_AUGMENTATION: bool | int = False
-TRAIN_MAX_MINUTES: float | None = None  # no time budget unless one is given
-NIGHTLY_TRAIN_MINUTES = 45.0  # the nightly flow's training budget (a night has an end)
+# The training budget (wall clock of the fit), everywhere: `malaria train`, the train flow,
+# the nightly. Issue 15's target; a 2-core CPU with BF16 fits ~27 of the 30 epochs in it and
+# one without (float32) ~15, which the CV's "15 epochs" row measures (benchmarks/README.md).
+TRAIN_MAX_MINUTES: float | None = 15.0
+NIGHTLY_TRAIN_MINUTES = TRAIN_MAX_MINUTES
 VAL_FRACTION = 0.15
 TEST_FRACTION = 0.2
-# The decision threshold is chosen on the validation slides by this rule (Final: a type
-# checker reads it as the literal, one of malaria.evaluation.threshold.ThresholdRule).
-THRESHOLD_RULE: Final = "youden"
+# The decision threshold rule (Final: a type checker reads it as the literal, one of
+# malaria.evaluation.threshold.ThresholdRule). "fixed": DEFAULT_THRESHOLD, the point the
+# class-balanced loss targets, not refitted on the 15 validation slides; in the CV it beat
+# Youden's J on validation for every model tried (cellnet +0.0038 accuracy, cellnet-hed
+# +0.0018, parasitemia -0.07 / -0.41 pp), as the validation slides' own mix moved the fitted
+# threshold as far as 0.16.
+THRESHOLD_RULE: Final = "fixed"
 THRESHOLD_MIN_SENSITIVITY = 0.96  # the "min_sensitivity" rule's floor (screening)
-DEFAULT_THRESHOLD = 0.5  # a model without a recorded threshold
+DEFAULT_THRESHOLD = 0.5  # the "fixed" rule's threshold; also a model without a recorded one
 
 # ---- ingest
 INGEST_CHUNK_SIZE = 500

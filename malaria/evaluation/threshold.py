@@ -11,11 +11,19 @@ from typing import Literal, get_args
 import numpy as np
 import numpy.typing as npt
 
-from malaria.core.defaults import THRESHOLD_MIN_SENSITIVITY, THRESHOLD_RULE
+from malaria.core.defaults import DEFAULT_THRESHOLD, THRESHOLD_MIN_SENSITIVITY, THRESHOLD_RULE
 from malaria.evaluation.metrics import counts_by_score, labels_and_probs
 
-ThresholdRule = Literal["youden", "max_accuracy", "min_sensitivity"]
+ThresholdRule = Literal["fixed", "youden", "max_accuracy", "min_sensitivity"]
 THRESHOLD_RULES: tuple[ThresholdRule, ...] = get_args(ThresholdRule)  # e.g. CLI choices
+
+
+
+def rule_origin(rule: object) -> str:
+    """Where a threshold came from, for reports: ``fixed`` or ``<rule>, from validation
+    slides``."""
+    return "fixed" if rule == "fixed" else f"{rule or '?'}, from validation slides"
+
 
 # Floating-point slack when comparing objective values that should tie exactly.
 _EPS = 1e-12
@@ -32,6 +40,9 @@ def choose_threshold(
 
     Rules:
 
+    * ``"fixed"``: :data:`~malaria.core.defaults.DEFAULT_THRESHOLD` (0.5), not fitted: the
+      point the class-balanced training loss already targets, estimated from all the
+      training cells rather than from the validation slides' few;
     * ``"youden"``: maximise sensitivity + specificity - 1 (balanced errors);
     * ``"max_accuracy"``: maximise accuracy on the given cells (follows their class mix);
     * ``"min_sensitivity"``: the highest specificity whose sensitivity is at least
@@ -47,6 +58,8 @@ def choose_threshold(
     n_neg = y.size - n_pos
     if n_pos == 0 or n_neg == 0:
         raise ValueError("choosing a threshold needs both classes among the validation cells")
+    if rule == "fixed":
+        return float(DEFAULT_THRESHOLD)
     if rule == "min_sensitivity" and not 0.0 < min_sensitivity <= 1.0:
         raise ValueError(f"min_sensitivity must be in (0, 1], got {min_sensitivity}")
 
