@@ -555,7 +555,8 @@ class Variant:
 
 
 # Issue 15's comparisons, each over the same 5 folds (``--cv-variants issue15-adapt``). The
-# first variant of each is the product's recipe, the baseline of the paired differences.
+# first variant of each is the product's recipe as it was then, the baseline of the paired
+# differences.
 # Models trained per fold (H200, ~45-60 s each with compilation): adapt 1, stain 4,
 # ensemble 3. They score at 8 test-time views and Youden's threshold, the defaults when they
 # were first run (the kept folds are so); benchmarks.cv_ensemble rescores kept fold models at
