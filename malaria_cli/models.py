@@ -258,7 +258,7 @@ def add_model_commands(sub: argparse._SubParsersAction[argparse.ArgumentParser])
         p.add_argument("--batch-size", type=int, help=f"default {defaults.TRAIN_BATCH_SIZE}")
         p.add_argument("--seed", type=int, help=f"default {defaults.TRAIN_SEED}")
         p.add_argument("--tta", action=argparse.BooleanOptionalAction, default=None,
-                       help="choose the threshold on (and record, for scoring) probabilities "
+                       help="evaluate, threshold and record (for scoring) probabilities "
                        "averaged over the 8 symmetries of the square (default: "
                        f"{views_of(defaults.TEST_TIME_AUGMENTATION)} view(s))")
 
