@@ -500,11 +500,8 @@ def cv_summary(fold_rows: list[dict[str, Any]], scored: list[Scored], folds: dic
                *, resamples: int = 2000) -> dict[str, Any]:
     """Pooled metrics over every fold's test cells (each at its own fold's threshold), the
     per-fold spread, slide-bootstrap intervals and the per-slide parasitemia error."""
-    labels = np.concatenate([s.labels for s in scored])
-    probs = np.concatenate([s.probabilities for s in scored])
-    slides = np.concatenate([s.slides for s in scored]).astype(str)
-    thresholds = np.concatenate([np.full(len(s.labels), s.threshold) for s in scored])
-    report = evaluate_pooled(labels, probs, thresholds, slides=list(slides))
+    labels, probs, slides, calls = pooled_cells(scored)
+    report = pooled_report(scored)
     per_slide = [{"slide": row.slide, "fold": folds[row.slide], "cells": row.cells,
                   "accuracy": row.accuracy,
                   "labelled_pct": 100 * row.parasitized_true,
@@ -516,7 +513,7 @@ def cv_summary(fold_rows: list[dict[str, Any]], scored: list[Scored], folds: dic
         **metrics_row(report), "evaluated_on": "cv", "cv_folds": len(fold_rows),
         "thresholds": [s.threshold for s in scored],
         "spread": {key: spread([float(r[key]) for r in fold_rows]) for key in SPREAD_KEYS},
-        "bootstrap": slide_bootstrap(labels, probs, probs >= thresholds, list(slides),
+        "bootstrap": slide_bootstrap(labels, probs, calls, list(slides),
                                      resamples=resamples, seed=CV_SEED),
         "parasitemia": {"unit": "percentage points", "mean": report.parasitemia_error_mean,
                         "max": report.parasitemia_error_max, "per_slide": per_slide},

@@ -84,9 +84,9 @@ def parasitemia_threshold(labels: np.ndarray, probabilities: np.ndarray,
     """The threshold (midpoints between adjacent distinct scores, as the product's rules
     use) whose calls give the smallest mean |called - labelled| share of parasitized cells
     over the slides; ties go to the candidate nearest 0.5."""
-    unique = np.unique(probabilities)
-    candidates = np.concatenate([[unique[0] / 2.0], (unique[:-1] + unique[1:]) / 2.0,
-                                 [(unique[-1] + 1.0) / 2.0]])
+    from malaria.evaluation.threshold import threshold_candidates
+
+    candidates = threshold_candidates(np.unique(probabilities))
     error = np.zeros(candidates.size)
     slide_names = np.unique(slides)
     for slide in slide_names:

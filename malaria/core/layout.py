@@ -117,11 +117,16 @@ def prediction_key(slide: str) -> str:
     return f"{PREDICTIONS}{slide}.csv"
 
 
+def prediction_history_prefix(predictions: str = PREDICTIONS) -> str:
+    """Under which every slide's earlier predictions CSVs are kept, one folder per slide."""
+    return f"{predictions}history/"
+
+
 def prediction_history_key(slide: str, fingerprint: str, version: str,
                            predictions: str = PREDICTIONS) -> str:
     """Where a slide's earlier predictions CSV is kept when it is scored again (by another
     model, or after a re-scan): never overwritten, never deleted by the product."""
-    return f"{predictions}history/{slide}/{fingerprint}@{version}.csv"
+    return f"{prediction_history_prefix(predictions)}{slide}/{fingerprint}@{version}.csv"
 
 
 def model_prefix(version: str) -> str:

@@ -29,6 +29,15 @@ def rule_origin(rule: object) -> str:
 _EPS = 1e-12
 
 
+def threshold_candidates(unique: np.ndarray) -> np.ndarray:
+    """The thresholds worth trying for the distinct scores ``unique`` (sorted): candidate j
+    calls exactly ``unique[j:]`` positive, j = 0..k (k: none), each at the midpoint between
+    adjacent scores so the boundary keeps a margin from the cells on both sides."""
+    lowest = unique[0] / 2.0
+    highest = (unique[-1] + 1.0) / 2.0 if unique[-1] < 1.0 else float(np.nextafter(1.0, 2.0))
+    return np.concatenate([[lowest], (unique[:-1] + unique[1:]) / 2.0, [highest]])
+
+
 def choose_threshold(
     y_true: npt.ArrayLike,
     prob: npt.ArrayLike,
@@ -64,10 +73,7 @@ def choose_threshold(
         raise ValueError(f"min_sensitivity must be in (0, 1], got {min_sensitivity}")
 
     unique, positives, negatives = counts_by_score(y, p)
-    # Candidate j predicts positive exactly the scores unique[j:], j = 0..k (k: none positive).
-    lowest = unique[0] / 2.0
-    highest = (unique[-1] + 1.0) / 2.0 if unique[-1] < 1.0 else float(np.nextafter(1.0, 2.0))
-    candidates = np.concatenate([[lowest], (unique[:-1] + unique[1:]) / 2.0, [highest]])
+    candidates = threshold_candidates(unique)
     tp = np.concatenate([np.cumsum(positives[::-1])[::-1], [0]])
     fp = np.concatenate([np.cumsum(negatives[::-1])[::-1], [0]])
     sensitivity = tp / n_pos

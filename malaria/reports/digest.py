@@ -85,7 +85,7 @@ def scoring_section(store: Store, digest: Digest) -> None:
         if _inside(record.get("scored_at"), digest.since, digest.until):
             digest.slides_scored.append(record)
     # A re-scored slide keeps its earlier CSV under history/<slide>/: one object per change.
-    history = f"{layout.PREDICTIONS}history/"
+    history = layout.prediction_history_prefix()
     digest.rescored = sorted({info.key[len(history):].split("/", 1)[0]
                               for info in store.list(history)
                               if _inside(info.last_modified, digest.since, digest.until)})
