@@ -4,6 +4,7 @@ per-slide parasitemia error and the slide-level bootstrap."""
 from __future__ import annotations
 
 from collections import Counter
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -168,3 +169,53 @@ def test_weighted_auc_equals_the_auc_of_repeated_cells() -> None:
     weights = np.random.default_rng(2).integers(0, 4, y.size)
     repeated = np.repeat(np.arange(y.size), weights)
     assert weighted_roc_auc(y, p, weights) == pytest.approx(roc_auc(y[repeated], p[repeated]))
+
+
+def test_parasitemia_floor_counts_cells_by_slide_and_class() -> None:
+    from benchmarks.parasitemia_floor import SlideCounts
+
+    counts = SlideCounts.from_cells([1, 1, 0, 0, 0, 1], ["b", "b", "b", "a", "a", "c"])
+    assert counts.slides == ("a", "b", "c")
+    assert counts.negatives.tolist() == [2, 1, 0]
+    assert counts.positives.tolist() == [0, 2, 1]
+    assert counts.cells.tolist() == [2, 3, 1]
+
+
+def test_parasitemia_floor_simulation_follows_the_rates_and_the_slide_size() -> None:
+    from benchmarks.parasitemia_floor import SlideCounts, simulated_errors, summarise
+
+    # A healthy patient's slide: every false positive is the whole error.
+    healthy = SlideCounts(("h",), np.array([100]), np.array([0]))
+    errors = simulated_errors(healthy, 0.9, 0.9, draws=4000, seed=1)
+    assert errors.shape == (4000, 1)
+    assert errors.mean() == pytest.approx(10.0, abs=0.3)
+    assert simulated_errors(healthy, 0.5, 1.0, draws=10).max() == 0.0  # no negatives missed
+
+    # The same error rate costs a small slide more in its worst case than a large one.
+    small = SlideCounts(tuple(map(str, range(20))), np.full(20, 60), np.zeros(20, np.int64))
+    large = SlideCounts(tuple(map(str, range(20))), np.full(20, 600), np.zeros(20, np.int64))
+    on_small = summarise(simulated_errors(small, 0.97, 0.97, draws=2000))
+    on_large = summarise(simulated_errors(large, 0.97, 0.97, draws=2000))
+    assert on_small["mean_pp"] == pytest.approx(on_large["mean_pp"], abs=0.2)  # ~3 points
+    assert on_small["max_pp"] > on_large["max_pp"] + 2.0
+    perfect = summarise(simulated_errors(small, 1.0, 1.0, draws=50))
+    assert perfect["mean_pp"] == 0.0 and perfect["p_both_within_target"] == 1.0
+
+
+def test_parasitemia_floor_reads_a_cv_state(tmp_path: Path) -> None:
+    from benchmarks.parasitemia_floor import measured
+
+    for fold in range(2):
+        labels = np.repeat([1.0, 0.0], 50)
+        probabilities = np.where(labels == 1, 0.9, 0.1)
+        probabilities[0] = 0.2  # one missed parasitized cell in each fold
+        np.savez(tmp_path / f"fold{fold}-demo.npz", labels=labels,
+                 probabilities=probabilities, threshold=np.float64(0.5),
+                 slides=np.array([f"s{fold}"] * 100))
+    found = measured(tmp_path, "demo")
+    assert found["folds"] == 2 and found["slides"] == 2
+    assert found["sensitivity"] == pytest.approx(0.98)
+    assert found["specificity"] == 1.0
+    assert found["mean_pp"] == pytest.approx(1.0) and found["max_pp"] == pytest.approx(1.0)
+    with pytest.raises(SystemExit, match="no fold state"):
+        measured(tmp_path, "missing")

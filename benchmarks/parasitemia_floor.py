@@ -1,0 +1,164 @@
+"""How small a per-slide parasitemia error a cell classifier of a given accuracy can reach on
+these slides, if its mistakes were spread evenly (no training, no model).
+
+A slide's parasitemia error is ``|false positives - false negatives| / cells`` (in percentage
+points), so it depends on how many cells the slide has as much as on the model: one false
+call on a 67-cell slide is 1.5 points. This draws each slide's false positives and false
+negatives as independent binomials, from its own cell counts (both classes) and a given
+sensitivity and specificity, and reports over the slides of the data set the expected mean
+and max error and how often a draw meets the issue-15 targets (mean <= 1.0, max <= 3.0). Errors
+that are spread evenly are the best case: a model whose errors cluster on a few slides (a
+stain it has not seen) does worse at the same rates.
+
+With ``--measured DIR --variant NAME`` it also reads a CV's fold state (``benchmarks.accuracy
+--cv-state``), takes the pooled sensitivity and specificity at each fold's own threshold, and
+puts the measured per-slide errors beside the binomial expectation at those very rates: the
+gap is what slide-to-slide differences add to the counting noise.
+
+    python -m benchmarks.parasitemia_floor --pack cells-80.npz \\
+        --measured .malaria/cv-cpu --variant cellnet-hed --json parasitemia-floor.json
+"""
+
+from __future__ import annotations
+
+import argparse
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import numpy.typing as npt
+
+from benchmarks import emit
+
+ACCURACIES = (0.95, 0.96, 0.97, 0.98, 0.99, 0.995, 0.999)
+TARGET_MEAN_PP = 1.0  # issue 15
+TARGET_MAX_PP = 3.0
+DRAWS = 4000
+SEED = 15
+
+
+@dataclass(frozen=True)
+class SlideCounts:
+    """Each slide's number of uninfected (``negatives``) and parasitized (``positives``) cells."""
+
+    slides: tuple[str, ...]
+    negatives: npt.NDArray[np.int64]
+    positives: npt.NDArray[np.int64]
+
+    @classmethod
+    def from_cells(cls, labels: npt.ArrayLike, slides: npt.ArrayLike) -> SlideCounts:
+        y = np.asarray(labels).astype(np.int64)
+        names, inverse = np.unique(np.asarray(slides).astype(str), return_inverse=True)
+        positives = np.bincount(inverse, weights=y, minlength=names.size).astype(np.int64)
+        cells = np.bincount(inverse, minlength=names.size).astype(np.int64)
+        return cls(tuple(str(n) for n in names), cells - positives, positives)
+
+    @property
+    def cells(self) -> npt.NDArray[np.int64]:
+        return self.negatives + self.positives
+
+
+def simulated_errors(counts: SlideCounts, sensitivity: float, specificity: float, *,
+                     draws: int = DRAWS, seed: int = SEED) -> npt.NDArray[np.float64]:
+    """Per-slide parasitemia errors (points), ``draws`` x slides, with each slide's false
+    positives ~ Bin(negatives, 1 - specificity) and false negatives ~ Bin(positives,
+    1 - sensitivity), independent."""
+    rng = np.random.default_rng(seed)
+    shape = (draws, counts.cells.size)
+    false_pos = rng.binomial(np.broadcast_to(counts.negatives, shape), 1.0 - specificity)
+    false_neg = rng.binomial(np.broadcast_to(counts.positives, shape), 1.0 - sensitivity)
+    return 100.0 * np.abs(false_pos - false_neg) / counts.cells
+
+
+def summarise(errors: npt.NDArray[np.float64]) -> dict[str, float]:
+    """Expected mean and max over the slides, their 95% ranges over the draws, and the share
+    of draws that meet each target."""
+    means, maxima = errors.mean(axis=1), errors.max(axis=1)
+    return {
+        "mean_pp": round(float(means.mean()), 3),
+        "mean_pp_95": [round(float(v), 3) for v in np.percentile(means, [2.5, 97.5])],
+        "max_pp": round(float(maxima.mean()), 3),
+        "max_pp_95": [round(float(v), 3) for v in np.percentile(maxima, [2.5, 97.5])],
+        "p_mean_within_target": round(float((means <= TARGET_MEAN_PP).mean()), 4),
+        "p_max_within_target": round(float((maxima <= TARGET_MAX_PP).mean()), 4),
+        "p_both_within_target": round(float(((means <= TARGET_MEAN_PP)
+                                             & (maxima <= TARGET_MAX_PP)).mean()), 4),
+    }
+
+
+def measured(state: Path, variant: str) -> dict[str, Any]:
+    """A CV variant's pooled test cells at each fold's own threshold: its rates and the
+    per-slide errors they gave."""
+    labels, calls, slides, folds = [], [], [], 0
+    for path in sorted(state.glob(f"fold*-{variant}.npz")):
+        data = np.load(path)
+        labels.append(data["labels"])
+        calls.append(data["probabilities"] >= float(data["threshold"]))
+        slides.append(data["slides"])
+        folds += 1
+    if not folds:
+        raise SystemExit(f"no fold state for {variant!r} in {state}")
+    y, call, slide = np.concatenate(labels), np.concatenate(calls), np.concatenate(slides)
+    counts = SlideCounts.from_cells(y, slide)
+    _, inverse = np.unique(slide.astype(str), return_inverse=True)
+    false_pos = np.bincount(inverse, weights=call & (y == 0), minlength=len(counts.slides))
+    false_neg = np.bincount(inverse, weights=~call & (y == 1), minlength=len(counts.slides))
+    errors = 100.0 * np.abs(false_pos - false_neg) / counts.cells
+    sensitivity = float(call[y == 1].mean())
+    specificity = float(1.0 - call[y == 0].mean())
+    worst = np.argsort(-errors)[:5]
+    return {
+        "variant": variant, "folds": folds, "slides": len(counts.slides),
+        "sensitivity": round(sensitivity, 4), "specificity": round(specificity, 4),
+        "mean_pp": round(float(errors.mean()), 3), "max_pp": round(float(errors.max()), 3),
+        "worst_slides": [{"slide": counts.slides[i], "cells": int(counts.cells[i]),
+                          "labelled_pct": round(100.0 * counts.positives[i]
+                                                / counts.cells[i], 1),
+                          "error_pp": round(float(errors[i]), 2)} for i in worst],
+        "binomial_at_these_rates": summarise(simulated_errors(counts, sensitivity,
+                                                              specificity)),
+        "_counts": counts,
+    }
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__,
+                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--pack", type=Path, help="the cells' labels and slides (a pack of "
+                        "benchmarks.accuracy --write-pack); default: the measured variant's")
+    parser.add_argument("--measured", type=Path, metavar="DIR", help="a CV's --cv-state")
+    parser.add_argument("--variant", help="with --measured: the variant's name")
+    parser.add_argument("--accuracies", default=",".join(map(str, ACCURACIES)),
+                        help="sensitivity = specificity levels to simulate, comma-separated")
+    parser.add_argument("--json", type=Path)
+    args = parser.parse_args(argv)
+    if (args.measured is None) != (args.variant is None):
+        parser.error("--measured and --variant go together")
+    if args.pack is None and args.measured is None:
+        parser.error("give --pack or --measured")
+
+    result: dict[str, Any] = {"draws": DRAWS, "seed": SEED,
+                              "targets": {"mean_pp": TARGET_MEAN_PP, "max_pp": TARGET_MAX_PP}}
+    if args.measured is not None:
+        found = measured(args.measured, args.variant)
+        counts = found.pop("_counts")
+        result["measured"] = found
+    if args.pack is not None:
+        pack = np.load(args.pack, allow_pickle=False)
+        counts = SlideCounts.from_cells(pack["labels"], pack["slides"])
+    cells = counts.cells
+    result["slides"] = {"count": int(cells.size), "cells": int(cells.sum()),
+                        "cells_per_slide": {"min": int(cells.min()),
+                                            "median": float(np.median(cells)),
+                                            "max": int(cells.max())},
+                        "without_parasitized_cells": int((counts.positives == 0).sum())}
+    result["evenly_spread_errors"] = {
+        level: summarise(simulated_errors(counts, float(level), float(level)))
+        for level in args.accuracies.split(",")}
+    emit(result, args.json)
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
