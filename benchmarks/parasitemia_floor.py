@@ -13,7 +13,9 @@ stain it has not seen) does worse at the same rates.
 With ``--measured DIR --variant NAME`` it also reads a CV's fold state (``benchmarks.accuracy
 --cv-state``), takes the pooled sensitivity and specificity at each fold's own threshold, and
 puts the measured per-slide errors beside the binomial expectation at those very rates: the
-gap is what slide-to-slide differences add to the counting noise.
+gap is what slide-to-slide differences add to the counting noise. Where the folds kept their
+validation scores it also reports the "adjusted count" (each slide's called share corrected
+by the fold's validation sensitivity and false-positive rate), which removes a shared bias.
 
     python -m benchmarks.parasitemia_floor --pack cells-80.npz \\
         --measured .malaria/cv-cpu --variant cellnet-hed --json parasitemia-floor.json
@@ -87,15 +89,35 @@ def summarise(errors: npt.NDArray[np.float64]) -> dict[str, float]:
     }
 
 
+def adjusted_count_errors(data: Any, threshold: float) -> npt.NDArray[np.float64]:
+    """Per test slide, the error of the "adjusted count" (Forman's quantification): the share
+    called parasitized corrected by the fold's validation rates, ``(called - fpr) / (tpr -
+    fpr)`` clipped to [0, 1]. It removes a bias the model has on every slide, not one slide's
+    own errors."""
+    val_labels, val_calls = data["val_labels"], data["val_probabilities"] >= threshold
+    tpr, fpr = val_calls[val_labels == 1].mean(), val_calls[val_labels == 0].mean()
+    labels, slides = data["labels"], data["slides"].astype(str)
+    called = data["probabilities"] >= threshold
+    errors = []
+    for slide in np.unique(slides):
+        cells = slides == slide
+        estimate = np.clip((called[cells].mean() - fpr) / max(tpr - fpr, 1e-6), 0.0, 1.0)
+        errors.append(100.0 * abs(estimate - labels[cells].mean()))
+    return np.array(errors, dtype=np.float64)
+
+
 def measured(state: Path, variant: str) -> dict[str, Any]:
     """A CV variant's pooled test cells at each fold's own threshold: its rates and the
     per-slide errors they gave."""
-    labels, calls, slides, folds = [], [], [], 0
+    labels, calls, slides, adjusted, folds = [], [], [], [], 0
     for path in sorted(state.glob(f"fold*-{variant}.npz")):
         data = np.load(path)
+        threshold = float(data["threshold"])
         labels.append(data["labels"])
-        calls.append(data["probabilities"] >= float(data["threshold"]))
+        calls.append(data["probabilities"] >= threshold)
         slides.append(data["slides"])
+        if "val_labels" in data.files:
+            adjusted.append(adjusted_count_errors(data, threshold))
         folds += 1
     if not folds:
         raise SystemExit(f"no fold state for {variant!r} in {state}")
@@ -116,6 +138,9 @@ def measured(state: Path, variant: str) -> dict[str, Any]:
                           "labelled_pct": round(100.0 * counts.positives[i]
                                                 / counts.cells[i], 1),
                           "error_pp": round(float(errors[i]), 2)} for i in worst],
+        "adjusted_count": (None if len(adjusted) < folds else
+                           {"mean_pp": round(float(np.concatenate(adjusted).mean()), 3),
+                            "max_pp": round(float(np.concatenate(adjusted).max()), 3)}),
         "binomial_at_these_rates": summarise(simulated_errors(counts, sensitivity,
                                                               specificity)),
         "_counts": counts,

@@ -209,13 +209,17 @@ def test_parasitemia_floor_reads_a_cv_state(tmp_path: Path) -> None:
         labels = np.repeat([1.0, 0.0], 50)
         probabilities = np.where(labels == 1, 0.9, 0.1)
         probabilities[0] = 0.2  # one missed parasitized cell in each fold
+        # The validation slides miss parasitized cells at the same rate, so the adjusted
+        # count corrects the test slides' shortfall exactly.
         np.savez(tmp_path / f"fold{fold}-demo.npz", labels=labels,
                  probabilities=probabilities, threshold=np.float64(0.5),
-                 slides=np.array([f"s{fold}"] * 100))
+                 slides=np.array([f"s{fold}"] * 100),
+                 val_labels=labels, val_probabilities=probabilities)
     found = measured(tmp_path, "demo")
     assert found["folds"] == 2 and found["slides"] == 2
     assert found["sensitivity"] == pytest.approx(0.98)
     assert found["specificity"] == 1.0
     assert found["mean_pp"] == pytest.approx(1.0) and found["max_pp"] == pytest.approx(1.0)
+    assert found["adjusted_count"] == {"mean_pp": 0.0, "max_pp": 0.0}
     with pytest.raises(SystemExit, match="no fold state"):
         measured(tmp_path, "missing")
