@@ -886,6 +886,10 @@ def machine() -> dict[str, Any]:
     info: dict[str, Any] = {"cpus": os.cpu_count(), "python": platform.python_version(),
                             "keras": keras.__version__, "backend": backend(),
                             "gpus": len(found), "cpu_flags": reported_cpu_flags()}
+    # A cap on oneDNN's instruction set emulates an older CPU kind (ONEDNN_MAX_CPU_ISA=AVX2
+    # on an AVX-512 machine); the flags above stay the hardware's, so record the cap too.
+    if os.environ.get("ONEDNN_MAX_CPU_ISA"):
+        info["onednn_max_cpu_isa"] = os.environ["ONEDNN_MAX_CPU_ISA"]
     if backend() == "tensorflow":
         import tensorflow as tf
 
