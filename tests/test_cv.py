@@ -198,6 +198,11 @@ def test_parasitemia_floor_simulation_follows_the_rates_and_the_slide_size() -> 
     on_large = summarise(simulated_errors(large, 0.97, 0.97, draws=2000))
     assert on_small["mean_pp"] == pytest.approx(on_large["mean_pp"], abs=0.2)  # ~3 points
     assert on_small["max_pp"] > on_large["max_pp"] + 2.0
+    scaled = small.scaled_to(600)
+    assert scaled.negatives.tolist() == large.negatives.tolist()
+    assert scaled.positives.tolist() == large.positives.tolist()
+    mixed = SlideCounts(("m",), np.array([3]), np.array([1])).scaled_to(100)
+    assert (mixed.negatives[0], mixed.positives[0]) == (75, 25)
     perfect = summarise(simulated_errors(small, 1.0, 1.0, draws=50))
     assert perfect["mean_pp"] == 0.0 and perfect["p_both_within_target"] == 1.0
 
