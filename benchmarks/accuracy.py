@@ -113,6 +113,7 @@ from malaria.model.trainer import TrainResult
 TARGETS = {"accuracy": 0.97, "auc": 0.995, "sensitivity": 0.96}
 SPLIT_SEED = 20240501  # fixed: the test slides are the same in every run
 CV_SEED = SPLIT_SEED  # fixed: the same folds (and validation slides in each) in every run
+CV_RESAMPLES = 2000  # slide-bootstrap resamples behind every CV interval
 # Figures whose spread over the folds is reported (mean, sd, min, max).
 SPREAD_KEYS = ("accuracy", "auc", "sensitivity", "specificity", "parasitemia_error_mean",
                "parasitemia_error_max", "per_slide_accuracy_min", "threshold", "train_seconds")
@@ -497,7 +498,7 @@ def spread(values: list[float]) -> dict[str, float]:
 
 
 def cv_summary(fold_rows: list[dict[str, Any]], scored: list[Scored], folds: dict[str, int],
-               *, resamples: int = 2000) -> dict[str, Any]:
+               *, resamples: int = CV_RESAMPLES) -> dict[str, Any]:
     """Pooled metrics over every fold's test cells (each at its own fold's threshold), the
     per-fold spread, slide-bootstrap intervals and the per-slide parasitemia error."""
     labels, probs, slides, calls = pooled_cells(scored)
@@ -789,7 +790,7 @@ def pooled_cells(scored: list[Scored]) -> tuple[np.ndarray, np.ndarray, np.ndarr
     return labels, probs, slides, calls
 
 
-def paired_difference(base: list[Scored], other: list[Scored], *, resamples: int = 2000,
+def paired_difference(base: list[Scored], other: list[Scored], *, resamples: int = CV_RESAMPLES,
                       seed: int = CV_SEED, level: float = 0.95) -> dict[str, Any]:
     """``other`` minus ``base`` on the same cells (both pooled over the same folds, each
     cell at its own fold's threshold): accuracy, AUC and mean per-slide parasitemia error

@@ -38,8 +38,6 @@ from typing import Any
 
 import numpy as np
 
-CV_RESAMPLES = 2000  # as benchmarks.accuracy's CV summary
-
 
 @dataclass(frozen=True)
 class FoldScores:
@@ -161,6 +159,7 @@ def main(argv: list[str] | None = None) -> int:
         parser.error(str(error))
 
     from benchmarks.accuracy import (
+        CV_RESAMPLES,
         CV_SEED,
         Scored,
         cv_splits,

@@ -33,6 +33,12 @@ import numpy as np
 import numpy.typing as npt
 
 from benchmarks import emit
+from malaria.evaluation.metrics import (
+    EvaluationReport,
+    evaluate,
+    evaluate_pooled,
+    parasitemia_errors,
+)
 
 ACCURACIES = (0.95, 0.96, 0.97, 0.98, 0.99, 0.995, 0.999)
 TARGET_MEAN_PP = 1.0  # issue 15
@@ -96,62 +102,61 @@ def summarise(errors: npt.NDArray[np.float64]) -> dict[str, float]:
     }
 
 
-def adjusted_count_errors(data: Any, threshold: float) -> npt.NDArray[np.float64]:
-    """Per test slide, the error of the "adjusted count" (Forman's quantification): the share
-    called parasitized corrected by the fold's validation rates, ``(called - fpr) / (tpr -
-    fpr)`` clipped to [0, 1]. It removes a bias the model has on every slide, not one slide's
-    own errors."""
-    val_labels, val_calls = data["val_labels"], data["val_probabilities"] >= threshold
-    tpr, fpr = val_calls[val_labels == 1].mean(), val_calls[val_labels == 0].mean()
-    labels, slides = data["labels"], data["slides"].astype(str)
-    called = data["probabilities"] >= threshold
-    errors = []
-    for slide in np.unique(slides):
-        cells = slides == slide
-        estimate = np.clip((called[cells].mean() - fpr) / max(tpr - fpr, 1e-6), 0.0, 1.0)
-        errors.append(100.0 * abs(estimate - labels[cells].mean()))
-    return np.array(errors, dtype=np.float64)
+def adjusted_count_errors(report: EvaluationReport,
+                          validation: EvaluationReport) -> npt.NDArray[np.float64]:
+    """Per test slide of ``report``, the error of the "adjusted count" (Forman's
+    quantification): the share called parasitized corrected by the rates on the fold's
+    validation slides, ``(called - fpr) / (tpr - fpr)`` clipped to [0, 1]. It removes a bias
+    the model has on every slide, not one slide's own errors."""
+    tpr, fpr = validation.sensitivity, 1.0 - validation.specificity
+    return np.array([100.0 * abs(float(np.clip((row.parasitized_pred - fpr)
+                                                / max(tpr - fpr, 1e-6), 0.0, 1.0))
+                                 - row.parasitized_true) for row in report.per_slide])
 
 
-def measured(state: Path, variant: str) -> dict[str, Any]:
+def measured(state: Path, variant: str) -> tuple[dict[str, Any], SlideCounts]:
     """A CV variant's pooled test cells at each fold's own threshold: its rates and the
-    per-slide errors they gave."""
-    labels, calls, slides, adjusted, folds = [], [], [], [], 0
+    per-slide errors they gave (and the slides' cell counts)."""
+    labels, probabilities, thresholds, slides, adjusted, folds = [], [], [], [], [], 0
     for path in sorted(state.glob(f"fold*-{variant}.npz")):
         data = np.load(path)
         threshold = float(data["threshold"])
         labels.append(data["labels"])
-        calls.append(data["probabilities"] >= threshold)
-        slides.append(data["slides"])
+        probabilities.append(data["probabilities"])
+        thresholds.append(np.full(data["labels"].size, threshold))
+        slides.append(data["slides"].astype(str))
         if "val_labels" in data.files:
-            adjusted.append(adjusted_count_errors(data, threshold))
+            fold = evaluate(data["labels"], data["probabilities"], threshold,
+                            slides=list(slides[-1]))
+            adjusted.append(adjusted_count_errors(
+                fold, evaluate(data["val_labels"], data["val_probabilities"], threshold)))
         folds += 1
     if not folds:
         raise SystemExit(f"no fold state for {variant!r} in {state}")
-    y, call, slide = np.concatenate(labels), np.concatenate(calls), np.concatenate(slides)
-    counts = SlideCounts.from_cells(y, slide)
-    _, inverse = np.unique(slide.astype(str), return_inverse=True)
-    false_pos = np.bincount(inverse, weights=call & (y == 0), minlength=len(counts.slides))
-    false_neg = np.bincount(inverse, weights=~call & (y == 1), minlength=len(counts.slides))
-    errors = 100.0 * np.abs(false_pos - false_neg) / counts.cells
-    sensitivity = float(call[y == 1].mean())
-    specificity = float(1.0 - call[y == 0].mean())
+    slide = np.concatenate(slides)
+    report = evaluate_pooled(np.concatenate(labels), np.concatenate(probabilities),
+                             np.concatenate(thresholds), slides=list(slide))
+    counts = SlideCounts.from_cells(np.concatenate(labels), slide)
+    errors = parasitemia_errors(report.per_slide)
     worst = np.argsort(-errors)[:5]
-    return {
-        "variant": variant, "folds": folds, "slides": len(counts.slides),
-        "sensitivity": round(sensitivity, 4), "specificity": round(specificity, 4),
-        "mean_pp": round(float(errors.mean()), 3), "max_pp": round(float(errors.max()), 3),
-        "worst_slides": [{"slide": counts.slides[i], "cells": int(counts.cells[i]),
-                          "labelled_pct": round(100.0 * counts.positives[i]
-                                                / counts.cells[i], 1),
+    found = {
+        "variant": variant, "folds": folds, "slides": len(report.per_slide),
+        "sensitivity": round(report.sensitivity, 4),
+        "specificity": round(report.specificity, 4),
+        "mean_pp": round(report.parasitemia_error_mean, 3),
+        "max_pp": round(report.parasitemia_error_max, 3),
+        "worst_slides": [{"slide": report.per_slide[i].slide,
+                          "cells": report.per_slide[i].cells,
+                          "labelled_pct": round(100.0 * report.per_slide[i].parasitized_true,
+                                                1),
                           "error_pp": round(float(errors[i]), 2)} for i in worst],
         "adjusted_count": (None if len(adjusted) < folds else
                            {"mean_pp": round(float(np.concatenate(adjusted).mean()), 3),
                             "max_pp": round(float(np.concatenate(adjusted).max()), 3)}),
-        "binomial_at_these_rates": summarise(simulated_errors(counts, sensitivity,
-                                                              specificity)),
-        "_counts": counts,
+        "binomial_at_these_rates": summarise(simulated_errors(counts, report.sensitivity,
+                                                              report.specificity)),
     }
+    return found, counts
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -175,9 +180,7 @@ def main(argv: list[str] | None = None) -> int:
     result: dict[str, Any] = {"draws": DRAWS, "seed": SEED,
                               "targets": {"mean_pp": TARGET_MEAN_PP, "max_pp": TARGET_MAX_PP}}
     if args.measured is not None:
-        found = measured(args.measured, args.variant)
-        counts = found.pop("_counts")
-        result["measured"] = found
+        result["measured"], counts = measured(args.measured, args.variant)
     if args.pack is not None:
         pack = np.load(args.pack, allow_pickle=False)
         counts = SlideCounts.from_cells(pack["labels"], pack["slides"])

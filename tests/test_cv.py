@@ -220,7 +220,7 @@ def test_parasitemia_floor_reads_a_cv_state(tmp_path: Path) -> None:
                  probabilities=probabilities, threshold=np.float64(0.5),
                  slides=np.array([f"s{fold}"] * 100),
                  val_labels=labels, val_probabilities=probabilities)
-    found = measured(tmp_path, "demo")
+    found, _ = measured(tmp_path, "demo")
     assert found["folds"] == 2 and found["slides"] == 2
     assert found["sensitivity"] == pytest.approx(0.98)
     assert found["specificity"] == 1.0

@@ -18,7 +18,6 @@ ThresholdRule = Literal["fixed", "youden", "max_accuracy", "min_sensitivity"]
 THRESHOLD_RULES: tuple[ThresholdRule, ...] = get_args(ThresholdRule)  # e.g. CLI choices
 
 
-
 def rule_origin(rule: object) -> str:
     """Where a threshold came from, for reports: ``fixed`` or ``<rule>, from validation
     slides``."""
