@@ -327,6 +327,38 @@ def test_time_budget_stops_training(synthetic: tuple[ArraySet, ArraySet],
     assert result.epochs_run == 1 and result.stopped == "time_budget"
 
 
+class _SlowDownAfterFirstEpoch(keras.callbacks.Callback):
+    """The machine gets slow from the second epoch on (another job on the same cores)."""
+
+    def __init__(self, seconds_per_batch: float) -> None:
+        super().__init__()
+        self.seconds_per_batch = seconds_per_batch
+        self.epoch = 0
+
+    def on_epoch_begin(self, epoch: int, logs: dict | None = None) -> None:
+        self.epoch = epoch
+
+    def on_train_batch_end(self, batch: int, logs: dict | None = None) -> None:
+        if self.epoch >= 1:
+            time.sleep(self.seconds_per_batch)
+
+
+def test_time_budget_cuts_an_epoch_that_slowed_down(synthetic: tuple[ArraySet, ArraySet],
+                                                     tmp_path: Path) -> None:
+    """The planner plans whole epochs from the first one's speed; the second, slowed to
+    1.5 s per batch, would take over 25 s of a 12 s budget, so it stops part-way, is
+    validated and checkpointed, and the model holds the best epoch's weights."""
+    train_set, val_set = synthetic
+    steps = -(-len(train_set.labels) // 16)
+    result = train(_config(epochs=50, max_minutes=0.2), train_set, val_set,
+                   checkpoint_dir=tmp_path, callbacks=[_SlowDownAfterFirstEpoch(1.5)])
+    assert result.stopped == "time_budget" and result.epochs_run == 2
+    last = result.history[-1]
+    assert 1 <= last["batches"] < steps and "val_loss" in last
+    assert result.history[0]["batches"] == steps
+    assert 1 <= result.best_epoch <= 2
+
+
 def test_wrong_input_size_is_refused(synthetic: tuple[ArraySet, ArraySet],
                                      tmp_path: Path) -> None:
     train_set, val_set = synthetic
