@@ -4,6 +4,8 @@ as they are."""
 
 from __future__ import annotations
 
+from pathlib import Path
+
 import keras
 import numpy as np
 import pytest
@@ -96,3 +98,17 @@ def test_a_bf16_model_folds_within_bf16_rounding(policy: str) -> None:
     expected = np.asarray(model(images, training=False), np.float64).ravel()
     got = predict_probabilities(model, images).astype(np.float64)
     assert np.abs(got - expected).max() < 0.02
+
+
+def test_the_fold_benchmark_reports_agreement_for_model_files(tmp_path: Path) -> None:
+    from benchmarks.fold_inference import agreement
+    from malaria.model.checkpoints import save_for_serving
+
+    model = _with_trained_statistics(build_model("cellnet-tiny", 32))
+    save_for_serving(model, tmp_path / "model.keras")
+    np.savez(tmp_path / "cells-32.npz", images=_images(40, 32))
+    np.savez(tmp_path / "cells-48.npz", images=_images(4, 48))
+    [row] = agreement(str(tmp_path / "*.keras"), tmp_path / "cells-32.npz")
+    assert row["cells"] == 40 and row["calls_changed"] == 0 and row["max_change"] < 1e-5
+    assert row["policy"] == "float32"
+    assert agreement(str(tmp_path / "*.keras"), tmp_path / "cells-48.npz") == []  # other size

@@ -74,7 +74,8 @@ Speed and memory
     the run. A fetch thread asks the store for ``SCORE_KEYS_PER_FETCH`` (64) objects at once
     (``Store.get_many``), so the store's client can overlap them. The model is loaded once
     per process and kept in a module-level cache keyed by (registry, version). Inference is
-    a ``tf.function`` around the Keras model (``malaria.model.trainer.predict_probabilities``),
+    a ``tf.function`` around the Keras model with its batch norms folded into the
+    convolutions (``malaria.model.predict.predict_probabilities``, as in evaluation),
     at the operating point the model was evaluated at (its threshold, and its test-time
     augmentation if it was evaluated with it); ONNX Runtime and XLA were measured against it
     and were slower here (see benchmarks/README.md).
