@@ -112,3 +112,11 @@ def test_the_fold_benchmark_reports_agreement_for_model_files(tmp_path: Path) ->
     assert row["cells"] == 40 and row["calls_changed"] == 0 and row["max_change"] < 1e-5
     assert row["policy"] == "float32"
     assert agreement(str(tmp_path / "*.keras"), tmp_path / "cells-48.npz") == []  # other size
+
+
+def test_a_model_without_batch_norm_predicts_as_built() -> None:
+    model = build_model("seed-baseline", 64, augment=False)
+    assert FoldedModel(model).folded_layers == 0
+    images = _images(8, 64)
+    np.testing.assert_allclose(predict_probabilities(model, images),
+                               np.asarray(model(images, training=False)).ravel(), atol=1e-6)
