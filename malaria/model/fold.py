@@ -41,7 +41,7 @@ def _foldable_pairs(model: keras.Model) -> dict[str, str]:
         if len(parents) != 1:
             continue
         conv = parents[0].operation
-        if (isinstance(conv, keras.layers.Conv2D) and type(conv) is keras.layers.Conv2D
+        if (type(conv) is keras.layers.Conv2D  # not a subclass with its own call
                 and conv.data_format == "channels_last"
                 and conv.get_config()["activation"] == "linear"
                 and len(conv._inbound_nodes) == 1 and len(conv._outbound_nodes) == 1):
@@ -78,7 +78,9 @@ class FoldedModel:
                 config["use_bias"] = True
             return layer.__class__.from_config(config)
 
-        self.model = keras.models.clone_model(model, clone_function=clone_layer)
+        # Nothing to fold (the article's models): the model itself, no copy to refresh.
+        self.model = (keras.models.clone_model(model, clone_function=clone_layer)
+                      if norm_to_conv else model)
         self.pairs = tuple(_Pair(model.get_layer(conv), model.get_layer(norm),
                                  self.model.get_layer(conv))
                            for norm, conv in norm_to_conv.items())
@@ -86,7 +88,7 @@ class FoldedModel:
         # The other layers' variables, copied as they are.
         self.copies = [(source, target)
                        for layer in model.layers
-                       if layer.weights and layer.name not in folded
+                       if norm_to_conv and layer.weights and layer.name not in folded
                        for source, target in zip(layer.weights,
                                                  self.model.get_layer(layer.name).weights,
                                                  strict=True)]

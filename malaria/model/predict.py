@@ -44,8 +44,6 @@ def _predict_function(model: keras.Model) -> Callable[[np.ndarray], Any]:
         folded = FoldedModel(model)
 
         def call(images: tf.Tensor) -> tf.Tensor:
-            if not folded.folded_layers:  # nothing to fold (the article's models): as built
-                return model(images, training=False)
             folded.refresh()
             return folded(images)
 
