@@ -7,8 +7,10 @@ import os
 import uuid
 from collections.abc import Iterator
 from pathlib import Path
+from typing import Any
 
 import pytest
+from buckets import drop_bucket
 
 from malaria.io.store import LocalStore, S3Store, reset_clients
 
@@ -73,18 +75,49 @@ def any_store(request: pytest.FixtureRequest, moto_endpoint: str, tmp_path: Path
 # ------------------------------------------------------------ real servers, once per run
 
 
+_SESSION_SEAWEEDFS: list[Any] = []  # the session stack's config, once started
+
+
 @pytest.fixture(scope="session")
-def seaweedfs(tmp_path_factory: pytest.TempPathFactory) -> Iterator[dict[str, str]]:
-    """A real SeaweedFS S3 server on loopback for the whole test session; yields the env a
-    client needs (endpoint and the stack's generated credentials)."""
-    from malaria_dev.stack import StackConfig, stack_down, stack_env, stack_up
+def seaweedfs_stack(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Any]:
+    """A real SeaweedFS S3 server on loopback for the whole test session (its StackConfig)."""
+    from malaria_dev.stack import StackConfig, stack_down, stack_up
 
     cfg = StackConfig.with_free_ports(tmp_path_factory.mktemp("stack"))
     stack_up(cfg, services=("s3",))
+    _SESSION_SEAWEEDFS.append(cfg)
     try:
-        yield stack_env(cfg)
+        yield cfg
     finally:
+        _SESSION_SEAWEEDFS.clear()
         stack_down(cfg)
+
+
+@pytest.fixture(scope="session")
+def seaweedfs(seaweedfs_stack: Any) -> dict[str, str]:
+    """The env a client of the session's SeaweedFS needs (endpoint and the stack's generated
+    credentials)."""
+    from malaria_dev.stack import stack_env
+
+    return stack_env(seaweedfs_stack)
+
+
+@pytest.fixture(autouse=True)
+def _seaweedfs_buckets_dropped_after_each_test() -> Iterator[None]:
+    """SeaweedFS gives each bucket a volume of its own and allows free disk / 128 MB volumes
+    (`weed mini`): buckets left behind by earlier tests made PutObject fail with
+    InternalError on a CI machine with less free disk. Every test drops the buckets it made
+    on the session's server (all but the stack's own)."""
+    yield
+    if not _SESSION_SEAWEEDFS:
+        return
+    from malaria_dev.stack.credentials import stack_s3_client
+
+    cfg = _SESSION_SEAWEEDFS[0]
+    client = stack_s3_client(cfg)
+    for bucket in client.list_buckets().get("Buckets", []):
+        if bucket["Name"] != cfg.bucket:
+            drop_bucket(client, bucket["Name"])
 
 
 @pytest.fixture(scope="session")

@@ -8,9 +8,11 @@ import uuid
 from collections.abc import Iterator
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
+from typing import Any
 from urllib.parse import urlsplit
 
 import pytest
+from buckets import drop_bucket
 
 from benchmarks.latency_proxy import LatencyProxy
 from malaria.io.local import LocalStore
@@ -174,6 +176,25 @@ def test_a_read_that_keeps_failing_is_an_error_not_a_hang(
         with pytest.raises(StorageError, match=r"scans/1/a\.png"):
             failing.get_many(["scans/1/a.png"])
         assert proxy.failed == proxy.requests == 6  # three tries each, then a clear error
+
+
+@pytest.mark.integration
+def test_a_dropped_bucket_gives_its_volume_back(seaweedfs_stack: Any) -> None:
+    """Why every test drops its buckets (conftest): each bucket written to takes a volume of
+    its own, and the session's server has free disk / 128 MB of them."""
+    from malaria_dev.stack.credentials import stack_s3_client
+
+    client = stack_s3_client(seaweedfs_stack)
+    volumes = seaweedfs_stack.seaweedfs_dir.glob
+    before = len(list(volumes("*.dat")))
+    bucket = f"drop-{uuid.uuid4().hex[:12]}"
+    client.create_bucket(Bucket=bucket)
+    for n in range(3):
+        client.put_object(Bucket=bucket, Key=f"scans/1/{n}.png", Body=b"cell")
+    assert len(list(volumes("*.dat"))) == before + 1
+    drop_bucket(client, bucket)
+    assert len(list(volumes("*.dat"))) == before
+    assert bucket not in [b["Name"] for b in client.list_buckets()["Buckets"]]
 
 
 # ------------------------------------------------------------------ the local store too
