@@ -89,6 +89,8 @@ def test_hed_architectures_train_mode_only_and_round_trip(tmp_path: Path) -> Non
     names = {layer.name for layer in only.layers}
     assert "aug_hed" in names and "aug_hue" not in names and "aug_flip" in names
     assert model.count_params() == build_model("cellnet", SIZE).count_params()
+    strong = build_model("cellnet-hed-strong", SIZE).get_layer("aug_hed")
+    assert (strong.scale, strong.shift) == (0.2, 0.2)
     images = np.concatenate([cells(6, size=SIZE), cells(2, 1, size=SIZE)])
     path = tmp_path / "hed.keras"
     model.save(path)

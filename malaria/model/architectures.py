@@ -11,13 +11,14 @@ Architectures:
 ``seed-baseline``, ``seed-augmented``
     The source article's two R Keras models at 130x130x3, layer for layer (75,937 and
     2,601,153 parameters). Kept to measure how far we have come, not to be used.
-``cellnet`` (the default)
+``cellnet``
     Ours, designed for accuracy per CPU second: conv-BN-ReLU stages, max pooling, global
     average pooling and a single sigmoid unit; 0.42M parameters (a 1.8 MB file); input size
     a parameter (64..128). ``cellnet-stainnorm`` adds a per-image colour standardisation;
     ``cellnet-hed`` adds stain jitter in haematoxylin-eosin-DAB optical density
     (:class:`malaria.model.stain.RandomHEDJitter`) to the RGB colour jitter, and
-    ``cellnet-hed-only`` uses it instead of the RGB colour jitter (issue 15's experiments).
+    ``cellnet-hed-only`` uses it instead of the RGB colour jitter, ``cellnet-hed-strong``
+    makes it four times as large (issue 15's experiments). ``cellnet-hed`` is the default.
     See :func:`build_cellnet` for the reasoning.
 
 Only built-in Keras layers are used, so ``keras.models.load_model`` opens a saved model
@@ -198,6 +199,7 @@ build_seed_augmented.__doc__ = (build_seed_augmented.__doc__ or "") + _DROPOUT_A
 CELLNET_WIDTHS: tuple[int, ...] = (32, 48, 96, 128)
 CELLNET_DEPTHS: tuple[int, ...] = (1, 2, 2, 2)
 HED_JITTER = 0.05  # scale 1 +- 0.05 and shift +- 0.05 per stain density
+HED_JITTER_STRONG = 0.2  # Tellez et al.'s "HED-strong" (issue 15's experiment)
 
 
 def build_cellnet(input_size: int = 80, *, augment: bool = True,
@@ -277,6 +279,10 @@ ARCHITECTURES: dict[str, Architecture] = {
     "cellnet-hed": Architecture(
         "cellnet-hed", 80, partial(build_cellnet, hed=HED_JITTER),
         "cellnet with stain-density (HED) jitter added to the RGB colour jitter", 32, 160,
+    ),
+    "cellnet-hed-strong": Architecture(
+        "cellnet-hed-strong", 80, partial(build_cellnet, hed=HED_JITTER_STRONG),
+        "cellnet-hed with the stain-density jitter four times as large (HED-strong)", 32, 160,
     ),
     "cellnet-hed-only": Architecture(
         "cellnet-hed-only", 80, partial(build_cellnet, hed=HED_JITTER, colour=0.0),
