@@ -19,7 +19,7 @@ from prefect.blocks.webhook import Webhook
 from prefect.client.orchestration import get_client
 from prefect.exceptions import ObjectNotFound
 
-from malaria.io.s3 import ExplicitCredentials, use_credentials
+from malaria.io.s3_clients import ExplicitCredentials, use_credentials
 
 log = logging.getLogger(__name__)
 

@@ -168,7 +168,7 @@ def test_a_server_that_closes_after_each_response(store: S3Store) -> None:
 def test_a_read_that_keeps_failing_is_an_error_not_a_hang(
         store: S3Store, monkeypatch: pytest.MonkeyPatch) -> None:
     store.put_bytes("scans/1/a.png", b"cell a")
-    monkeypatch.setattr("malaria.io.s3.MAX_ATTEMPTS", 3)  # a budget a test can wait for
+    monkeypatch.setattr("malaria.io.s3_clients.MAX_ATTEMPTS", 3)  # a budget a test can wait for
     with proxy_to(store, fail_first=1000) as proxy:
         failing = through_proxy(store, proxy)
         with pytest.raises(StorageError, match=r"scans/1/a\.png"):

@@ -87,7 +87,7 @@ INGEST_RUN_TIMEOUT_S = INGEST_LOCK_WAIT_S + 2 * 3600.0
 
 # ---- time limits: a stalled endpoint or a hung step fails the run (and frees the worker
 # slot that failure-alert needs) instead of holding it for hours. Generous against measured
-# run times; each S3 request has its own, much shorter, limits (malaria.io.s3).
+# run times; each S3 request has its own, much shorter, limits (malaria.io.s3_clients).
 SCORE_FLOW_TIMEOUT_S = 6 * 3600
 SCORE_STEP_TIMEOUT_S = 30 * 60  # resolve the model, find due slides, drift check
 SCORE_SHARD_TIMEOUT_S = 30 * 60  # one shard of SCORE_SHARD_SIZE cells (~1 min on 2 cores)

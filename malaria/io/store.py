@@ -180,7 +180,7 @@ def get_csv(store: Store, key: str) -> pd.DataFrame:
     return pd.read_csv(io.BytesIO(store.get_bytes(key)), keep_default_na=False)
 
 
-_LAZY = {"S3Store": "malaria.io.s3", "s3_client": "malaria.io.s3",
+_LAZY = {"S3Store": "malaria.io.s3", "s3_client": "malaria.io.s3_clients",
          "reset_clients": "malaria.io.s3", "LocalStore": "malaria.io.local"}
 
 

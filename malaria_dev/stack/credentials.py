@@ -131,10 +131,10 @@ def use_local_stack_if_configured() -> None:
 
 
 def stack_s3_client(cfg: StackConfig) -> Any:
-    """The project's S3 client (``malaria.io.s3.s3_client``) signed with the stack's own
-    identity, whatever AWS_* the caller's environment holds, and failing fast: readiness
+    """The project's S3 client (``malaria.io.s3_clients.s3_client``) signed with the stack's
+    own identity, whatever AWS_* the caller's environment holds, and failing fast: readiness
     checks retry on their own."""
-    from malaria.io.s3 import s3_client  # here: keeps `malaria stack status` light
+    from malaria.io.s3_clients import s3_client  # here: keeps `malaria stack status` light
 
     access, secret = s3_credentials(cfg)
     return s3_client(cfg.s3_endpoint, pool_size=4, region=REGION, access_key=access,
