@@ -24,7 +24,7 @@ def _store(args: argparse.Namespace):  # type: ignore[no-untyped-def]
 
 
 def cmd_review(args: argparse.Namespace) -> int:
-    from malaria.ingest.corrections import cells_to_review, write_review
+    from malaria.ingest.review import cells_to_review, write_review
     from malaria.registry.registry import ModelRegistry
 
     store = _store(args)
@@ -49,7 +49,7 @@ def cmd_review(args: argparse.Namespace) -> int:
 
 
 def cmd_apply(args: argparse.Namespace) -> int:
-    from malaria.ingest.corrections import parse_verdicts, upload_verdicts
+    from malaria.ingest.verdicts import parse_verdicts, upload_verdicts
 
     path = Path(args.file)
     data = path.read_bytes()

@@ -20,17 +20,16 @@ from PIL import Image
 
 from malaria.core import layout
 from malaria.core.labels import PARASITIZED, UNINFECTED
-from malaria.ingest.corrections import (
+from malaria.ingest.corrections import apply_corrections, corrections_ledger_key
+from malaria.ingest.ledger import load_labels, load_ledger
+from malaria.ingest.manifest import ManifestRow, rows_to_csv
+from malaria.ingest.verdicts import (
     BAD_LABEL,
     MISSING_COLUMNS,
     MISSING_VALUE,
     UNREADABLE_FILE,
-    apply_corrections,
-    corrections_ledger_key,
     parse_verdicts,
 )
-from malaria.ingest.ledger import load_labels, load_ledger
-from malaria.ingest.manifest import ManifestRow, rows_to_csv
 from malaria.io.store import LocalStore, S3Store, put_json
 from malaria_dev.synthetic import generate_cells
 

@@ -1,6 +1,6 @@
-"""Label corrections: a reviewer's verdicts on cells already in dataset/.
+"""Label corrections: a reviewer's verdicts on cells already in dataset/, applied.
 
-A verdict file is a CSV under ``labels/corrections/`` with the columns key,label,reason,
+A verdict file (read by :mod:`malaria.ingest.verdicts`) is a CSV under ``labels/corrections/`` with the columns key,label,reason,
 reviewer (other columns are ignored, so the review template's hints may stay). ``key``
 names a cell: its ``dataset/`` key, or the ``incoming/`` key it was ingested from (the
 ledger maps that to where the cell is now, after any earlier correction). ``label`` is a
@@ -29,26 +29,19 @@ the next (a cell already at its target counts as moved); one that dies after it 
 verdicts again as already applied (``unchanged``).
 """
 
+
 from __future__ import annotations
 
 import contextlib
-import csv
 import hashlib
-import io
 import json
-from collections.abc import Callable, Iterable, Mapping
+from collections.abc import Callable
 from dataclasses import dataclass, field, replace
 from datetime import UTC, datetime
-from pathlib import Path, PurePosixPath
-from typing import Any
-
-from PIL import Image
+from pathlib import PurePosixPath
 
 from malaria.core import layout
-from malaria.core.csvsafe import escape_row, unescape_cell
-from malaria.core.images import decode_rgb
-from malaria.core.labels import CLASS_NAMES, canonical_class
-from malaria.dataset.decode import to_square
+from malaria.core.labels import canonical_class
 from malaria.ingest.ledger import EXCLUDE, Ledger, content64, digest64
 from malaria.ingest.manifest import (
     ACCEPTED,
@@ -61,28 +54,24 @@ from malaria.ingest.manifest import (
     read_rows,
     rows_to_csv,
 )
-from malaria.io.atomic import write_atomic
-from malaria.io.store import ObjectInfo, ObjectNotFound, Store, WriteConflict, key_problem
+from malaria.ingest.verdicts import (
+    ALREADY_EXCLUDED,
+    MISSING_COLUMNS,
+    REPEATED_KEY,
+    UNKNOWN_KEY,
+    UNREADABLE_FILE,
+    VERDICT_COLUMNS,
+    Verdict,
+    VerdictFile,
+    parse_verdicts,
+    pending_verdict_files,
+)
+from malaria.io.store import ObjectInfo, ObjectNotFound, Store, key_problem
 
-VERDICT_COLUMNS = ("key", "label", "reason", "reviewer")
 EXCLUDED_FOLDER = "excluded"  # quarantine/excluded/<file>
 RELABEL_REASON = "label_correction"
 CONFIRM_REASON = "label_confirmed"
 ALREADY_APPLIED = "already_applied"
-MAX_TEXT = 500  # a reason or reviewer longer than this is cut: a manifest cell, not a report
-
-# Why a verdict row was not applied.
-UNREADABLE_FILE = "unreadable_file"
-MISSING_COLUMNS = "missing_columns"
-MISSING_VALUE = "missing_value"
-BAD_LABEL = "bad_label"
-UNKNOWN_KEY = "unknown_key"
-REPEATED_KEY = "repeated_key"
-ALREADY_EXCLUDED = "already_excluded"
-
-
-class VerdictFileError(ValueError):
-    """A verdict file that cannot be uploaded as it is (``malaria labels apply``)."""
 
 
 def corrections_ledger_key(run_id: str) -> str:
@@ -91,95 +80,6 @@ def corrections_ledger_key(run_id: str) -> str:
     applied them."""
     return layout.ingest_ledger_key(run_id, 0).removesuffix(".csv") + "-corrections.csv"
 
-
-# ------------------------------------------------------------------------- verdict files
-
-
-@dataclass(frozen=True)
-class Verdict:
-    """One row of a verdict file; ``problem`` (a rejection reason) when it cannot apply."""
-
-    line: int
-    key: str
-    label: str  # a class name or EXCLUDE; as written when ``problem`` is set
-    reason: str
-    reviewer: str
-    problem: str = ""
-    detail: str = ""
-
-
-@dataclass(frozen=True)
-class VerdictFile:
-    verdicts: list[Verdict]
-    missing_columns: tuple[str, ...] = ()
-    unreadable: str = ""  # why the file cannot be read at all ("" when it can)
-
-
-def verdict_label(text: str) -> str | None:
-    """A class name, EXCLUDE, or None for anything else."""
-    return EXCLUDE if text.strip().lower() == EXCLUDE else canonical_class(text)
-
-
-def _clip(text: str) -> str:
-    return text if len(text) <= MAX_TEXT else text[:MAX_TEXT - 1] + "…"
-
-
-def parse_verdicts(data: bytes) -> VerdictFile:
-    """Read a verdict file. Nothing here raises: a problem of one row is that row's
-    ``problem``, a problem of the whole file is ``unreadable``. Blank rows are skipped."""
-    try:
-        text = data.decode("utf-8-sig")
-    except UnicodeDecodeError:
-        return VerdictFile([], unreadable="not UTF-8 text")
-    reader = csv.reader(io.StringIO(text, newline=""))
-    verdicts: list[Verdict] = []
-    columns: dict[str, int] | None = None
-    missing: tuple[str, ...] = ()
-    try:
-        for cells in reader:
-            if not any(cell.strip() for cell in cells):
-                continue
-            if columns is None:
-                names = [cell.strip().lower() for cell in cells]
-                columns = {name: names.index(name) for name in VERDICT_COLUMNS if name in names}
-                missing = tuple(name for name in VERDICT_COLUMNS if name not in columns)
-                continue
-            # Cells as our template wrote them (formula-safe), read back as typed.
-            values = {name: unescape_cell(cells[i].strip()) if i < len(cells) else ""
-                      for name, i in columns.items()}
-            verdicts.append(_verdict(reader.line_num, values, missing))
-    except csv.Error as error:  # a half-read file must not half-apply
-        return VerdictFile([], unreadable=f"not a CSV file: {error}")
-    if columns is None:
-        return VerdictFile([], unreadable="empty: no header and no rows")
-    return VerdictFile(verdicts, missing)
-
-
-def _verdict(line: int, values: Mapping[str, str], missing: tuple[str, ...]) -> Verdict:
-    key = values.get("key", "").lstrip("/")
-    written = values.get("label", "")
-    reason, reviewer = _clip(values.get("reason", "")), _clip(values.get("reviewer", ""))
-    base = Verdict(line, key, written, reason, reviewer)
-    if missing:
-        return replace(base, problem=MISSING_COLUMNS, detail=(
-            f"the file has no {', '.join(missing)} column; a verdict file needs "
-            f"{','.join(VERDICT_COLUMNS)}"))
-    empty = [name for name in VERDICT_COLUMNS if not values.get(name, "")]
-    if empty:
-        return replace(base, problem=MISSING_VALUE, detail=f"no {', '.join(empty)} given")
-    label = verdict_label(written)
-    if label is None:
-        return replace(base, problem=BAD_LABEL, detail=(
-            f"unknown label {_clip(written)!r}: a class ({', '.join(CLASS_NAMES)} or a "
-            f"synonym) or {EXCLUDE!r}"))
-    return replace(base, label=label)
-
-
-def pending_verdict_files(store: Store) -> list[ObjectInfo]:
-    """Verdict files waiting under ``labels/corrections/`` (not ``applied/``), key order."""
-    return [info for info in store.list(layout.LABEL_CORRECTIONS)
-            if not info.key.startswith(layout.LABEL_CORRECTIONS_APPLIED)
-            and info.key.lower().endswith(".csv") and key_problem(info.key) is None]
 
 
 # ------------------------------------------------------------------ where each cell is now
@@ -466,88 +366,3 @@ def apply_corrections(store: Store, ledger: Ledger, *, run_id: str, applied_at: 
     into ``ledger`` once they are committed."""
     return ApplyCorrections(store, ledger, run_id=run_id, applied_at=applied_at,
                             before_commit=before_commit).run()
-
-
-# --------------------------------------------------------- for the reviewer (the CLI)
-
-
-def upload_verdicts(store: Store, data: bytes, name: str) -> str:
-    """Put a verdict file under ``labels/corrections/`` for the next ingest run; returns its
-    key. Refuses a file without the four columns, and a name already waiting there."""
-    parsed = parse_verdicts(data)
-    if parsed.unreadable:
-        raise VerdictFileError(f"{name}: {parsed.unreadable}")
-    if parsed.missing_columns:
-        raise VerdictFileError(f"{name}: no {', '.join(parsed.missing_columns)} column; a "
-                               f"verdict file needs {','.join(VERDICT_COLUMNS)}")
-    file_name = layout.safe_file_name(name)
-    if not file_name.lower().endswith(".csv"):
-        file_name += ".csv"  # ingest reads only .csv files there
-    key = f"{layout.LABEL_CORRECTIONS}{file_name}"
-    try:
-        store.put_if_absent(key, data, content_type="text/csv")
-    except WriteConflict:
-        raise VerdictFileError(f"{store.uri(key)} is waiting to be applied already: upload "
-                               "under another name") from None
-    return key
-
-
-@dataclass(frozen=True)
-class ReviewCell:
-    key: str
-    slide: str
-    label: str
-    probability: float  # the model's P(parasitized)
-
-
-def cells_to_review(record: Mapping[str, Any], limit: int | None = None) -> list[ReviewCell]:
-    """The cells a registered model contradicts most confidently (its ``label_review``,
-    worst first). The record is bucket data: entries that are not a cell are skipped."""
-    entries = record.get("label_review")
-    cells = []
-    for entry in entries if isinstance(entries, list) else []:
-        if not isinstance(entry, dict) or not isinstance(entry.get("key"), str):
-            continue
-        try:
-            probability = float(entry.get("probability", float("nan")))
-        except (TypeError, ValueError):
-            probability = float("nan")
-        cells.append(ReviewCell(entry["key"], str(entry.get("slide", "")),
-                                str(entry.get("label", "")), probability))
-    return cells if limit is None else cells[:max(0, limit)]
-
-
-def thumbnail_png(data: bytes, side: int = 128) -> bytes:
-    """A cell as a square PNG of ``side`` px (padded as the model sees it, not stretched)."""
-    buffer = io.BytesIO()
-    Image.fromarray(to_square(decode_rgb(data), side)).save(buffer, format="PNG")
-    return buffer.getvalue()
-
-
-REVIEW_COLUMNS = (*VERDICT_COLUMNS, "current_label", "slide", "p_parasitized", "thumbnail")
-
-
-def write_review(store: Store, cells: Iterable[ReviewCell], out: Path, *,
-                 side: int = 128) -> Path:
-    """``out/review.csv`` (key,label,reason,reviewer to fill in, then hints that ingest
-    ignores) and ``out/thumbnails/NN-<file>.png``; returns the CSV's path. A cell no
-    longer in the bucket (corrected since) gets no thumbnail."""
-    out = Path(out)
-    lines = [list(REVIEW_COLUMNS)]
-    for number, cell in enumerate(cells, start=1):
-        thumbnail = ""
-        if key_problem(cell.key) is None and cell.key.startswith(layout.DATASET):
-            # A thumbnail is a help, not a must: a cell that will not read or decode has none.
-            with contextlib.suppress(ObjectNotFound, OSError, ValueError,
-                                     Image.DecompressionBombError):
-                png = thumbnail_png(store.get_bytes(cell.key), side)
-                name = layout.safe_file_name(PurePosixPath(cell.key).name).rsplit(".", 1)[0]
-                thumbnail = f"thumbnails/{number:02d}-{name}.png"
-                write_atomic(out / thumbnail, png)
-        lines.append(escape_row([cell.key, "", "", "", cell.label, cell.slide,
-                                 f"{cell.probability:.4f}", thumbnail]))
-    buffer = io.StringIO()
-    csv.writer(buffer, lineterminator="\n").writerows(lines)
-    path = out / "review.csv"
-    write_atomic(path, buffer.getvalue())
-    return path
