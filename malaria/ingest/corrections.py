@@ -1,10 +1,10 @@
 """Label corrections: a reviewer's verdicts on cells already in dataset/, applied.
 
-A verdict file (read by :mod:`malaria.ingest.verdicts`) is a CSV under ``labels/corrections/`` with the columns key,label,reason,
-reviewer (other columns are ignored, so the review template's hints may stay). ``key``
-names a cell: its ``dataset/`` key, or the ``incoming/`` key it was ingested from (the
-ledger maps that to where the cell is now, after any earlier correction). ``label`` is a
-class (any synonym) or ``exclude``.
+A verdict file (read by :mod:`malaria.ingest.verdicts`) is a CSV under
+``labels/corrections/`` with the columns key,label,reason,reviewer (other columns are
+ignored, so the review template's hints may stay). ``key`` names a cell: its ``dataset/``
+key, or the ``incoming/`` key it was ingested from (the ledger maps that to where the cell
+is now, after any earlier correction). ``label`` is a class (any synonym) or ``exclude``.
 
 The ingest flow applies the waiting files, in key order, under the ingest lock and before
 new incoming objects. Each row becomes one manifest row, with the reviewer, their reason
