@@ -7,12 +7,15 @@ import os
 import uuid
 from collections.abc import Iterator
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING
 
 import pytest
 from buckets import drop_bucket
 
 from malaria.io.store import LocalStore, S3Store, reset_clients
+
+if TYPE_CHECKING:
+    from malaria_dev.stack import StackConfig
 
 # Tests never talk to a real AWS account, and Prefect never phones home.
 os.environ.setdefault("AWS_ACCESS_KEY_ID", "testing-access-key")
@@ -75,11 +78,11 @@ def any_store(request: pytest.FixtureRequest, moto_endpoint: str, tmp_path: Path
 # ------------------------------------------------------------ real servers, once per run
 
 
-_SESSION_SEAWEEDFS: list[Any] = []  # the session stack's config, once started
+_SESSION_SEAWEEDFS: list[StackConfig] = []  # the session stack's config, once started
 
 
 @pytest.fixture(scope="session")
-def seaweedfs_stack(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Any]:
+def seaweedfs_stack(tmp_path_factory: pytest.TempPathFactory) -> Iterator[StackConfig]:
     """A real SeaweedFS S3 server on loopback for the whole test session (its StackConfig)."""
     from malaria_dev.stack import StackConfig, stack_down, stack_up
 
@@ -94,7 +97,7 @@ def seaweedfs_stack(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Any]:
 
 
 @pytest.fixture(scope="session")
-def seaweedfs(seaweedfs_stack: Any) -> dict[str, str]:
+def seaweedfs(seaweedfs_stack: StackConfig) -> dict[str, str]:
     """The env a client of the session's SeaweedFS needs (endpoint and the stack's generated
     credentials)."""
     from malaria_dev.stack import stack_env

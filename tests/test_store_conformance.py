@@ -8,7 +8,7 @@ import uuid
 from collections.abc import Iterator
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING
 from urllib.parse import urlsplit
 
 import pytest
@@ -18,6 +18,9 @@ from benchmarks.latency_proxy import LatencyProxy
 from malaria.io.local import LocalStore
 from malaria.io.s3 import S3Store, reset_clients
 from malaria.io.store import ObjectNotFound, StorageError
+
+if TYPE_CHECKING:
+    from malaria_dev.stack import StackConfig
 
 NON_ASCII_KEYS = ["scans/1/zelle-ä ü.png", "scans/slide a/été+1.png", "scans/x/a~b_c-d.(1).png",
                   "scans/emoji/😀.png", "scans/odd/%41 #?&=.png", "scans/odd/tab\tin-name.png"]
@@ -179,7 +182,7 @@ def test_a_read_that_keeps_failing_is_an_error_not_a_hang(
 
 
 @pytest.mark.integration
-def test_a_dropped_bucket_gives_its_volume_back(seaweedfs_stack: Any) -> None:
+def test_a_dropped_bucket_gives_its_volume_back(seaweedfs_stack: StackConfig) -> None:
     """Why every test drops its buckets (conftest): each bucket written to takes a volume of
     its own, and the session's server has free disk / 128 MB of them."""
     from malaria_dev.stack.credentials import stack_s3_client
