@@ -811,21 +811,35 @@ def paired_difference(base: list[Scored], other: list[Scored], *, resamples: int
         return 100 * np.abs(np.bincount(slide_of, weights=calls, minlength=n)
                             - positives) / cells
 
-    worse = error(c_other) - error(c_base)
     times = slide_draw_counts(n, resamples, seed)
-    draws = {
-        "accuracy": (times @ gain) / (times @ cells),
-        "auc": np.array([weighted_roc_auc(y, p_other, row[slide_of])
-                         - weighted_roc_auc(y, p_base, row[slide_of]) for row in times]),
-        "parasitemia_error_mean": (times @ worse) / n,
-    }
+    observed, draws = slide_count_differences(cells, gain, error(c_other) - error(c_base),
+                                              times)
+    draws["auc"] = np.array([weighted_roc_auc(y, p_other, row[slide_of])
+                             - weighted_roc_auc(y, p_base, row[slide_of]) for row in times])
     ones = np.ones(y.size)
+    observed["auc"] = weighted_roc_auc(y, p_other, ones) - weighted_roc_auc(y, p_base, ones)
+    return {"resamples": resamples, "seed": seed, "level": level, "slides": int(n),
+            **percentile_intervals(observed, draws, level)}
+
+
+def slide_count_differences(cells: np.ndarray, gain: np.ndarray, worse: np.ndarray,
+                            times: np.ndarray) -> tuple[dict[str, float], dict[str, np.ndarray]]:
+    """Paired differences that per-slide counts decide, observed and in each resample:
+    accuracy (``gain``: cells one run gets right minus the other's, per slide) and mean
+    parasitemia error (``worse``: the difference of the two errors per slide, pp).
+    ``times[r, s]``: how often resample ``r`` draws slide ``s``."""
     observed = {"accuracy": float(gain.sum() / cells.sum()),
-                "auc": weighted_roc_auc(y, p_other, ones) - weighted_roc_auc(y, p_base, ones),
                 "parasitemia_error_mean": float(worse.mean())}
+    draws = {"accuracy": (times @ gain) / (times @ cells),
+             "parasitemia_error_mean": (times @ worse) / cells.size}
+    return observed, draws
+
+
+def percentile_intervals(observed: dict[str, float], draws: dict[str, np.ndarray],
+                         level: float) -> dict[str, dict[str, float | None]]:
+    """Each figure's estimate with the percentile interval of its defined resamples."""
     tail = 100 * (1 - level) / 2
-    out: dict[str, Any] = {"resamples": resamples, "seed": seed, "level": level,
-                           "slides": int(n)}
+    out: dict[str, dict[str, float | None]] = {}
     for key, values in draws.items():
         defined = values[~np.isnan(values)]
         low, high = np.percentile(defined, [tail, 100 - tail]) if defined.size else (None,) * 2

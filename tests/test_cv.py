@@ -228,3 +228,57 @@ def test_parasitemia_floor_reads_a_cv_state(tmp_path: Path) -> None:
     assert found["adjusted_count"] == {"mean_pp": 0.0, "max_pp": 0.0}
     with pytest.raises(SystemExit, match="no fold state"):
         measured(tmp_path, "missing")
+
+
+def test_cv_compare_pairs_result_files_as_the_fold_models_would(tmp_path: Path) -> None:
+    """Two CV result JSONs, paired slide by slide, give the same accuracy and parasitemia
+    differences as pairing the cells that wrote them."""
+    import json
+
+    from benchmarks.accuracy import (
+        Scored,
+        cv_summary,
+        metrics_row,
+        paired_difference,
+        pooled_report,
+    )
+    from benchmarks.cv_compare import main, paired, read_run
+
+    rng = np.random.default_rng(3)
+    slides = np.repeat([f"s{i}" for i in range(12)], 20)
+    labels = (rng.random(slides.size) < np.repeat(rng.random(12), 20)).astype(np.float32)
+
+    def scored(noise: float) -> list[Scored]:
+        probs = np.clip(0.2 + 0.6 * labels + rng.normal(0, noise, labels.size), 0, 1)
+        return [Scored(labels, probs.astype(np.float32), slides, 0.5)]
+
+    def result_file(name: str, cells: list[Scored]) -> Path:
+        row = {**metrics_row(pooled_report(cells)), "threshold": 0.5, "train_seconds": 1.0,
+               "precision_policy": "float32", "input_size": 80, "params": 1,
+               "model_bytes": 1, "epochs": 3}
+        summary = cv_summary([row], cells, {s: 0 for s in slides}, resamples=50)
+        path = tmp_path / f"{name}.json"
+        path.write_text(json.dumps({name: summary, "meta": {}}, default=float))
+        return path
+
+    base, other = scored(0.35), scored(0.2)
+    base_file, other_file = result_file("base", base), result_file("other", other)
+    from_cells = paired_difference(base, other, resamples=300)
+    from_files = paired(read_run(str(base_file)), read_run(f"{other_file}:other"),
+                        resamples=300)
+    for key in ("accuracy", "parasitemia_error_mean"):
+        assert from_files[key] == pytest.approx(from_cells[key])
+    assert from_files["accuracy"]["estimate"] > 0  # less noise, fewer mistakes
+    assert "auc" not in from_files  # needs each cell's score
+
+    assert main([str(base_file), str(other_file), "--json", str(tmp_path / "out.json")]) == 0
+    written = json.loads((tmp_path / "out.json").read_text())
+    assert set(written["versus_first"]) == {"other:other"}
+
+    moved = json.loads(other_file.read_text())
+    moved["other"]["parasitemia"]["per_slide"][0]["slide"] = "elsewhere"
+    other_file.write_text(json.dumps(moved))
+    with pytest.raises(ValueError, match="same slides"):
+        paired(read_run(str(base_file)), read_run(str(other_file)))
+    with pytest.raises(ValueError, match="no variant"):
+        read_run(f"{base_file}:missing")
