@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import csv
 import json
+from itertools import pairwise
 from pathlib import Path
 
 import numpy as np
@@ -55,7 +56,8 @@ def test_it_lists_the_cells_and_reports_auc_without_the_judged_ones(
     assert {"key", "slide", "label", "p_tiny", "p_again", "mean_p", "verdict"} <= set(rows[0])
     of_label = [float(r["p_tiny"]) if r["label"] == "1" else 1 - float(r["p_tiny"])
                 for r in rows]
-    assert of_label == sorted(of_label)  # the most contradicted first
+    # The most contradicted first; the CSV rounds to 4 decimals, so near-ties may swap.
+    assert all(later >= earlier - 1e-4 for earlier, later in pairwise(of_label))
     with Image.open(montage) as image:
         assert image.size == (5 * 160, 2 * 176)
 
